@@ -1,0 +1,49 @@
+"""The Python API for senders: ``worker.track`` and ``worker.track_many``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from worker.config import get_settings
+from worker.db import session_scope
+from worker.tracking import TrackRequest, TrackResult, parse_requests, track_requests
+
+
+def track(
+    session_no: str,
+    account_id: int,
+    *,
+    phones: Sequence[str] | str | None = None,
+    sent_at: datetime | str | None = None,
+    user_ref: str | None = None,
+) -> TrackResult:
+    """Record one session to poll. Tracking it again merges (phones are added), never
+    duplicates. Raises :class:`worker.tracking.TrackError` naming the bad field."""
+    return track_many(
+        [
+            {
+                "session_no": session_no,
+                "account_id": account_id,
+                "phones": phones,
+                "sent_at": sent_at,
+                "user_ref": user_ref,
+            }
+        ],
+        label="argument",
+    )
+
+
+def track_many(
+    sessions: Iterable[Mapping[str, Any] | TrackRequest],
+    *,
+    label: str = "row",
+    first_number: int = 1,
+) -> TrackResult:
+    """Record many sessions at once: all of them, or none if any row is invalid (the error
+    names every bad row and field)."""
+    now = datetime.now(UTC)
+    requests = parse_requests(sessions, now=now, label=label, first_number=first_number)
+    with session_scope() as session:
+        return track_requests(session, requests, policy=get_settings().poll_policy(), now=now)

@@ -1,0 +1,97 @@
+"""The Celery app, importable as ``worker.celery:app`` so that ``celery -A worker.celery`` works.
+
+Every setting below is chosen on purpose:
+
+- ``task_acks_late``: a message is acknowledged after its task ran, so a worker that dies
+  mid-task leaves the message to be delivered again instead of losing it.
+- ``task_reject_on_worker_lost`` stays off for polls: a lost poll is recovered by its claim's
+  lease in the database, and re-running a task that kills its child would loop. ``track`` turns
+  it on for itself, since it is idempotent and its data exists nowhere else yet.
+- ``worker_prefetch_multiplier = 1``: a worker holds one message per process, so a busy or
+  killed worker strands as little as possible and work spreads across workers.
+- ``visibility_timeout`` (Redis) is longer than the longest task (``task_time_limit``), so a
+  slow task is never handed to a second worker while the first still runs it.
+- No result backend: nothing reads task results; the database holds every outcome.
+- Ticks go to their own queue so a backlog of polls cannot delay the clock, and they expire
+  after one tick: ticks missed while no worker ran are dropped, not replayed in a burst.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from worker.config import Settings, get_settings
+
+POLL_QUEUE = "receipts"
+CLOCK_QUEUE = "receipts-clock"
+TASK_TIME_LIMIT = 300
+TASK_SOFT_TIME_LIMIT = 240
+
+
+def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
+    """The broker URL and transport options; no URL means the embedded filesystem broker."""
+    if settings.broker_url:
+        return settings.broker_url, {"visibility_timeout": 3600}
+    folder = Path(settings.broker_dir).resolve()
+    for sub in ("queue", "processed"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    return "filesystem://", {
+        "data_folder_in": str(folder / "queue"),
+        "data_folder_out": str(folder / "queue"),
+        "processed_folder": str(folder / "processed"),
+        "store_processed": False,
+    }
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    broker_url, transport_options = broker_options(settings)
+    tick = settings.tick.total_seconds()
+    return {
+        "broker_url": broker_url,
+        "broker_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": False,
+        "task_time_limit": TASK_TIME_LIMIT,
+        "task_soft_time_limit": TASK_SOFT_TIME_LIMIT,
+        "worker_prefetch_multiplier": 1,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": POLL_QUEUE,
+        "task_routes": {"receipts.tick": {"queue": CLOCK_QUEUE}},
+        "beat_schedule": {
+            "receipts-tick": {
+                "task": "receipts.tick",
+                "schedule": tick,
+                "options": {"queue": CLOCK_QUEUE, "expires": tick},
+            }
+        },
+        "worker_hijack_root_logger": True,
+        "enable_utc": True,
+        "timezone": "UTC",
+    }
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    celery_app = Celery("receipts", include=["worker.tasks"])
+    celery_app.conf.update(celery_config(settings or get_settings()))
+    return celery_app
+
+
+app = make_app()
+
+
+@worker_process_init.connect
+def _after_fork(**_: Any) -> None:
+    """Each pool child builds its own engine and HTTP session (NOTES.md: never share pooled
+    connections across fork)."""
+    from worker import db, tasks
+
+    db.reset_engine()
+    tasks.reset_client()

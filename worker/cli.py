@@ -1,0 +1,268 @@
+"""The ``receipts`` command line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any, NoReturn, TextIO
+
+import click
+
+from worker.config import Settings, SettingsError, get_settings
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except SettingsError as exc:
+        _fail(str(exc))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Track Uspeedo SMS sessions and poll their delivery receipts into SQL."""
+
+
+@main.command()
+def migrate() -> None:
+    """Bring the database to the newest schema (Alembic upgrade head)."""
+    from worker.migrate import upgrade
+
+    settings = _settings()
+    upgrade(settings.database_url)
+    click.echo("database is at the newest schema")
+
+
+# --- track ------------------------------------------------------------------------------
+
+CSV_COLUMNS = ("account_id", "session_no", "phones", "sent_at")
+
+
+def _csv_rows(handle: TextIO) -> Iterator[dict[str, Any]]:
+    reader = csv.DictReader(handle)
+    header = reader.fieldnames or []
+    missing = [c for c in ("account_id", "session_no") if c not in header]
+    if missing:
+        raise click.UsageError(
+            f"CSV header must name the columns {', '.join(CSV_COLUMNS)}; missing {', '.join(missing)}"
+        )
+    unknown = [c for c in header if c not in (*CSV_COLUMNS, "user_ref")]
+    if unknown:
+        raise click.UsageError(f"CSV has unknown column(s) {', '.join(unknown)}")
+    for row in reader:
+        # DictReader files surplus fields under the key None; keep them so that the row is
+        # refused as having an unknown field instead of being silently truncated.
+        extra = row.pop(None, None)  # type: ignore[call-overload]
+        cleaned: dict[str, Any] = {k: (v if v is not None else "") for k, v in row.items()}
+        if extra:
+            cleaned["extra_fields"] = extra
+        yield cleaned
+
+
+@main.command()
+@click.option("--account-id", type=str, help="Uspeedo AccountId (project id) of the sessions.")
+@click.option("--phones", help="Comma-separated phones the session was sent to.")
+@click.option("--sent-at", help="When the session was sent, ISO 8601 with offset (default: now).")
+@click.option("--user-ref", help="Your own reference, stored with the session.")
+@click.option(
+    "--csv",
+    "csv_file",
+    type=click.File("r", encoding="utf-8-sig"),
+    help="CSV with header account_id,session_no,phones,sent_at.",
+)
+@click.argument("session_nos", nargs=-1)
+def track(
+    account_id: str | None,
+    phones: str | None,
+    sent_at: str | None,
+    user_ref: str | None,
+    csv_file: TextIO | None,
+    session_nos: tuple[str, ...],
+) -> None:
+    """Record sessions to poll. SESSION_NO '-' reads one SessionNo per line from stdin.
+
+    All rows are recorded, or none if any is invalid; the error names each bad row and field.
+    """
+    from worker.api import track_many
+    from worker.tracking import TrackError
+
+    _settings()
+    rows: list[dict[str, Any]]
+    if csv_file is not None:
+        if session_nos:
+            raise click.UsageError("give SESSION_NO arguments or --csv, not both")
+        rows = list(_csv_rows(csv_file))
+        # Numbered as a spreadsheet shows them: the header is line 1.
+        label, first_number = "CSV line", 2
+    else:
+        if account_id is None:
+            raise click.UsageError("--account-id is required (or use --csv)")
+        numbers: list[str] = []
+        for arg in session_nos:
+            if arg == "-":
+                numbers.extend(line.strip() for line in sys.stdin if line.strip())
+            else:
+                numbers.append(arg)
+        if not numbers:
+            raise click.UsageError("no SESSION_NO given")
+        rows = [
+            {
+                "account_id": account_id,
+                "session_no": number,
+                "phones": phones,
+                "sent_at": sent_at,
+                "user_ref": user_ref,
+            }
+            for number in numbers
+        ]
+        label, first_number = "SESSION_NO", 1
+    try:
+        result = track_many(rows, label=label, first_number=first_number)
+    except TrackError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # noqa: BLE001 - the database may be down or unmigrated
+        _fail(f"could not record sessions: {exc}")
+    click.echo(
+        f"tracked {result.total} session(s): {result.inserted} new, "
+        f"{result.updated} merged, {result.unchanged} unchanged"
+    )
+
+
+# --- running ----------------------------------------------------------------------------
+
+
+def _require_api(settings: Settings) -> None:
+    problem = settings.missing_api_credentials()
+    if problem:
+        _fail(problem)
+
+
+def _queues() -> str:
+    from worker.celery import CLOCK_QUEUE, POLL_QUEUE
+
+    return f"{POLL_QUEUE},{CLOCK_QUEUE}"
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.pass_context
+def run(ctx: click.Context, loglevel: str) -> None:
+    """The main job in one command: a worker with embedded beat.
+
+    Creates or migrates the database first. Extra options go to `celery worker`.
+    """
+    from worker.migrate import upgrade
+
+    settings = _settings()
+    _require_api(settings)
+    upgrade(settings.database_url)
+    from worker.celery import app
+
+    app.worker_main(
+        ["worker", "--beat", "--loglevel", loglevel, "--queues", _queues(), *ctx.args]
+    )
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.pass_context
+def worker(ctx: click.Context, loglevel: str) -> None:
+    """A worker (run any number). Extra options go to `celery worker`."""
+    settings = _settings()
+    _require_api(settings)
+    from worker.celery import app
+
+    app.worker_main(["worker", "--loglevel", loglevel, "--queues", _queues(), *ctx.args])
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.pass_context
+def beat(ctx: click.Context, loglevel: str) -> None:
+    """The clock (run exactly one; a second one is harmless but useless)."""
+    _settings()
+    from worker.celery import app
+
+    app.start(["beat", "--loglevel", loglevel, *ctx.args])
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8700, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--access-key-id", default="demo", show_default=True)
+@click.option("--access-key-secret", default="demo-secret", show_default=True)
+@click.option("--step", default=2.0, show_default=True, type=click.FloatRange(min=0.01),
+              help="Seconds per step of the scenarios' timelines.")
+@click.option("--seed", type=int, help="Seed for reproducible random behaviour.")
+def simulate(
+    host: str, port: int, access_key_id: str, access_key_secret: str, step: float, seed: int | None
+) -> None:
+    """Serve the project's own fake Uspeedo API (for demos and tests)."""
+    from worker.simulator import serve
+
+    serve(host, port, access_key_id=access_key_id, access_key_secret=access_key_secret,
+          step=step, seed=seed)
+
+
+# --- inspecting -------------------------------------------------------------------------
+
+
+def _iso(value: datetime | None) -> str:
+    return value.astimezone(UTC).isoformat(timespec="seconds") if value else ""
+
+
+@main.command()
+@click.argument("session_no")
+@click.option("--account-id", type=int, help="Needed only when accounts share a SessionNo.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def status(session_no: str, account_id: int | None, as_json: bool) -> None:
+    """A session's state and every phone's receipt."""
+    from worker import reports
+
+    _settings()
+    try:
+        found = reports.session_status(session_no, account_id=account_id)
+    except reports.NotFound as exc:
+        _fail(str(exc), code=1)
+    if as_json:
+        click.echo(json.dumps(found, default=_json_default, indent=2))
+        return
+    reports.print_status(found)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (what support needs).")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV, one row per phone.")
+@click.option("--fail", is_flag=True, help="Exit 1 when any escalation is unacknowledged.")
+def stale(as_json: bool, as_csv: bool, fail: bool) -> None:
+    """Escalated and overdue sessions."""
+    from worker import reports
+
+    settings = _settings()
+    rows = reports.stale_sessions(settings=settings, now=datetime.now(UTC))
+    if as_json:
+        click.echo(json.dumps(rows, default=_json_default, indent=2))
+    elif as_csv:
+        reports.write_stale_csv(rows, sys.stdout)
+    else:
+        reports.print_stale(rows)
+    if fail and any(r["kind"] == "escalated" for r in rows):
+        sys.exit(1)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return _iso(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,207 @@
+"""Settings: one typed object read from ``RECEIPTS_*`` environment variables and validated at
+start-up, so that a mistake is reported once, clearly, instead of surfacing mid-poll."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from datetime import timedelta
+from functools import lru_cache
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.schedule import PollPolicy
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: Any) -> timedelta:
+    """Plain seconds (``300``, ``2.5``) or unit forms (``5m``, ``12h``, ``1h30m``, ``500ms``)."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or a form like 5m, 12h")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = _DURATION_PART.findall(text)
+            if not parts or _DURATION_PART.sub("", text).strip():
+                raise ValueError(
+                    f"{value!r} is not a duration: use seconds (300) or a form like 5m, 12h, 1h30m"
+                ) from None
+            seconds = sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+    else:
+        raise ValueError(f"{value!r} is not a duration")
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise ValueError(f"{value!r} is not a finite duration")
+    if seconds <= 0:
+        raise ValueError(f"{value!r}: a duration must be positive")
+    return timedelta(seconds=seconds)
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+DEFAULT_API_URL = "https://api.uspeedo.com/api"
+
+
+def is_loopback_url(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_http_url(name: str, value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{name} must be an http(s) URL with a host, got {value!r}")
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of CONTRACT.md; durations accept seconds or forms like ``5m``."""
+
+    model_config = SettingsConfigDict(env_prefix="RECEIPTS_", extra="ignore", frozen=True)
+
+    # --- storage and transport
+    database_url: str = "sqlite:///receipts.db"
+    # None means the embedded broker: kombu's filesystem transport, no server needed.
+    broker_url: str | None = None
+    broker_dir: str = "receipts-broker"
+
+    # --- the Uspeedo API
+    api_url: str = DEFAULT_API_URL
+    access_key_id: str | None = None
+    access_key_secret: SecretStr | None = None
+    api_connect_timeout: Duration = timedelta(seconds=3.05)
+    api_read_timeout: Duration = timedelta(seconds=10)
+    api_max_attempts: int = Field(default=3, ge=1, le=10)
+
+    # --- the poll schedule
+    first_poll_delay: Duration = timedelta(seconds=300)
+    poll_interval_min: Duration = timedelta(seconds=300)
+    poll_interval_max: Duration = timedelta(seconds=600)
+    cutoff: Duration = timedelta(hours=12)
+    tick: Duration = timedelta(seconds=30)
+    # A claimed session whose poll task never ran (worker killed, broker emptied) becomes due
+    # again after this; the default leaves room for a queue backlog without polling anything twice.
+    claim_lease: Duration | None = None
+    batch_size: int = Field(default=100, ge=1, le=100)
+    # Upper bound of sessions one tick claims, so one tick never floods the queue.
+    max_claim_per_tick: int = Field(default=200_000, ge=1)
+
+    # --- escalation
+    escalation_webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
+
+    # --- logs
+    log_phones: bool = False
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(value)
+        except ArgumentError:
+            raise ValueError(f"not a SQLAlchemy URL: {value!r}") from None
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            raise ValueError(f"not a broker URL (e.g. redis://127.0.0.1:6379/0): {value!r}")
+        return value or None
+
+    @field_validator("api_url")
+    @classmethod
+    def _api_url(cls, value: str) -> str:
+        return _check_http_url("RECEIPTS_API_URL", value)
+
+    @field_validator("escalation_webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        return _check_http_url("RECEIPTS_ESCALATION_WEBHOOK_URL", value) if value else None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.poll_interval_min > self.poll_interval_max:
+            raise ValueError(
+                "RECEIPTS_POLL_INTERVAL_MIN "
+                f"({self.poll_interval_min.total_seconds():g}s) must not exceed "
+                f"RECEIPTS_POLL_INTERVAL_MAX ({self.poll_interval_max.total_seconds():g}s)"
+            )
+        if self.cutoff <= self.first_poll_delay:
+            raise ValueError("RECEIPTS_CUTOFF must be longer than RECEIPTS_FIRST_POLL_DELAY")
+        if self.claim_lease is not None and self.claim_lease < self.tick:
+            raise ValueError("RECEIPTS_CLAIM_LEASE must be at least RECEIPTS_TICK")
+        return self
+
+    @property
+    def lease(self) -> timedelta:
+        return self.claim_lease or max(self.poll_interval_min, self.tick * 4)
+
+    def missing_api_credentials(self) -> str | None:
+        """Why this configuration cannot poll, or None. Checked when a worker starts, not by
+        commands such as ``track`` that never call the API."""
+        missing = [
+            name
+            for name, value in (
+                ("RECEIPTS_ACCESS_KEY_ID", self.access_key_id),
+                ("RECEIPTS_ACCESS_KEY_SECRET", self.access_key_secret),
+            )
+            if not value
+        ]
+        if not missing:
+            return None
+        hint = (
+            ""
+            if is_loopback_url(self.api_url)
+            else " (or point RECEIPTS_API_URL at `receipts simulate` for a demo)"
+        )
+        return f"{' and '.join(missing)} must be set to poll {self.api_url}{hint}"
+
+    def poll_policy(self) -> PollPolicy:
+        return PollPolicy(
+            first_delay=self.first_poll_delay,
+            interval_min=self.poll_interval_min,
+            interval_max=self.poll_interval_max,
+            cutoff=self.cutoff,
+        )
+
+
+class SettingsError(Exception):
+    """Invalid settings, with one line per problem naming the environment variable."""
+
+
+def load_settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            name = f"RECEIPTS_{field.upper()}" if field else "settings"
+            message = str(error["msg"]).removeprefix("Value error, ")
+            lines.append(f"{name}: {message}")
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (tests call ``get_settings.cache_clear()`` after changing env)."""
+    return load_settings()

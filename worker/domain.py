@@ -1,0 +1,134 @@
+"""Rules of the domain, as pure functions: what is final, how phones match, which receipt wins,
+when a session is resolved. No I/O and no clock here; callers pass everything in.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+
+class Result(enum.StrEnum):
+    """Receipt results, spelled exactly as Uspeedo spells them (``Unknow`` included)."""
+
+    SUCCESS = "Success"
+    FAIL = "Fail"
+    UNKNOW = "Unknow"
+    SUBMIT_FAIL = "SubmitFail"
+
+
+FINAL_RESULTS = frozenset({Result.SUCCESS, Result.FAIL, Result.SUBMIT_FAIL})
+
+# UCloud's twin of this API sometimes answers in Chinese; the meaning is the same.
+_RESULT_ALIASES: dict[str, Result] = {
+    **{r.value.lower(): r for r in Result},
+    "unknown": Result.UNKNOW,
+    "submit_fail": Result.SUBMIT_FAIL,
+    "发送成功": Result.SUCCESS,
+    "发送失败": Result.FAIL,
+    "状态未知": Result.UNKNOW,
+    "提交失败": Result.SUBMIT_FAIL,
+}
+
+
+class SessionState(enum.StrEnum):
+    PENDING = "pending"
+    RESOLVED = "resolved"
+    ESCALATED = "escalated"
+
+
+def normalize_result(raw: str) -> Result:
+    """Map a result as received to Uspeedo's spelling; ValueError names what was not understood."""
+    result = _RESULT_ALIASES.get(raw.strip().lower())
+    if result is None:
+        raise ValueError(f"unknown ReceiptResult {raw!r}")
+    return result
+
+
+def is_final(result: str) -> bool:
+    return result in FINAL_RESULTS
+
+
+_NON_DIGITS = re.compile(r"\D")
+
+
+def phone_key(phone: str) -> str:
+    """The digits of a phone number, which is what identifies it.
+
+    Uspeedo takes ``(852)55311111`` and may report ``85255311111`` or ``+852 5531 1111``; an
+    international ``00`` prefix is the same number as ``+``.
+    """
+    digits = _NON_DIGITS.sub("", phone)
+    if digits.startswith("00"):
+        digits = digits[2:]
+    return digits
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReceiptVersion:
+    """The parts of a receipt that decide which of two versions is kept."""
+
+    result: str
+    receipt_time: datetime | None
+
+
+def should_replace(old: ReceiptVersion | None, new: ReceiptVersion) -> bool:
+    """Whether ``new`` replaces the stored ``old`` receipt of the same phone.
+
+    A final receipt is never overwritten by a non-final one, nor by an older one; a non-final
+    receipt is never overwritten by an older one either. Equal times (or unknown times) let the
+    newer observation win, so polling the same answer twice is a no-op in effect.
+    """
+    if old is None:
+        return True
+    if is_final(old.result) and not is_final(new.result):
+        return False
+    return not (
+        old.receipt_time is not None
+        and new.receipt_time is not None
+        and new.receipt_time < old.receipt_time
+    )
+
+
+def pick_latest(versions: Iterable[ReceiptVersion]) -> ReceiptVersion:
+    """The version that wins among several answers for one phone (e.g. duplicates in one response)."""
+    winner: ReceiptVersion | None = None
+    for version in versions:
+        if should_replace(winner, version):
+            winner = version
+    if winner is None:
+        raise ValueError("pick_latest needs at least one version")
+    return winner
+
+
+def is_resolved(tracked_phone_keys: Iterable[str], results_by_phone_key: Mapping[str, str]) -> bool:
+    """Whether a session is resolved, given the latest result per phone key.
+
+    Tracked with phones: every tracked phone has a final receipt (receipts for phones that
+    were not tracked do not count). Tracked without phones: at least one receipt came back and
+    every receipt that came back is final.
+    """
+    tracked = set(tracked_phone_keys)
+    if tracked:
+        return all(is_final(results_by_phone_key.get(key, "")) for key in tracked)
+    return bool(results_by_phone_key) and all(map(is_final, results_by_phone_key.values()))
+
+
+def unresolved_phones(
+    tracked_phones: Iterable[str], results_by_phone_key: Mapping[str, str]
+) -> list[tuple[str, str | None]]:
+    """Phones still without a final receipt, with their last known result (None: never seen).
+
+    Without tracked phones, the phones that reported a non-final result.
+    """
+    tracked = list(tracked_phones)
+    if tracked:
+        return [
+            (phone, results_by_phone_key.get(phone_key(phone)))
+            for phone in tracked
+            if not is_final(results_by_phone_key.get(phone_key(phone), ""))
+        ]
+    return [(key, result) for key, result in results_by_phone_key.items() if not is_final(result)]

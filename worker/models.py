@@ -1,0 +1,154 @@
+"""The public schema: ``sms_sessions`` and ``sms_receipts``. Users query these tables in SQL, so
+names and meanings here are a contract (see README "Tables")."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from worker.domain import Result, SessionState
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "%(table_name)s_%(column_0_N_name)s_key",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "%(table_name)s_%(column_0_N_name)s_fkey",
+    "pk": "%(table_name)s_pkey",
+}
+
+metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Timezone-aware timestamps on every backend.
+
+    PostgreSQL stores ``timestamptz``; SQLite has no time zones, so values are stored as UTC and
+    given back tz-aware. Naive datetimes are refused: they are always a bug here.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: timestamps must carry a time zone")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+JSONType = sa.JSON().with_variant(JSONB(), "postgresql")
+# SQLite only auto-increments INTEGER PRIMARY KEY, PostgreSQL ids should be bigint.
+BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+timestamp = Annotated[datetime, mapped_column(UTCDateTime())]
+timestamp_now = Annotated[
+    datetime, mapped_column(UTCDateTime(), server_default=sa.func.current_timestamp())
+]
+
+
+class Base(DeclarativeBase):
+    metadata = metadata
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSONType}
+
+
+def _in(column: str, values: type[Result] | type[SessionState]) -> str:
+    return f"{column} IN ({', '.join(repr(v.value) for v in values)})"
+
+
+class SmsSession(Base):
+    """One SessionNo handed to us, and where its poll series stands."""
+
+    __tablename__ = "sms_sessions"
+    __table_args__ = (
+        sa.UniqueConstraint("account_id", "session_no"),
+        sa.CheckConstraint(_in("state", SessionState), name="state"),
+        sa.CheckConstraint("account_id > 0", name="account_id_positive"),
+        # The claim's hot path: due pending sessions of one account, oldest first. Partial, so
+        # its size follows the pending work and not the history of resolved sessions.
+        sa.Index(
+            "ix_sms_sessions_due",
+            "account_id",
+            "next_poll_at",
+            postgresql_where=sa.text("state = 'pending'"),
+            sqlite_where=sa.text("state = 'pending'"),
+        ),
+        # Escalation looks for pending sessions sent before the cutoff.
+        sa.Index(
+            "ix_sms_sessions_pending_sent_at",
+            "sent_at",
+            postgresql_where=sa.text("state = 'pending'"),
+            sqlite_where=sa.text("state = 'pending'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    account_id: Mapped[int] = mapped_column(sa.BigInteger)
+    session_no: Mapped[str] = mapped_column(sa.Text)
+    state: Mapped[str] = mapped_column(sa.Text, server_default=SessionState.PENDING.value)
+    # Phones as the sender tracked them (their spelling); empty when unknown.
+    phones: Mapped[list[str]] = mapped_column(JSONType, server_default=sa.text("'[]'"))
+    user_ref: Mapped[str | None] = mapped_column(sa.Text)
+    sent_at: Mapped[timestamp]
+    next_poll_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_polled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    escalated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    poll_count: Mapped[int] = mapped_column(sa.Integer, server_default=sa.text("0"))
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    # What support needs for an escalated session: the phones without a final receipt and
+    # their last known result, as JSON (see README).
+    escalation_detail: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # The claim: which tick's token may poll this session; cleared when the poll starts.
+    claim_token: Mapped[str | None] = mapped_column(sa.Text)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[timestamp_now]
+    updated_at: Mapped[timestamp_now]
+
+
+class SmsReceipt(Base):
+    """The latest known receipt of one phone of one session."""
+
+    __tablename__ = "sms_receipts"
+    __table_args__ = (
+        # Phones are identified by their digits: Uspeedo may spell the same phone differently
+        # from one answer to the next, and that must not create a second row.
+        sa.UniqueConstraint("account_id", "session_no", "phone_key"),
+        sa.ForeignKeyConstraint(
+            ["account_id", "session_no"],
+            ["sms_sessions.account_id", "sms_sessions.session_no"],
+            ondelete="CASCADE",
+        ),
+        sa.CheckConstraint(_in("result", Result), name="result"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    account_id: Mapped[int] = mapped_column(sa.BigInteger)
+    session_no: Mapped[str] = mapped_column(sa.Text)
+    # As tracked when the receipt matches a tracked phone, else as Uspeedo spelled it.
+    phone: Mapped[str] = mapped_column(sa.Text)
+    phone_key: Mapped[str] = mapped_column(sa.Text)
+    result: Mapped[str] = mapped_column(sa.Text)
+    receipt_code: Mapped[str | None] = mapped_column(sa.Text)
+    receipt_desc: Mapped[str | None] = mapped_column(sa.Text)
+    receipt_time: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    cost_count: Mapped[int | None] = mapped_column(sa.Integer)
+    user_id: Mapped[str | None] = mapped_column(sa.Text)
+    country_code: Mapped[str | None] = mapped_column(sa.Text)
+    first_seen_at: Mapped[timestamp_now]
+    updated_at: Mapped[timestamp_now]
+
+
+sessions_table: sa.Table = SmsSession.__table__  # type: ignore[assignment]
+receipts_table: sa.Table = SmsReceipt.__table__  # type: ignore[assignment]

@@ -1,0 +1,143 @@
+"""Read-only views of the tables for people: ``receipts status`` and ``receipts stale``."""
+
+from __future__ import annotations
+
+import csv
+from datetime import datetime
+from typing import Any, TextIO
+
+import sqlalchemy as sa
+
+from worker.config import Settings
+from worker.db import session_scope
+from worker.domain import SessionState
+from worker.models import receipts_table, sessions_table
+
+S = sessions_table
+R = receipts_table
+
+
+class NotFound(LookupError):
+    pass
+
+
+def session_status(session_no: str, *, account_id: int | None = None) -> dict[str, Any]:
+    query = sa.select(S).where(S.c.session_no == session_no)
+    if account_id is not None:
+        query = query.where(S.c.account_id == account_id)
+    with session_scope() as session:
+        rows = list(session.execute(query).mappings())
+        if not rows:
+            raise NotFound(f"session {session_no!r} is not tracked")
+        if len(rows) > 1:
+            accounts = ", ".join(str(r["account_id"]) for r in rows)
+            raise NotFound(f"session {session_no!r} exists in accounts {accounts}: add --account-id")
+        found = dict(rows[0])
+        receipts = session.execute(
+            sa.select(R)
+            .where(R.c.account_id == found["account_id"], R.c.session_no == session_no)
+            .order_by(R.c.phone)
+        ).mappings()
+        found["receipts"] = [dict(r) for r in receipts]
+    for private in ("id", "claim_token", "claimed_at"):
+        found.pop(private, None)
+    for receipt in found["receipts"]:
+        receipt.pop("id", None)
+    return found
+
+
+def print_status(found: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    summary = Table(show_header=False, box=None)
+    for key in (
+        "account_id", "session_no", "state", "phones", "sent_at", "next_poll_at",
+        "last_polled_at", "resolved_at", "escalated_at", "poll_count", "last_error",
+    ):
+        value = found.get(key)
+        summary.add_row(key, _text(value))
+    console.print(summary)
+    table = Table(title="receipts")
+    for column in ("phone", "result", "receipt_code", "receipt_desc", "receipt_time", "cost_count"):
+        table.add_column(column)
+    for receipt in found["receipts"]:
+        table.add_row(*(_text(receipt.get(c)) for c in (
+            "phone", "result", "receipt_code", "receipt_desc", "receipt_time", "cost_count")))
+    console.print(table)
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
+def stale_sessions(*, settings: Settings, now: datetime) -> list[dict[str, Any]]:
+    """Escalated sessions, and pending sessions overdue for their poll by more than two
+    maximum intervals (which means the clock or the workers are not running)."""
+    overdue_before = now - 2 * settings.poll_interval_max
+    query = (
+        sa.select(
+            S.c.account_id, S.c.session_no, S.c.state, S.c.sent_at, S.c.next_poll_at,
+            S.c.escalated_at, S.c.poll_count, S.c.last_error, S.c.escalation_detail,
+        )
+        .where(
+            sa.or_(
+                S.c.state == SessionState.ESCALATED,
+                sa.and_(S.c.state == SessionState.PENDING, S.c.next_poll_at < overdue_before),
+            )
+        )
+        .order_by(S.c.sent_at)
+    )
+    rows = []
+    with session_scope() as session:
+        for row in session.execute(query).mappings():
+            item = dict(row)
+            item["kind"] = "escalated" if row["state"] == SessionState.ESCALATED else "overdue"
+            detail = item.pop("escalation_detail") or {}
+            item["phones"] = detail.get("phones", [])
+            rows.append(item)
+    return rows
+
+
+STALE_CSV_COLUMNS = (
+    "kind", "account_id", "session_no", "sent_at", "escalated_at", "poll_count", "last_error",
+    "phone", "last_result",
+)
+
+
+def write_stale_csv(rows: list[dict[str, Any]], out: TextIO) -> None:
+    writer = csv.writer(out)
+    writer.writerow(STALE_CSV_COLUMNS)
+    for row in rows:
+        base = [_text(row.get(c)) for c in STALE_CSV_COLUMNS[:7]]
+        for phone in row["phones"] or [{"phone": "", "last_result": None}]:
+            writer.writerow([*base, phone["phone"], phone["last_result"] or ""])
+
+
+def print_stale(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not rows:
+        console.print("no stale sessions")
+        return
+    table = Table(title=f"{len(rows)} stale session(s)")
+    for column in ("kind", "account_id", "session_no", "sent_at", "polls", "phones", "last_error"):
+        table.add_column(column)
+    for row in rows:
+        phones = ", ".join(
+            f"{p['phone']}={p['last_result'] or 'none'}" for p in row["phones"]
+        )
+        table.add_row(
+            row["kind"], str(row["account_id"]), row["session_no"], _text(row["sent_at"]),
+            str(row["poll_count"]), phones, row["last_error"] or "",
+        )
+    console.print(table)

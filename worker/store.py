@@ -1,0 +1,466 @@
+"""Database operations of the poll cycle: claim, start, record, reschedule, escalate.
+
+Each function does its work in a few set-based statements (never a query per row) inside the
+caller's unit of work, and takes the current time as an argument.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from worker.client import Receipt
+from worker.domain import (
+    FINAL_RESULTS,
+    ReceiptVersion,
+    SessionState,
+    is_resolved,
+    phone_key,
+    should_replace,
+    unresolved_phones,
+)
+from worker.models import receipts_table, sessions_table
+from worker.schedule import PollPolicy
+
+S = sessions_table
+R = receipts_table
+PENDING = SessionState.PENDING.value
+RESOLVED = SessionState.RESOLVED.value
+ESCALATED = SessionState.ESCALATED.value
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Claim:
+    """Sessions of one account claimed for one poll, under a token only their poll may use."""
+
+    account_id: int
+    token: str
+    session_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PollTarget:
+    """A session whose poll has started."""
+
+    id: int
+    account_id: int
+    session_no: str
+    phones: tuple[str, ...]
+    sent_at: datetime
+    polled_at: datetime
+    state: str = PENDING
+
+    @classmethod
+    def from_row(cls, row: Any, polled_at: datetime) -> PollTarget:
+        return cls(
+            id=row.id,
+            account_id=row.account_id,
+            session_no=row.session_no,
+            phones=tuple(row.phones or ()),
+            sent_at=row.sent_at,
+            polled_at=polled_at,
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PollOutcome:
+    receipts_written: int
+    resolved: tuple[str, ...]
+    rescheduled: int
+
+
+def _is_pg(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+# --- claiming -------------------------------------------------------------------------------
+
+
+def due_accounts(session: Session, *, now: datetime, policy: PollPolicy) -> list[int]:
+    """Accounts with sessions due for a poll, read from the partial index of pending sessions."""
+    query = (
+        sa.select(S.c.account_id)
+        .where(S.c.state == PENDING, S.c.next_poll_at <= now, S.c.sent_at > now - policy.cutoff)
+        .distinct()
+        .order_by(S.c.account_id)
+    )
+    return list(session.scalars(query))
+
+
+def claim_batch(
+    session: Session,
+    *,
+    account_id: int,
+    now: datetime,
+    policy: PollPolicy,
+    lease_until: datetime,
+    limit: int,
+) -> Claim | None:
+    """Claim up to ``limit`` due sessions of one account, oldest due first.
+
+    ``FOR UPDATE SKIP LOCKED`` lets any number of ticks (two beats by mistake, overlapping
+    ticks) claim side by side without waiting on or double-claiming each other's rows. The
+    claim moves ``next_poll_at`` to ``lease_until``: if the poll task is lost (worker killed,
+    broker emptied) the sessions fall due again then; the token stops a stale poll task from
+    polling a session that has been claimed again since.
+    """
+    token = secrets.token_hex(16)
+    due = (
+        sa.select(S.c.id)
+        .where(
+            S.c.state == PENDING,
+            S.c.account_id == account_id,
+            S.c.next_poll_at <= now,
+            S.c.sent_at > now - policy.cutoff,
+        )
+        .order_by(S.c.next_poll_at)
+        .limit(limit)
+    )
+    if _is_pg(session):
+        due = due.with_for_update(skip_locked=True)
+    statement = (
+        sa.update(S)
+        .where(S.c.id.in_(due.scalar_subquery()))
+        .values(claim_token=token, claimed_at=now, next_poll_at=lease_until, updated_at=now)
+        .returning(S.c.id)
+    )
+    ids = tuple(sorted(session.scalars(statement)))
+    if not ids:
+        return None
+    return Claim(account_id=account_id, token=token, session_ids=ids)
+
+
+def start_poll(
+    session: Session, *, claim: Claim, now: datetime, policy: PollPolicy
+) -> list[PollTarget]:
+    """Turn a claim into a poll about to be sent, for the sessions that may still be polled.
+
+    This is the one place that decides a poll happens, in one statement, so the rules hold
+    however the task got here (redelivered, duplicated, late): the claim token must still be
+    ours, the session pending, ``now`` inside ``[first poll, cutoff)`` and at least
+    ``interval_min`` after the previous poll. Until the answer is recorded the session stays
+    scheduled ``interval_min`` ahead, so a crash between here and there loses nothing.
+    """
+    statement = (
+        sa.update(S)
+        .where(
+            S.c.id.in_(claim.session_ids),
+            S.c.claim_token == claim.token,
+            S.c.state == PENDING,
+            S.c.sent_at > now - policy.cutoff,
+            S.c.sent_at <= now - policy.first_delay,
+            sa.or_(S.c.last_polled_at.is_(None), S.c.last_polled_at <= now - policy.interval_min),
+        )
+        .values(
+            claim_token=None,
+            last_polled_at=now,
+            poll_count=S.c.poll_count + 1,
+            next_poll_at=now + policy.interval_min,
+            updated_at=now,
+        )
+        .returning(S.c.id, S.c.account_id, S.c.session_no, S.c.phones, S.c.sent_at)
+    )
+    targets = [PollTarget.from_row(row, now) for row in session.execute(statement)]
+    targets.sort(key=lambda t: t.id)
+    return targets
+
+
+# --- recording an answer ----------------------------------------------------------------
+
+
+def _receipt_guard(existing: Any, incoming: Any) -> sa.ColumnElement[bool]:
+    """SQL twin of :func:`worker.domain.should_replace`, evaluated against the stored row, so
+    that the rule holds even against a writer we did not see (tests prove the two agree)."""
+    # Inline constants rather than bound lists: executemany cannot expand IN parameters.
+    finals = [sa.literal_column(f"'{r.value}'") for r in sorted(FINAL_RESULTS)]
+    return sa.and_(
+        sa.not_(sa.and_(existing.result.in_(finals), incoming.result.not_in(finals))),
+        sa.not_(
+            sa.and_(
+                existing.receipt_time.is_not(None),
+                incoming.receipt_time.is_not(None),
+                incoming.receipt_time < existing.receipt_time,
+            )
+        ),
+    )
+
+
+def receipt_rows(
+    targets: Sequence[PollTarget], receipts: Iterable[Receipt], *, now: datetime
+) -> list[dict[str, Any]]:
+    """One row per (session, phone digits), the winning version when an answer repeats a phone.
+
+    The stored ``phone`` is the tracked spelling when the receipt matches a tracked phone.
+    """
+    by_session = {t.session_no: t for t in targets}
+    tracked_spelling = {
+        (t.session_no, phone_key(phone)): phone for t in targets for phone in t.phones
+    }
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for receipt in receipts:
+        target = by_session.get(receipt.session_no)
+        key = phone_key(receipt.phone)
+        if target is None or not key:
+            continue
+        row = {
+            "account_id": target.account_id,
+            "session_no": receipt.session_no,
+            "phone": tracked_spelling.get((receipt.session_no, key), receipt.phone),
+            "phone_key": key,
+            "result": receipt.result.value,
+            "receipt_code": receipt.receipt_code,
+            "receipt_desc": receipt.receipt_desc,
+            "receipt_time": receipt.receipt_time,
+            "cost_count": receipt.cost_count,
+            "user_id": receipt.user_id,
+            "country_code": receipt.country_code,
+            "first_seen_at": now,
+            "updated_at": now,
+        }
+        previous = rows.get((receipt.session_no, key))
+        if previous is None or should_replace(_version(previous), _version(row)):
+            rows[(receipt.session_no, key)] = row
+    return list(rows.values())
+
+
+def _version(row: Mapping[str, Any]) -> ReceiptVersion:
+    return ReceiptVersion(result=row["result"], receipt_time=row["receipt_time"])
+
+
+def upsert_receipts(session: Session, rows: Sequence[dict[str, Any]]) -> int:
+    """Write receipts in one ``INSERT … ON CONFLICT DO UPDATE`` statement per call.
+
+    Rows must be unique per (account, session, phone_key) (see :func:`receipt_rows`):
+    PostgreSQL refuses to update one row twice in one statement. The conflict update only
+    applies when the incoming receipt wins under the domain rule, so two pollers racing on
+    the same phone (or a backfill) can never put a stale or non-final receipt over a final one.
+    """
+    if not rows:
+        return 0
+    if _is_pg(session):
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+    statement = insert(R)
+    excluded = statement.excluded
+    statement = statement.on_conflict_do_update(
+        index_elements=["account_id", "session_no", "phone_key"],
+        set_={
+            "phone": excluded.phone,
+            "result": excluded.result,
+            "receipt_code": excluded.receipt_code,
+            "receipt_desc": excluded.receipt_desc,
+            "receipt_time": excluded.receipt_time,
+            "cost_count": excluded.cost_count,
+            "user_id": excluded.user_id,
+            "country_code": sa.func.coalesce(excluded.country_code, R.c.country_code),
+            "updated_at": excluded.updated_at,
+        },
+        where=_receipt_guard(R.c, excluded),
+    )
+    session.connection().execute(statement, list(rows))
+    return len(rows)
+
+
+def results_by_session(
+    session: Session, account_id: int, session_nos: Sequence[str]
+) -> dict[str, dict[str, str]]:
+    """The latest result per phone key of each session, as stored."""
+    found: dict[str, dict[str, str]] = defaultdict(dict)
+    if not session_nos:
+        return found
+    query = sa.select(R.c.session_no, R.c.phone_key, R.c.result).where(
+        R.c.account_id == account_id, R.c.session_no.in_(session_nos)
+    )
+    for row in session.execute(query):
+        found[row.session_no][row.phone_key] = row.result
+    return found
+
+
+def _bulk_update(session: Session, updates: list[dict[str, Any]], **values: Any) -> None:
+    if updates:
+        statement = sa.update(S).where(S.c.id == sa.bindparam("_id")).values(**values)
+        session.connection().execute(statement, updates)
+
+
+def record_answer(
+    session: Session,
+    *,
+    targets: Sequence[PollTarget],
+    receipts: Iterable[Receipt],
+    problems: Mapping[str, str],
+    now: datetime,
+    policy: PollPolicy,
+    rng: random.Random,
+) -> PollOutcome:
+    """Store an API answer: upsert receipts, resolve the sessions that now qualify, and
+    reschedule the rest ``interval_min``…``interval_max`` after their poll started.
+
+    A session escalated while its poll was in flight still gets its receipts, and becomes
+    resolved (keeping ``escalated_at``) if they settle it; it is not rescheduled.
+    """
+    if not targets:
+        return PollOutcome(receipts_written=0, resolved=(), rescheduled=0)
+    account_id = targets[0].account_id
+    written = upsert_receipts(session, receipt_rows(targets, receipts, now=now))
+    stored = results_by_session(session, account_id, [t.session_no for t in targets])
+    resolved: list[dict[str, Any]] = []
+    resolved_nos: list[str] = []
+    rescheduled: list[dict[str, Any]] = []
+    for target in targets:
+        results = stored.get(target.session_no, {})
+        error = problems.get(target.session_no)
+        if is_resolved((phone_key(p) for p in target.phones), results):
+            resolved.append({"_id": target.id, "_error": error})
+            resolved_nos.append(target.session_no)
+        else:
+            next_at = policy.next_poll_at(target.sent_at, target.polled_at, rng)
+            rescheduled.append({"_id": target.id, "_next": next_at, "_error": error})
+    bp = sa.bindparam
+    _bulk_update(
+        session,
+        resolved,
+        state=sa.case((S.c.state != RESOLVED, RESOLVED), else_=S.c.state),
+        resolved_at=sa.case((S.c.state != RESOLVED, now), else_=S.c.resolved_at),
+        next_poll_at=None,
+        claim_token=None,
+        last_error=bp("_error"),
+        updated_at=now,
+    )
+    _bulk_update(
+        session,
+        rescheduled,
+        next_poll_at=sa.case(
+            (S.c.state == PENDING, bp("_next", type_=S.c.next_poll_at.type)), else_=S.c.next_poll_at
+        ),
+        last_error=bp("_error"),
+        updated_at=now,
+    )
+    return PollOutcome(
+        receipts_written=written,
+        resolved=tuple(resolved_nos),
+        rescheduled=len(rescheduled),
+    )
+
+
+def record_failure(
+    session: Session,
+    *,
+    targets: Sequence[PollTarget],
+    error: str,
+    now: datetime,
+    policy: PollPolicy,
+    rng: random.Random,
+) -> None:
+    """A poll that got no usable answer: keep the error, try again in the normal window."""
+    updates = [
+        {"_id": t.id, "_next": policy.next_poll_at(t.sent_at, t.polled_at, rng)} for t in targets
+    ]
+    _bulk_update(
+        session,
+        updates,
+        next_poll_at=sa.case(
+            (S.c.state == PENDING, sa.bindparam("_next", type_=S.c.next_poll_at.type)),
+            else_=S.c.next_poll_at,
+        ),
+        last_error=error,
+        updated_at=now,
+    )
+
+
+# --- escalation -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Escalation:
+    """An escalated session and what support needs to act on it."""
+
+    id: int
+    account_id: int
+    session_no: str
+    sent_at: datetime
+    escalated_at: datetime
+    poll_count: int
+    last_error: str | None
+    unresolved: tuple[tuple[str, str | None], ...]  # (phone, last known result or None)
+
+    def detail(self) -> dict[str, Any]:
+        return {
+            "phones": [
+                {"phone": phone, "last_result": result} for phone, result in self.unresolved
+            ],
+            "poll_count": self.poll_count,
+            "last_error": self.last_error,
+        }
+
+
+def escalate_due(
+    session: Session, *, now: datetime, policy: PollPolicy, limit: int = 1000
+) -> list[Escalation]:
+    """Escalate pending sessions whose cutoff has passed, at most ``limit`` per call.
+
+    The state change is one conditional UPDATE, so a session is escalated exactly once however
+    many ticks run it at the same time; the caller logs and alerts from the returned rows only.
+    """
+    due = (
+        sa.select(S.c.id)
+        .where(S.c.state == PENDING, S.c.sent_at <= now - policy.cutoff)
+        .order_by(S.c.sent_at)
+        .limit(limit)
+    )
+    if _is_pg(session):
+        due = due.with_for_update(skip_locked=True)
+    statement = (
+        sa.update(S)
+        .where(S.c.id.in_(due.scalar_subquery()), S.c.state == PENDING)
+        .values(
+            state=ESCALATED, escalated_at=now, next_poll_at=None, claim_token=None, updated_at=now
+        )
+        .returning(
+            S.c.id,
+            S.c.account_id,
+            S.c.session_no,
+            S.c.phones,
+            S.c.sent_at,
+            S.c.poll_count,
+            S.c.last_error,
+        )
+    )
+    rows = list(session.execute(statement))
+    if not rows:
+        return []
+    by_account: dict[int, list[Any]] = defaultdict(list)
+    for row in rows:
+        by_account[row.account_id].append(row)
+    escalations: list[Escalation] = []
+    for account_id, account_rows in by_account.items():
+        stored = results_by_session(session, account_id, [r.session_no for r in account_rows])
+        for row in account_rows:
+            escalations.append(
+                Escalation(
+                    id=row.id,
+                    account_id=row.account_id,
+                    session_no=row.session_no,
+                    sent_at=row.sent_at,
+                    escalated_at=now,
+                    poll_count=row.poll_count,
+                    last_error=row.last_error,
+                    unresolved=tuple(
+                        unresolved_phones(row.phones or (), stored.get(row.session_no, {}))
+                    ),
+                )
+            )
+    _bulk_update(
+        session,
+        [{"_id": e.id, "_detail": e.detail()} for e in escalations],
+        escalation_detail=sa.bindparam("_detail", type_=S.c.escalation_detail.type),
+    )
+    return escalations

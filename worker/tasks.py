@@ -1,0 +1,147 @@
+"""Celery tasks: thin wrappers that parse arguments and call the plain functions."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from datetime import UTC, datetime
+from typing import Any
+
+from celery.exceptions import Reject
+
+from worker import poller
+from worker.celery import app
+from worker.client import UspeedoClient
+from worker.config import get_settings
+from worker.db import session_scope
+from worker.store import Claim
+from worker.tracking import TrackError, parse_requests, track_requests
+
+log = logging.getLogger(__name__)
+
+_client: UspeedoClient | None = None
+_client_pid: int | None = None
+_rng = random.Random()
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def get_client() -> UspeedoClient:
+    """The process's API client (one pooled HTTP session per process, built after fork)."""
+    global _client, _client_pid  # noqa: PLW0603 - the per-process singleton
+    if _client is None or _client_pid != os.getpid():
+        settings = get_settings()
+        problem = settings.missing_api_credentials()
+        if problem:
+            raise RuntimeError(problem)
+        assert settings.access_key_id is not None and settings.access_key_secret is not None
+        _client = UspeedoClient(
+            api_url=settings.api_url,
+            access_key_id=settings.access_key_id,
+            access_key_secret=settings.access_key_secret.get_secret_value(),
+            connect_timeout=settings.api_connect_timeout.total_seconds(),
+            read_timeout=settings.api_read_timeout.total_seconds(),
+            max_attempts=settings.api_max_attempts,
+        )
+        _client_pid = os.getpid()
+    return _client
+
+
+def reset_client() -> None:
+    global _client, _client_pid  # noqa: PLW0603
+    _client = _client_pid = None
+
+
+@app.task(name="receipts.tick", ignore_result=True)
+def tick() -> dict[str, int]:
+    settings = get_settings()
+    report = poller.tick(
+        session_factory=session_scope,
+        clock=utcnow,
+        policy=settings.poll_policy(),
+        dispatch=_dispatch,
+        lease=settings.lease,
+        batch_size=settings.batch_size,
+        max_sessions=settings.max_claim_per_tick,
+        show_phones=settings.log_phones,
+    )
+    if report.escalated or report.claims:
+        log.info(
+            "tick: escalated %d, dispatched %d poll(s) for %d session(s)",
+            report.escalated,
+            report.claims,
+            report.sessions_claimed,
+        )
+    return {"escalated": report.escalated, "claims": report.claims}
+
+
+def _dispatch(claim: Claim) -> None:
+    poll.apply_async(
+        kwargs={
+            "account_id": claim.account_id,
+            "session_ids": list(claim.session_ids),
+            "token": claim.token,
+        }
+    )
+
+
+@app.task(name="receipts.poll", ignore_result=True)
+def poll(account_id: Any, session_ids: Any, token: Any) -> dict[str, int]:
+    claim = _parse_claim(account_id, session_ids, token)
+    settings = get_settings()
+    report = poller.poll(
+        claim,
+        session_factory=session_scope,
+        client=get_client(),
+        clock=utcnow,
+        policy=settings.poll_policy(),
+        rng=_rng,
+    )
+    return {"polled": report.polled, "resolved": report.resolved, "failed": report.failed}
+
+
+def _parse_claim(account_id: Any, session_ids: Any, token: Any) -> Claim:
+    """A malformed message cannot be fixed by retrying: reject it (its sessions fall due again
+    when the claim's lease ends)."""
+    if (
+        isinstance(account_id, bool)
+        or not isinstance(account_id, int)
+        or not isinstance(session_ids, list)
+        or not all(isinstance(i, int) and not isinstance(i, bool) for i in session_ids)
+        or not isinstance(token, str)
+        or not token
+    ):
+        log.error("rejected a malformed receipts.poll message (account_id=%r)", account_id)
+        raise Reject("malformed receipts.poll arguments", requeue=False)
+    return Claim(account_id=account_id, token=token, session_ids=tuple(session_ids))
+
+
+@app.task(name="receipts.track", ignore_result=True, reject_on_worker_lost=True)
+def track(
+    session_no: Any,
+    account_id: Any,
+    phones: Any = None,
+    sent_at: Any = None,
+    user_ref: Any = None,
+) -> dict[str, int]:
+    """Track one session on behalf of a service that only shares the broker."""
+    settings = get_settings()
+    now = utcnow()
+    raw = {
+        "session_no": session_no,
+        "account_id": account_id,
+        "phones": phones,
+        "sent_at": sent_at,
+        "user_ref": user_ref,
+    }
+    try:
+        requests = parse_requests([raw], now=now, label="task receipts.track")
+    except TrackError as exc:
+        log.error("receipts.track refused: %s", exc)
+        raise Reject(str(exc), requeue=False) from None
+    with session_scope() as session:
+        result = track_requests(session, requests, policy=settings.poll_policy(), now=now)
+    return {"inserted": result.inserted, "updated": result.updated}

@@ -1,0 +1,355 @@
+"""Recording sessions to poll: validation of every way a SessionNo reaches us (Python call,
+Celery task, CLI, CSV) and the idempotent bulk write."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from worker.domain import SessionState, phone_key
+from worker.models import sessions_table
+from worker.schedule import PollPolicy
+
+MAX_SESSION_NO_LENGTH = 128
+MAX_USER_REF_LENGTH = 256
+MAX_ACCOUNT_ID = 2**63 - 1
+MIN_PHONE_DIGITS, MAX_PHONE_DIGITS = 5, 20
+# A sender's clock may run a little ahead of ours; more than this is a wrong timestamp.
+FUTURE_TOLERANCE = timedelta(minutes=5)
+# Enough rows per statement to amortise round trips, few enough for SQLite's bound-parameter cap.
+CHUNK = 2_000
+
+_SESSION_NO = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
+_PHONE = re.compile(r"\+?[0-9()\- ]+")
+
+
+class TrackError(ValueError):
+    """Input that cannot be tracked; the message names every bad row and field, and says that
+    nothing was recorded."""
+
+    def __init__(self, problems: Sequence[str], *, valid_rows: int = 0) -> None:
+        self.problems = list(problems)
+        self.valid_rows = valid_rows
+        noun = "problem" if len(problems) == 1 else "problems"
+        tail = (
+            f"; nothing was recorded (the {valid_rows} valid row(s) were not recorded either)"
+            if valid_rows
+            else "; nothing was recorded"
+        )
+        super().__init__(f"{len(problems)} {noun}: " + "; ".join(self.problems) + tail)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrackRequest:
+    """One validated session to track."""
+
+    account_id: int
+    session_no: str
+    phones: tuple[str, ...] = ()
+    sent_at: datetime
+    user_ref: str | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class TrackResult:
+    """What a track call did: new sessions, sessions merged with new data, repeats."""
+
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    keys: list[tuple[int, str]] = field(default_factory=list, repr=False)
+
+    @property
+    def total(self) -> int:
+        return self.inserted + self.updated + self.unchanged
+
+
+def parse_account_id(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"account_id must be a positive integer, got {value!r}")
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if not isinstance(value, int):
+        raise ValueError(f"account_id must be a positive integer, got {value!r}")
+    if not 0 < value <= MAX_ACCOUNT_ID:
+        raise ValueError(f"account_id must be a positive 64-bit integer, got {value}")
+    return value
+
+
+def parse_session_no(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"session_no must be a string, got {type(value).__name__}")
+    text = value.strip()
+    if not text:
+        raise ValueError("session_no is empty")
+    if len(text) > MAX_SESSION_NO_LENGTH:
+        raise ValueError(f"session_no is {len(text)} characters long (at most {MAX_SESSION_NO_LENGTH})")
+    if not _SESSION_NO.fullmatch(text):
+        raise ValueError(f"session_no {text!r} must be printable ASCII without spaces")
+    return text
+
+
+def parse_phones(value: Any) -> tuple[str, ...]:
+    """Phones as a list or one comma-separated string; duplicates (same digits) dropped."""
+    if value is None or value == "":
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, Iterable) or isinstance(items, bytes | Mapping):
+        raise ValueError(f"phones must be a list of strings or a comma-separated string, got {value!r}")
+    phones: list[str] = []
+    seen: set[str] = set()
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"phone {item!r} is not a string")
+        phone = item.strip()
+        if not phone:
+            raise ValueError("phones contains an empty entry")
+        digits = phone_key(phone)
+        if not _PHONE.fullmatch(phone) or not MIN_PHONE_DIGITS <= len(digits) <= MAX_PHONE_DIGITS:
+            raise ValueError(
+                f"phone {phone!r} is malformed (digits, spaces, +, - and parentheses; "
+                f"{MIN_PHONE_DIGITS} to {MAX_PHONE_DIGITS} digits)"
+            )
+        if digits not in seen:
+            seen.add(digits)
+            phones.append(phone)
+    return tuple(phones)
+
+
+def parse_sent_at(value: Any, *, now: datetime) -> datetime:
+    if value is None or value == "":
+        return now
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValueError(f"sent_at {value!r} is not an ISO 8601 timestamp") from None
+    if not isinstance(value, datetime):
+        raise ValueError(f"sent_at must be an ISO 8601 string or a datetime, got {value!r}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"sent_at {value.isoformat()} has no UTC offset (e.g. +00:00)")
+    if value > now + FUTURE_TOLERANCE:
+        raise ValueError(f"sent_at {value.isoformat()} is in the future")
+    return value.astimezone(UTC)
+
+
+def parse_user_ref(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"user_ref must be a string, got {type(value).__name__}")
+    if len(value) > MAX_USER_REF_LENGTH:
+        raise ValueError(f"user_ref is longer than {MAX_USER_REF_LENGTH} characters")
+    return value
+
+
+_FIELDS = ("account_id", "session_no", "phones", "sent_at", "user_ref")
+
+
+def parse_request(raw: Mapping[str, Any], *, now: datetime) -> TrackRequest:
+    """Validate one session; ValueError names the first bad field."""
+    unknown = set(raw) - set(_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(sorted(unknown))}")
+    parsed: dict[str, Any] = {}
+    for name, parse in (
+        ("account_id", parse_account_id),
+        ("session_no", parse_session_no),
+        ("phones", parse_phones),
+        ("user_ref", parse_user_ref),
+    ):
+        if name in ("account_id", "session_no") and name not in raw:
+            raise ValueError(f"{name} is missing")
+        try:
+            parsed[name] = parse(raw.get(name))
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    try:
+        parsed["sent_at"] = parse_sent_at(raw.get("sent_at"), now=now)
+    except ValueError as exc:
+        raise ValueError(f"sent_at: {exc}") from None
+    return TrackRequest(**parsed)
+
+
+def parse_requests(
+    rows: Iterable[Mapping[str, Any] | TrackRequest],
+    *,
+    now: datetime,
+    label: str = "row",
+    first_number: int = 1,
+) -> list[TrackRequest]:
+    """Validate all rows; raise one TrackError listing every bad row (numbered from
+    ``first_number``) if any is bad."""
+    requests: list[TrackRequest] = []
+    problems: list[str] = []
+    for number, raw in enumerate(rows, start=first_number):
+        if isinstance(raw, TrackRequest):
+            requests.append(raw)
+            continue
+        try:
+            requests.append(parse_request(raw, now=now))
+        except ValueError as exc:
+            session = raw.get("session_no") if isinstance(raw, Mapping) else None
+            where = f"{label} {number}" + (f" (session_no {session!r})" if session else "")
+            problems.append(f"{where}: {exc}")
+    if problems:
+        raise TrackError(problems, valid_rows=len(requests))
+    return requests
+
+
+def _merge(requests: Iterable[TrackRequest]) -> dict[tuple[int, str], TrackRequest]:
+    """Fold repeats of one session within a call, as tracking twice would."""
+    merged: dict[tuple[int, str], TrackRequest] = {}
+    for request in requests:
+        key = (request.account_id, request.session_no)
+        previous = merged.get(key)
+        merged[key] = request if previous is None else _combine(previous, request)
+    return merged
+
+
+def _combine(old: TrackRequest, new: TrackRequest) -> TrackRequest:
+    return TrackRequest(
+        account_id=old.account_id,
+        session_no=old.session_no,
+        phones=parse_phones([*old.phones, *new.phones]),
+        sent_at=min(old.sent_at, new.sent_at),
+        user_ref=new.user_ref or old.user_ref,
+    )
+
+
+def track_requests(
+    session: Session, requests: Sequence[TrackRequest], *, policy: PollPolicy, now: datetime
+) -> TrackResult:
+    """Record sessions in bulk, idempotently.
+
+    New sessions go in with one multi-row ``INSERT … ON CONFLICT DO NOTHING`` per chunk; a
+    session that exists already (tracked before, or inserted concurrently by another caller
+    between our statements, the race ON CONFLICT absorbs) is merged instead: phones are
+    added, the earliest ``sent_at`` and the newest ``user_ref`` win. A resolved session that
+    gains a phone it has no final receipt for is reopened, since it is no longer resolved.
+    """
+    result = TrackResult()
+    merged = _merge(requests)
+    table = sessions_table
+    items = list(merged.values())
+    for start in range(0, len(items), CHUNK):
+        chunk = items[start : start + CHUNK]
+        rows = [
+            {
+                "account_id": r.account_id,
+                "session_no": r.session_no,
+                "phones": list(r.phones),
+                "user_ref": r.user_ref,
+                "sent_at": r.sent_at,
+                "state": SessionState.PENDING.value,
+                "next_poll_at": policy.first_poll_at(r.sent_at),
+                "poll_count": 0,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for r in chunk
+        ]
+        insert = _insert_ignore(session, table).values(rows)
+        inserted = {
+            (row.account_id, row.session_no)
+            for row in session.execute(insert.returning(table.c.account_id, table.c.session_no))
+        }
+        result.inserted += len(inserted)
+        existing = [r for r in chunk if (r.account_id, r.session_no) not in inserted]
+        if existing:
+            _merge_existing(session, existing, result, policy=policy, now=now)
+    result.keys = list(merged)
+    return result
+
+
+def _insert_ignore(session: Session, table: sa.Table) -> Any:
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).on_conflict_do_nothing(index_elements=["account_id", "session_no"])
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table).on_conflict_do_nothing(index_elements=["account_id", "session_no"])
+
+
+def _merge_existing(
+    session: Session,
+    requests: Sequence[TrackRequest],
+    result: TrackResult,
+    *,
+    policy: PollPolicy,
+    now: datetime,
+) -> None:
+    table = sessions_table
+    wanted = {(r.account_id, r.session_no): r for r in requests}
+    query = (
+        sa.select(
+            table.c.id,
+            table.c.account_id,
+            table.c.session_no,
+            table.c.phones,
+            table.c.sent_at,
+            table.c.user_ref,
+            table.c.state,
+        )
+        .where(sa.tuple_(table.c.account_id, table.c.session_no).in_(list(wanted)))
+        .with_for_update()
+    )
+    updates: list[dict[str, Any]] = []
+    for row in session.execute(query):
+        request = wanted[(row.account_id, row.session_no)]
+        stored = TrackRequest(
+            account_id=row.account_id,
+            session_no=row.session_no,
+            phones=tuple(row.phones or ()),
+            sent_at=row.sent_at,
+            user_ref=row.user_ref,
+        )
+        combined = _combine(stored, request)
+        if combined == stored:
+            result.unchanged += 1
+            continue
+        result.updated += 1
+        gained_phones = {phone_key(p) for p in combined.phones} - {phone_key(p) for p in stored.phones}
+        reopen = row.state == SessionState.RESOLVED and bool(gained_phones)
+        updates.append(
+            {
+                "_id": row.id,
+                "_phones": list(combined.phones),
+                "_sent_at": combined.sent_at,
+                "_user_ref": combined.user_ref,
+                "_state": SessionState.PENDING.value if reopen else row.state,
+                "_reopen": reopen,
+                "_next_poll_at": now,
+                "_now": now,
+            }
+        )
+    if updates:
+        bp = sa.bindparam
+        statement = (
+            sa.update(table)
+            .where(table.c.id == bp("_id"))
+            .values(
+                phones=bp("_phones", type_=table.c.phones.type),
+                sent_at=bp("_sent_at", type_=table.c.sent_at.type),
+                user_ref=bp("_user_ref"),
+                state=bp("_state"),
+                next_poll_at=sa.case(
+                    (bp("_reopen"), bp("_next_poll_at", type_=table.c.next_poll_at.type)),
+                    else_=table.c.next_poll_at,
+                ),
+                resolved_at=sa.case((bp("_reopen"), sa.null()), else_=table.c.resolved_at),
+                updated_at=bp("_now", type_=table.c.updated_at.type),
+            )
+        )
+        session.connection().execute(statement, updates)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
