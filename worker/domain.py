@@ -78,14 +78,17 @@ class ReceiptVersion:
 def should_replace(old: ReceiptVersion | None, new: ReceiptVersion) -> bool:
     """Whether ``new`` replaces the stored ``old`` receipt of the same phone.
 
-    A final receipt is never overwritten by a non-final one, nor by an older one; a non-final
-    receipt is never overwritten by an older one either. Equal times (or unknown times) let the
-    newer observation win, so polling the same answer twice is a no-op in effect.
+    A final receipt is never overwritten by a non-final one, nor by an older one. A final
+    receipt always replaces a non-final one, whatever their times: the outcome is what the
+    sender needs, and an ``Unknow`` stamped later is an interim report, not news. Between two
+    of the same kind, the newer wins and equal or unknown times let the later observation win
+    (re-reading the same answer is a no-op in effect).
     """
     if old is None:
         return True
-    if is_final(old.result) and not is_final(new.result):
-        return False
+    old_final, new_final = is_final(old.result), is_final(new.result)
+    if old_final != new_final:
+        return new_final
     return not (
         old.receipt_time is not None
         and new.receipt_time is not None

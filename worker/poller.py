@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from sqlalchemy.orm import Session
 
 from worker import store
-from worker.client import ParameterError, UspeedoClient, UspeedoError
+from worker.client import ParameterError, ReceiptBatch, UspeedoClient, UspeedoError
 from worker.logs import mask_phone
 from worker.schedule import PollPolicy
 from worker.store import Claim, PollTarget
@@ -177,7 +177,7 @@ def _poll_targets(
     except UspeedoError as exc:
         _record_failure(targets, str(exc), counts, session_factory, clock, policy, rng)
         return
-    problems = _problems_by_session(batch.problems, targets)
+    problems = _problems_by_session(batch)
     with session_factory() as session:
         outcome = store.record_answer(
             session,
@@ -192,19 +192,12 @@ def _poll_targets(
     counts["resolved"] += len(outcome.resolved)
 
 
-def _problems_by_session(
-    problems: Sequence[str], targets: Sequence[PollTarget]
-) -> dict[str, str]:
-    """Attach each skipped-entry problem to the session it names, and log the rest."""
-    by_session: dict[str, str] = {}
-    names = {f"{t.session_no!r}": t.session_no for t in targets}
-    for problem in problems:
-        owner = next((session_no for quoted, session_no in names.items() if quoted in problem), None)
-        if owner is None:
-            log.warning("ignored part of an API answer: %s", problem)
-        else:
-            by_session[owner] = (by_session[owner] + "; " + problem) if owner in by_session else problem
-    return by_session
+def _problems_by_session(batch: ReceiptBatch) -> dict[str, str]:
+    """Problems of an answer that concern one session, joined per session (its last_error)."""
+    by_session: dict[str, list[str]] = {}
+    for session_no, problem in batch.session_problems:
+        by_session.setdefault(session_no, []).append(problem)
+    return {session_no: "; ".join(problems) for session_no, problems in by_session.items()}
 
 
 def _record_failure(

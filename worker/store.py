@@ -181,15 +181,18 @@ def _receipt_guard(existing: Any, incoming: Any) -> sa.ColumnElement[bool]:
     that the rule holds even against a writer we did not see (tests prove the two agree)."""
     # Inline constants rather than bound lists: executemany cannot expand IN parameters.
     finals = [sa.literal_column(f"'{r.value}'") for r in sorted(FINAL_RESULTS)]
-    return sa.and_(
-        sa.not_(sa.and_(existing.result.in_(finals), incoming.result.not_in(finals))),
-        sa.not_(
-            sa.and_(
-                existing.receipt_time.is_not(None),
-                incoming.receipt_time.is_not(None),
-                incoming.receipt_time < existing.receipt_time,
-            )
-        ),
+    old_final = existing.result.in_(finals)
+    new_final = incoming.result.in_(finals)
+    newer_or_unknown = sa.not_(
+        sa.and_(
+            existing.receipt_time.is_not(None),
+            incoming.receipt_time.is_not(None),
+            incoming.receipt_time < existing.receipt_time,
+        )
+    )
+    return sa.or_(
+        sa.and_(sa.not_(old_final), new_final),
+        sa.and_(old_final == new_final, newer_or_unknown),
     )
 
 

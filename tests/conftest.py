@@ -1,0 +1,124 @@
+"""Shared fixtures: real PostgreSQL and SQLite databases built by the real migrations, settings
+from the environment, and the project's own simulator."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from worker import db
+from worker.config import get_settings
+from worker.migrate import upgrade
+from worker.simulator import Simulator
+
+PG_ADMIN_URL = os.environ.get("RECEIPTS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("RECEIPTS_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+# Timings scaled to seconds, as the contract allows; tests override what they need.
+FAST_TIMINGS = {
+    "RECEIPTS_FIRST_POLL_DELAY": "1",
+    "RECEIPTS_POLL_INTERVAL_MIN": "1",
+    "RECEIPTS_POLL_INTERVAL_MAX": "2",
+    "RECEIPTS_CUTOFF": "10",
+    "RECEIPTS_TICK": "0.5",
+}
+
+
+def _pg_url(database: str) -> str:
+    return sa.engine.make_url(PG_ADMIN_URL).set(database=database).render_as_string(False)
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test run, migrated to head, dropped afterwards."""
+    name = f"receipts_test_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = _pg_url(name)
+    upgrade(url)
+    yield url
+    db.reset_engine()
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def sqlite_database(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'receipts.db'}"
+    upgrade(url)
+    return url
+
+
+def _truncate(url: str) -> None:
+    engine = db.create_engine(url, poolclass=sa.pool.NullPool)
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(sa.text("TRUNCATE sms_receipts, sms_sessions RESTART IDENTITY CASCADE"))
+        else:
+            connection.execute(sa.text("DELETE FROM sms_receipts"))
+            connection.execute(sa.text("DELETE FROM sms_sessions"))
+    engine.dispose()
+
+
+Configure = Callable[..., None]
+
+
+@pytest.fixture
+def configure(monkeypatch: pytest.MonkeyPatch) -> Iterator[Configure]:
+    """``configure(RECEIPTS_X="...")`` sets variables for this test; settings and the engine
+    are rebuilt from them. Starts from scaled timings and nothing else."""
+    for key in list(os.environ):
+        if key.startswith("RECEIPTS_") and not key.startswith("RECEIPTS_TEST_"):
+            monkeypatch.delenv(key)
+
+    def apply(**values: str) -> None:
+        for key, value in values.items():
+            monkeypatch.setenv(key, value)
+        get_settings.cache_clear()
+        db.reset_engine()
+
+    apply(**FAST_TIMINGS)
+    yield apply
+    get_settings.cache_clear()
+    db.reset_engine()
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def database(request: pytest.FixtureRequest, configure: Configure) -> Iterator[str]:
+    """Each test using this runs on both backends, on an emptied, migrated database."""
+    if request.param == "postgres":
+        url = request.getfixturevalue("pg_database")
+    else:
+        url = request.getfixturevalue("sqlite_database")
+    _truncate(url)
+    configure(RECEIPTS_DATABASE_URL=url)
+    yield url
+    db.reset_engine()
+
+
+@pytest.fixture
+def pg(configure: Configure, pg_database: str) -> Iterator[str]:
+    """PostgreSQL only (for what SQLite cannot show: SKIP LOCKED, many processes)."""
+    _truncate(pg_database)
+    configure(RECEIPTS_DATABASE_URL=pg_database)
+    yield pg_database
+    db.reset_engine()
+
+
+@pytest.fixture
+def simulator() -> Iterator[Simulator]:
+    with Simulator(step=0.5, seed=7) as sim:
+        yield sim
+
+
+@pytest.fixture
+def tmp_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

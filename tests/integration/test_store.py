@@ -1,0 +1,380 @@
+"""The poll cycle's database operations on real PostgreSQL and SQLite (every test runs on
+both), with an injected clock."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from worker import db, store
+from worker.client import Receipt
+from worker.domain import FINAL_RESULTS, ReceiptVersion, Result, should_replace
+from worker.models import receipts_table, sessions_table
+from worker.schedule import PollPolicy
+from worker.tracking import TrackError, TrackRequest, parse_requests, track_requests
+
+T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+POLICY = PollPolicy(
+    first_delay=timedelta(minutes=5),
+    interval_min=timedelta(minutes=5),
+    interval_max=timedelta(minutes=10),
+    cutoff=timedelta(hours=12),
+)
+LEASE = timedelta(minutes=5)
+
+pytestmark = pytest.mark.usefixtures("database")
+
+
+def _track(*rows: dict[str, Any], now: datetime = T0) -> None:
+    requests = parse_requests(
+        [{"sent_at": T0, **row} for row in rows], now=now
+    )
+    with db.session_scope() as session:
+        track_requests(session, requests, policy=POLICY, now=now)
+
+
+def _sessions() -> dict[str, dict[str, Any]]:
+    with db.session_scope() as session:
+        rows = session.execute(sa.select(sessions_table)).mappings()
+        return {row["session_no"]: dict(row) for row in rows}
+
+
+def _receipts() -> dict[tuple[str, str], dict[str, Any]]:
+    with db.session_scope() as session:
+        rows = session.execute(sa.select(receipts_table)).mappings()
+        return {(row["session_no"], row["phone"]): dict(row) for row in rows}
+
+
+def _claim(account_id: int, now: datetime, limit: int = 100) -> store.Claim | None:
+    with db.session_scope() as session:
+        return store.claim_batch(
+            session, account_id=account_id, now=now, policy=POLICY, lease_until=now + LEASE,
+            limit=limit,
+        )
+
+
+def _start(claim: store.Claim, now: datetime) -> list[store.PollTarget]:
+    with db.session_scope() as session:
+        return store.start_poll(session, claim=claim, now=now, policy=POLICY)
+
+
+def _receipt(session_no: str, phone: str, result: Result, at: datetime | None) -> Receipt:
+    return Receipt(
+        session_no=session_no, phone=phone, result=result, receipt_code="c", receipt_desc="d",
+        receipt_time=at, cost_count=1, user_id=None, country_code=None,
+    )
+
+
+def _answer(targets: list[store.PollTarget], receipts: list[Receipt], now: datetime) -> store.PollOutcome:
+    with db.session_scope() as session:
+        return store.record_answer(
+            session, targets=targets, receipts=receipts, problems={}, now=now, policy=POLICY,
+            rng=random.Random(1),
+        )
+
+
+# --- tracking ---------------------------------------------------------------------------
+
+
+def test_tracking_twice_merges_and_never_duplicates() -> None:
+    _track({"account_id": 1, "session_no": "s1", "phones": ["(852)55311111"], "user_ref": "a"})
+    _track({"account_id": 1, "session_no": "s1", "phones": ["85255311111", "(852)55311112"]})
+    _track({"account_id": 2, "session_no": "s1"})
+    with db.session_scope() as session:
+        rows = session.execute(sa.select(sessions_table).order_by(sessions_table.c.id)).mappings().all()
+    assert [(r["account_id"], r["session_no"]) for r in rows] == [(1, "s1"), (2, "s1")]
+    assert rows[0]["phones"] == ["(852)55311111", "(852)55311112"]
+    assert rows[0]["user_ref"] == "a"
+    assert rows[0]["next_poll_at"] == T0 + POLICY.first_delay
+    assert rows[0]["state"] == "pending"
+
+
+def test_bulk_track_with_a_bad_row_records_nothing() -> None:
+    _track({"account_id": 1, "session_no": "kept"})
+    with pytest.raises(TrackError) as excinfo:
+        parse_requests(
+            [{"account_id": 1, "session_no": "new"}, {"account_id": 0, "session_no": "bad"}],
+            now=T0,
+        )
+    assert "row 2" in str(excinfo.value)
+    assert "account_id" in str(excinfo.value)
+    assert "nothing was recorded" in str(excinfo.value)
+    assert set(_sessions()) == {"kept"}
+
+
+def test_bulk_track_is_one_transaction(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure in the middle of writing (here: the database refusing the second chunk)
+    leaves nothing of the call behind."""
+    from worker import tracking
+
+    monkeypatch.setattr(tracking, "CHUNK", 2)
+    requests = [
+        TrackRequest(account_id=1, session_no=f"s{i}", sent_at=T0) for i in range(5)
+    ]
+    calls = {"n": 0}
+    original = tracking._insert_ignore
+
+    def failing(session: Any, table: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("database went away")
+        return original(session, table)
+
+    monkeypatch.setattr(tracking, "_insert_ignore", failing)
+    with pytest.raises(RuntimeError), db.session_scope() as session:
+        track_requests(session, requests, policy=POLICY, now=T0)
+    assert _sessions() == {}
+
+
+def test_retracking_a_resolved_session_with_a_new_phone_reopens_it() -> None:
+    _track({"account_id": 1, "session_no": "s", "phones": ["85255311111"]})
+    now = T0 + POLICY.first_delay
+    claim = _claim(1, now)
+    assert claim is not None
+    targets = _start(claim, now)
+    _answer(targets, [_receipt("s", "85255311111", Result.SUCCESS, now)], now)
+    assert _sessions()["s"]["state"] == "resolved"
+    later = now + timedelta(minutes=1)
+    _track({"account_id": 1, "session_no": "s", "phones": ["85255311112"]}, now=later)
+    row = _sessions()["s"]
+    assert row["state"] == "pending"
+    assert row["next_poll_at"] == later
+    assert row["resolved_at"] is None
+
+
+# --- claiming ---------------------------------------------------------------------------
+
+
+def test_claim_takes_only_due_sessions_of_one_account_in_batches() -> None:
+    _track(*({"account_id": 1, "session_no": f"a{i}"} for i in range(150)))
+    _track(*({"account_id": 2, "session_no": f"b{i}"} for i in range(3)))
+    early = T0 + POLICY.first_delay - timedelta(seconds=1)
+    assert _claim(1, early) is None, "nothing is due before the first delay"
+    now = T0 + POLICY.first_delay
+    with db.session_scope() as session:
+        assert store.due_accounts(session, now=now, policy=POLICY) == [1, 2]
+    first = _claim(1, now)
+    second = _claim(1, now)
+    third = _claim(1, now)
+    assert first is not None and second is not None
+    assert len(first.session_ids) == 100 and len(second.session_ids) == 50
+    assert third is None, "claimed sessions are not due again until their lease ends"
+    assert not set(first.session_ids) & set(second.session_ids)
+    sessions = _sessions()
+    by_id = {row["id"]: row for row in sessions.values()}
+    assert {by_id[i]["account_id"] for i in first.session_ids + second.session_ids} == {1}
+
+
+def test_a_lost_claim_comes_back_after_its_lease_and_the_stale_token_polls_nothing() -> None:
+    _track({"account_id": 1, "session_no": "s"})
+    now = T0 + POLICY.first_delay
+    lost = _claim(1, now)
+    assert lost is not None
+    assert _claim(1, now + LEASE - timedelta(seconds=1)) is None
+    again = _claim(1, now + LEASE)
+    assert again is not None and again.session_ids == lost.session_ids
+    assert _start(lost, now + LEASE) == [], "the old poll task lost its claim"
+    assert [t.session_no for t in _start(again, now + LEASE)] == ["s"]
+    assert _start(again, now + LEASE) == [], "a duplicate of the same task polls nothing"
+
+
+def test_never_polled_twice_inside_the_minimum_interval() -> None:
+    _track({"account_id": 1, "session_no": "s"})
+    now = T0 + POLICY.first_delay
+    claim = _claim(1, now)
+    assert claim is not None
+    targets = _start(claim, now)
+    _answer(targets, [], now)
+    row = _sessions()["s"]
+    assert now + POLICY.interval_min <= row["next_poll_at"] <= now + POLICY.interval_max
+    # Force the session due early (as a bug or a manual edit might): start_poll still refuses.
+    with db.session_scope() as session:
+        session.execute(sa.update(sessions_table).values(next_poll_at=now))
+    soon = now + POLICY.interval_min - timedelta(seconds=1)
+    claim = _claim(1, soon)
+    assert claim is not None
+    assert _start(claim, soon) == []
+
+
+def test_no_claim_and_no_poll_at_or_after_the_cutoff() -> None:
+    _track({"account_id": 1, "session_no": "s"})
+    cutoff = T0 + POLICY.cutoff
+    assert _claim(1, cutoff) is None
+    claim = _claim(1, cutoff - timedelta(seconds=1))
+    assert claim is not None
+    assert _start(claim, cutoff) == []
+
+
+# --- recording ----------------------------------------------------------------------------
+
+
+def _poll_with(session_no: str, receipts: list[Receipt], now: datetime) -> store.PollOutcome:
+    with db.session_scope() as session:
+        session.execute(
+            sa.update(sessions_table)
+            .where(sessions_table.c.session_no == session_no)
+            .values(next_poll_at=now, last_polled_at=None)
+        )
+    claim = _claim(1, now)
+    assert claim is not None
+    return _answer(_start(claim, now), receipts, now)
+
+
+def test_resolution_with_tracked_phones_matches_on_digits() -> None:
+    _track({"account_id": 1, "session_no": "s", "phones": ["(852)55311111", "(852)55311112"]})
+    now = T0 + POLICY.first_delay
+    outcome = _poll_with("s", [_receipt("s", "+852 5531 1111", Result.SUCCESS, now)], now)
+    assert outcome.resolved == ()
+    assert _sessions()["s"]["state"] == "pending"
+    later = now + POLICY.interval_max
+    outcome = _poll_with(
+        "s",
+        [
+            _receipt("s", "85255311112", Result.FAIL, later),
+            _receipt("s", "99999999", Result.UNKNOW, later),  # not tracked: does not block
+        ],
+        later,
+    )
+    assert outcome.resolved == ("s",)
+    row = _sessions()["s"]
+    assert row["state"] == "resolved" and row["resolved_at"] == later
+    assert row["next_poll_at"] is None
+    receipts = _receipts()
+    assert receipts[("s", "(852)55311111")]["result"] == "Success", "stored as tracked"
+    assert receipts[("s", "(852)55311112")]["result"] == "Fail"
+    assert ("s", "99999999") in receipts
+
+
+def test_resolution_without_tracked_phones() -> None:
+    _track({"account_id": 1, "session_no": "s"})
+    now = T0 + POLICY.first_delay
+    assert _poll_with("s", [], now).resolved == (), "no receipt at all is not resolved"
+    now += POLICY.interval_max
+    assert _poll_with("s", [_receipt("s", "1234567", Result.UNKNOW, now)], now).resolved == ()
+    now += POLICY.interval_max
+    assert _poll_with("s", [_receipt("s", "1234567", Result.SUCCESS, now)], now).resolved == ("s",)
+
+
+def test_final_receipt_is_never_replaced_by_a_stale_unknow() -> None:
+    _track({"account_id": 1, "session_no": "s", "phones": ["1234567", "7654321"]})
+    now = T0 + POLICY.first_delay
+    _poll_with("s", [_receipt("s", "1234567", Result.SUCCESS, now)], now)
+    later = now + POLICY.interval_max
+    _poll_with("s", [_receipt("s", "1234567", Result.UNKNOW, now - timedelta(seconds=5))], later)
+    _poll_with("s", [_receipt("s", "1234567", Result.UNKNOW, later)], later + POLICY.interval_max)
+    assert _receipts()[("s", "1234567")]["result"] == "Success"
+
+
+def test_duplicate_phones_in_one_answer_keep_the_winner() -> None:
+    _track({"account_id": 1, "session_no": "s", "phones": ["1234567"]})
+    now = T0 + POLICY.first_delay
+    _poll_with(
+        "s",
+        [
+            _receipt("s", "1234567", Result.UNKNOW, now),
+            _receipt("s", "+1234567", Result.FAIL, now - timedelta(seconds=1)),
+            _receipt("s", "1234567", Result.UNKNOW, now + timedelta(seconds=1)),
+        ],
+        now,
+    )
+    assert _receipts()[("s", "1234567")]["result"] == "Fail"
+
+
+_TIMES = {"older": -60, "same": 0, "newer": 60, "unknown": None}
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "when"),
+    list(itertools.product(list(Result), list(Result), list(_TIMES))),
+)
+def test_sql_upsert_guard_agrees_with_the_pure_rule(old: Result, new: Result, when: str) -> None:
+    """The WHERE clause of the bulk upsert is the SQL twin of domain.should_replace."""
+    _track({"account_id": 1, "session_no": "s", "phones": ["1234567"]})
+    base = T0 + timedelta(hours=1)
+    offset = _TIMES[when]
+    new_time = None if offset is None else base + timedelta(seconds=offset)
+    targets = [
+        store.PollTarget(id=0, account_id=1, session_no="s", phones=("1234567",), sent_at=T0,
+                         polled_at=base)
+    ]
+    with db.session_scope() as session:
+        store.upsert_receipts(session, store.receipt_rows(targets, [_receipt("s", "1234567", old, base)], now=base))
+    with db.session_scope() as session:
+        store.upsert_receipts(session, store.receipt_rows(targets, [_receipt("s", "1234567", new, new_time)], now=base))
+    expected_replaced = should_replace(
+        ReceiptVersion(result=old, receipt_time=base), ReceiptVersion(result=new, receipt_time=new_time)
+    )
+    stored = _receipts()[("s", "1234567")]
+    expected = new if expected_replaced else old
+    assert stored["result"] == expected.value
+    assert stored["receipt_time"] == (new_time if expected_replaced else base)
+    if old in FINAL_RESULTS and new not in FINAL_RESULTS:
+        assert stored["result"] == old.value
+
+
+def test_a_failed_poll_keeps_the_error_and_reschedules() -> None:
+    _track({"account_id": 1, "session_no": "s"})
+    now = T0 + POLICY.first_delay
+    claim = _claim(1, now)
+    assert claim is not None
+    targets = _start(claim, now)
+    with db.session_scope() as session:
+        store.record_failure(session, targets=targets, error="HTTP 500", now=now, policy=POLICY,
+                             rng=random.Random(2))
+    row = _sessions()["s"]
+    assert row["last_error"] == "HTTP 500"
+    assert row["state"] == "pending" and row["poll_count"] == 1
+    assert now + POLICY.interval_min <= row["next_poll_at"] <= now + POLICY.interval_max
+    # The next good answer clears it.
+    later = row["next_poll_at"]
+    claim = _claim(1, later)
+    assert claim is not None
+    _answer(_start(claim, later), [], later)
+    assert _sessions()["s"]["last_error"] is None
+
+
+# --- escalation -----------------------------------------------------------------------------
+
+
+def test_escalation_happens_once_with_what_support_needs() -> None:
+    _track({"account_id": 1, "session_no": "s", "phones": ["1234567", "7654321"]})
+    _track({"account_id": 1, "session_no": "fresh"}, now=T0)
+    now = T0 + POLICY.first_delay
+    _poll_with("s", [_receipt("s", "1234567", Result.UNKNOW, now), _receipt("s", "7654321", Result.SUCCESS, now)], now)
+    cutoff = T0 + POLICY.cutoff
+    with db.session_scope() as session:
+        assert store.escalate_due(session, now=cutoff - timedelta(seconds=1), policy=POLICY) == []
+    with db.session_scope() as session:
+        escalated = store.escalate_due(session, now=cutoff, policy=POLICY)
+    with db.session_scope() as session:
+        assert store.escalate_due(session, now=cutoff + timedelta(hours=1), policy=POLICY) == []
+    assert [e.session_no for e in escalated] == ["s", "fresh"]
+    row = _sessions()["s"]
+    assert row["state"] == "escalated" and row["escalated_at"] == cutoff
+    assert row["next_poll_at"] is None
+    assert row["escalation_detail"] == {
+        "phones": [{"phone": "1234567", "last_result": "Unknow"}],
+        "poll_count": 1,
+        "last_error": None,
+    }
+
+
+def test_a_late_answer_resolves_an_escalated_session_and_keeps_escalated_at() -> None:
+    _track({"account_id": 1, "session_no": "s", "phones": ["1234567"]})
+    now = T0 + POLICY.cutoff - timedelta(seconds=1)
+    claim = _claim(1, now)
+    assert claim is not None
+    targets = _start(claim, now)
+    cutoff = T0 + POLICY.cutoff
+    with db.session_scope() as session:
+        store.escalate_due(session, now=cutoff, policy=POLICY)
+    _answer(targets, [_receipt("s", "1234567", Result.SUCCESS, now)], cutoff + timedelta(seconds=1))
+    row = _sessions()["s"]
+    assert row["state"] == "resolved"
+    assert row["escalated_at"] == cutoff
+    assert row["resolved_at"] == cutoff + timedelta(seconds=1)
