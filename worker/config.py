@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     api_connect_timeout: Duration = timedelta(seconds=3.05)
     api_read_timeout: Duration = timedelta(seconds=10)
     api_max_attempts: int = Field(default=3, ge=1, le=10)
+    # One poll stops retrying the API after this; with the timeouts it bounds how long a
+    # poll can be in flight, which is how long its sessions are held against a second poll.
+    poll_budget: Duration = timedelta(seconds=60)
 
     # --- the poll schedule
     first_poll_delay: Duration = timedelta(seconds=300)
@@ -154,6 +157,18 @@ class Settings(BaseSettings):
     @property
     def lease(self) -> timedelta:
         return self.claim_lease or max(self.poll_interval_min, self.tick * 4)
+
+    @property
+    def poll_in_flight(self) -> timedelta:
+        """How long a started poll holds its sessions: its last attempt starts within the
+        budget and ends within the timeouts; a crashed poll's sessions come back after it,
+        still ``interval_min`` after anything the lost poll may have sent."""
+        return (
+            self.poll_budget
+            + self.api_connect_timeout
+            + self.api_read_timeout
+            + self.poll_interval_min
+        )
 
     def missing_api_credentials(self) -> str | None:
         """Why this configuration cannot poll, or None. Checked when a worker starts, not by

@@ -118,11 +118,16 @@ def poll(
     clock: Clock,
     policy: PollPolicy,
     rng: random.Random,
+    budget: timedelta,
+    in_flight: timedelta,
 ) -> PollReport:
     """Poll one claimed batch: start it (the single place that enforces the timing rules),
     ask the API, record the answer or the failure. The API call runs outside any transaction."""
+    started = clock()
     with session_factory() as session:
-        targets = store.start_poll(session, claim=claim, now=clock(), policy=policy)
+        targets = store.start_poll(
+            session, claim=claim, now=started, policy=policy, busy_until=started + in_flight
+        )
     if not targets:
         return PollReport(polled=0, api_calls=0, receipts_written=0, resolved=0, failed=0)
     counts = {"api_calls": 0, "receipts_written": 0, "resolved": 0, "failed": 0}
@@ -134,6 +139,7 @@ def poll(
         clock=clock,
         policy=policy,
         rng=rng,
+        give_up_at=started + budget,
     )
     return PollReport(polled=len(targets), **counts)
 
@@ -147,10 +153,12 @@ def _poll_targets(
     clock: Clock,
     policy: PollPolicy,
     rng: random.Random,
+    give_up_at: datetime,
 ) -> None:
     account_id = targets[0].account_id
-    # No attempt may start once the earliest cutoff in the batch has passed.
-    deadline = min(policy.cutoff_at(t.sent_at) for t in targets).timestamp()
+    # No attempt may start once the poll's budget is spent or the earliest cutoff in the
+    # batch has passed.
+    deadline = min(give_up_at, *(policy.cutoff_at(t.sent_at) for t in targets)).timestamp()
     counts["api_calls"] += 1
     try:
         batch = client.get_send_receipts(
@@ -170,6 +178,7 @@ def _poll_targets(
                     clock=clock,
                     policy=policy,
                     rng=rng,
+                    give_up_at=give_up_at,
                 )
             return
         _record_failure(targets, f"refused by the API: {exc}", counts, session_factory, clock, policy, rng)

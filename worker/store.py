@@ -139,15 +139,16 @@ def claim_batch(
 
 
 def start_poll(
-    session: Session, *, claim: Claim, now: datetime, policy: PollPolicy
+    session: Session, *, claim: Claim, now: datetime, policy: PollPolicy, busy_until: datetime
 ) -> list[PollTarget]:
     """Turn a claim into a poll about to be sent, for the sessions that may still be polled.
 
     This is the one place that decides a poll happens, in one statement, so the rules hold
     however the task got here (redelivered, duplicated, late): the claim token must still be
     ours, the session pending, ``now`` inside ``[first poll, cutoff)`` and at least
-    ``interval_min`` after the previous poll. Until the answer is recorded the session stays
-    scheduled ``interval_min`` ahead, so a crash between here and there loses nothing.
+    ``interval_min`` after the previous answer. Until the answer is recorded the session is
+    held until ``busy_until`` (the longest a poll can be in flight, plus ``interval_min``), so
+    a slow poll is never overtaken by a second one and a crashed poll loses nothing.
     """
     statement = (
         sa.update(S)
@@ -163,7 +164,7 @@ def start_poll(
             claim_token=None,
             last_polled_at=now,
             poll_count=S.c.poll_count + 1,
-            next_poll_at=now + policy.interval_min,
+            next_poll_at=busy_until,
             updated_at=now,
         )
         .returning(S.c.id, S.c.account_id, S.c.session_no, S.c.phones, S.c.sent_at)
@@ -304,8 +305,8 @@ def record_answer(
     policy: PollPolicy,
     rng: random.Random,
 ) -> PollOutcome:
-    """Store an API answer: upsert receipts, resolve the sessions that now qualify, and
-    reschedule the rest ``interval_min``…``interval_max`` after their poll started.
+    """Store an API answer received at ``now``: upsert receipts, resolve the sessions that now
+    qualify, and reschedule the rest ``interval_min``…``interval_max`` after this answer.
 
     A session escalated while its poll was in flight still gets its receipts, and becomes
     resolved (keeping ``escalated_at``) if they settle it; it is not rescheduled.
@@ -325,7 +326,7 @@ def record_answer(
             resolved.append({"_id": target.id, "_error": error})
             resolved_nos.append(target.session_no)
         else:
-            next_at = policy.next_poll_at(target.sent_at, target.polled_at, rng)
+            next_at = policy.next_poll_at(target.sent_at, now, rng)
             rescheduled.append({"_id": target.id, "_next": next_at, "_error": error})
     bp = sa.bindparam
     _bulk_update(
@@ -334,6 +335,7 @@ def record_answer(
         state=sa.case((S.c.state != RESOLVED, RESOLVED), else_=S.c.state),
         resolved_at=sa.case((S.c.state != RESOLVED, now), else_=S.c.resolved_at),
         next_poll_at=None,
+        last_polled_at=now,
         claim_token=None,
         last_error=bp("_error"),
         updated_at=now,
@@ -344,6 +346,7 @@ def record_answer(
         next_poll_at=sa.case(
             (S.c.state == PENDING, bp("_next", type_=S.c.next_poll_at.type)), else_=S.c.next_poll_at
         ),
+        last_polled_at=now,
         last_error=bp("_error"),
         updated_at=now,
     )
@@ -363,10 +366,9 @@ def record_failure(
     policy: PollPolicy,
     rng: random.Random,
 ) -> None:
-    """A poll that got no usable answer: keep the error, try again in the normal window."""
-    updates = [
-        {"_id": t.id, "_next": policy.next_poll_at(t.sent_at, t.polled_at, rng)} for t in targets
-    ]
+    """A poll that got no usable answer by ``now``: keep the error, try again in the normal
+    window after ``now`` (a failed attempt may still have reached the API)."""
+    updates = [{"_id": t.id, "_next": policy.next_poll_at(t.sent_at, now, rng)} for t in targets]
     _bulk_update(
         session,
         updates,
@@ -374,6 +376,7 @@ def record_failure(
             (S.c.state == PENDING, sa.bindparam("_next", type_=S.c.next_poll_at.type)),
             else_=S.c.next_poll_at,
         ),
+        last_polled_at=now,
         last_error=error,
         updated_at=now,
     )

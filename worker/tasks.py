@@ -99,6 +99,8 @@ def poll(account_id: Any, session_ids: Any, token: Any) -> dict[str, int]:
         clock=utcnow,
         policy=settings.poll_policy(),
         rng=_rng,
+        budget=settings.poll_budget,
+        in_flight=settings.poll_in_flight,
     )
     return {"polled": report.polled, "resolved": report.resolved, "failed": report.failed}
 

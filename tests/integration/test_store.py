@@ -26,6 +26,7 @@ POLICY = PollPolicy(
     cutoff=timedelta(hours=12),
 )
 LEASE = timedelta(minutes=5)
+IN_FLIGHT = timedelta(minutes=7)
 
 pytestmark = pytest.mark.usefixtures("database")
 
@@ -60,7 +61,9 @@ def _claim(account_id: int, now: datetime, limit: int = 100) -> store.Claim | No
 
 def _start(claim: store.Claim, now: datetime) -> list[store.PollTarget]:
     with db.session_scope() as session:
-        return store.start_poll(session, claim=claim, now=now, policy=POLICY)
+        return store.start_poll(
+            session, claim=claim, now=now, policy=POLICY, busy_until=now + IN_FLIGHT
+        )
 
 
 def _receipt(session_no: str, phone: str, result: Result, at: datetime | None) -> Receipt:

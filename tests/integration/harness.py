@@ -1,0 +1,91 @@
+"""Real worker and beat processes for end-to-end tests, started as an operator would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import redis
+
+
+def flush_redis(url: str) -> None:
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+
+
+class Processes:
+    """Subprocesses of ``python -m worker.cli ...`` sharing one environment and log folder."""
+
+    def __init__(self, env: Mapping[str, str], folder: Path) -> None:
+        # The processes import the code under test, installed or not.
+        root = str(Path(__file__).resolve().parents[2])
+        path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+        self.env = {**os.environ, **env, "PYTHONPATH": path}
+        self.folder = folder
+        self.running: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        with (self.folder / f"{name}.log").open("ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "worker.cli", *args],
+                env=self.env,
+                cwd=self.folder,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # so that a kill reaches the pool children too
+            )
+        self.running.append((name, process))
+        return process
+
+    def worker(self, name: str = "worker", concurrency: int = 2) -> subprocess.Popen[bytes]:
+        return self.start(name, "worker", "--concurrency", str(concurrency), "--hostname", f"{name}@%h")
+
+    def beat(self, name: str = "beat") -> subprocess.Popen[bytes]:
+        return self.start(name, "beat", "--schedule", str(self.folder / f"{name}-schedule"))
+
+    def stop(self, process: subprocess.Popen[bytes], *, kill: bool = False, timeout: float = 15) -> None:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(5)
+
+    def stop_all(self) -> None:
+        for _, process in self.running:
+            self.stop(process)
+
+    def logs(self) -> str:
+        parts = []
+        for path in sorted(self.folder.glob("*.log")):
+            text = path.read_text(errors="replace")
+            parts.append(f"===== {path.name} (last 4000 chars)\n{text[-4000:]}")
+        return "\n".join(parts)
+
+
+@contextmanager
+def processes(env: Mapping[str, str], folder: Path) -> Iterator[Processes]:
+    group = Processes(env, folder)
+    try:
+        yield group
+    finally:
+        group.stop_all()
+
+
+def wait_for(condition: Callable[[], bool], *, timeout: float, interval: float = 0.25,
+             describe: Callable[[], str] = lambda: "") -> None:
+    """Poll ``condition`` until true; fail with ``describe()`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s: {describe()}")

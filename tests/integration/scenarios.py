@@ -1,0 +1,110 @@
+"""What the worker must end up with, worked out independently from the simulator's scenario
+timelines and the calls it actually answered (so the expectation is exact even when faults
+made some polls fail)."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.domain import phone_key
+
+FINAL = {"Success", "Fail", "SubmitFail"}
+
+# Visible result per phone at ``t`` steps after sending, for each scenario (None: no receipt).
+# Mirrors the scenario list in worker/simulator.py's docstring, written out by hand.
+def visible(scenario: str, phone_index: int, phone_count: int, t: float) -> str | None:
+    if t < 1 or scenario in ("never", "poison"):
+        return None
+    if scenario in ("quick_success", "respelled", "chinese"):
+        return "Success"
+    if scenario == "submit_fail":
+        return "SubmitFail"
+    if scenario == "slow_final":
+        return "Success" if t >= 4 else "Unknow"
+    if scenario == "late_failure":
+        return "Fail" if t >= 6 else "Unknow"
+    if scenario == "unknow_forever":
+        return "Unknow"
+    if scenario == "silent_phone":
+        return None if phone_index == phone_count - 1 else "Success"
+    if scenario == "stale_unknow":
+        return "Success" if t < 3 else "Unknow"
+    raise ValueError(scenario)
+
+
+@dataclass
+class Planned:
+    account_id: int
+    session_no: str
+    scenario: str
+    sim_phones: list[str]
+    tracked_phones: list[str]
+    sent_at: float = 0.0
+    calls: list[float] = field(default_factory=list)  # answered poll times (unix)
+
+
+def plan(count: int, accounts: int, seed: int = 1) -> list[Planned]:
+    """Sessions of every kind: the scenarios, some tracked without phones, a tracked phone the
+    API never reports, phones spelled as Uspeedo takes them."""
+    rng = random.Random(seed)
+    kinds = [
+        "quick_success", "slow_final", "late_failure", "unknow_forever", "never", "submit_fail",
+        "silent_phone", "respelled", "stale_unknow", "chinese",
+    ]
+    planned = []
+    for i in range(count):
+        scenario = "poison" if i in (7, count // 2) else kinds[i % len(kinds)]
+        phones = [f"(852)5{i:05d}{k:02d}" for k in range(rng.randint(1, 3))]
+        tracked = list(phones)
+        if scenario == "stale_unknow":
+            # An extra tracked phone that never reports keeps the session polling after its
+            # Success, so the stale Unknow that follows really reaches the worker.
+            tracked.append(f"(852)6{i:05d}99")
+        elif i % 4 == 3:
+            tracked = []
+        planned.append(
+            Planned(
+                account_id=1 + i % accounts,
+                session_no=f"{scenario}-{i:04d}",
+                scenario=scenario,
+                sim_phones=phones,
+                tracked_phones=tracked,
+            )
+        )
+    return planned
+
+
+def expected_outcome(p: Planned, step: float) -> tuple[str, dict[str, str]]:
+    """(state, {phone_key: stored result}) after the answered polls in ``p.calls``.
+
+    Each phone of a scenario has at most one final result, and a final result is never
+    replaced; otherwise the latest answer stands.
+    """
+    stored: dict[str, str] = {}
+    tracked = {phone_key(x) for x in p.tracked_phones}
+    for call in sorted(p.calls):
+        t = (call - p.sent_at) / step
+        for index, phone in enumerate(p.sim_phones):
+            result = visible(p.scenario, index, len(p.sim_phones), t)
+            key = phone_key(phone)
+            if result is not None and stored.get(key) not in FINAL:
+                stored[key] = result
+        if tracked:
+            resolved = all(stored.get(k) in FINAL for k in tracked)
+        else:
+            resolved = bool(stored) and all(r in FINAL for r in stored.values())
+        if resolved:
+            return "resolved", stored
+    return "escalated", stored
+
+
+def answered_calls(calls: list[dict[str, Any]]) -> dict[str, list[float]]:
+    by_session: dict[str, list[float]] = defaultdict(list)
+    for call in calls:
+        if call["action"] == "GetUSMSSendReceipt" and call["outcome"] in ("ok", "string_receipt_time", "extra_sessions"):
+            for session_no in call["session_nos"]:
+                by_session[session_no].append(call["t"])
+    return by_session

@@ -1,0 +1,540 @@
+"""Settings from RECEIPTS_* variables (CONTRACT.md, "Settings"): defaults, durations, and errors
+that name the variable and never show a secret. Each test starts from an environment without any
+RECEIPTS_* variable (RECEIPTS_TEST_* excepted) and calls load_settings() directly."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from worker.config import (
+    DEFAULT_API_URL,
+    Settings,
+    SettingsError,
+    is_loopback_url,
+    load_settings,
+    parse_duration,
+)
+
+DB_VAR, DB_ATTR = "RECEIPTS_DATABASE_URL", "database_url"
+WEBHOOK_VAR, WEBHOOK_ATTR = "RECEIPTS_ESCALATION_WEBHOOK_URL", "escalation_webhook_url"
+KEY_ID, KEY_SECRET = "RECEIPTS_ACCESS_KEY_ID", "RECEIPTS_ACCESS_KEY_SECRET"
+SECRET = "s3cr3t-KEY-never-shown-4242"
+WEBHOOK_SECRET = "hmac-S3CRET-never-shown-1717"
+
+
+def _clear_receipts_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("RECEIPTS_") and not key.startswith("RECEIPTS_TEST_"):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    _clear_receipts_env(monkeypatch)
+
+
+def _env(monkeypatch: pytest.MonkeyPatch, **values: str) -> None:
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+
+
+def _settings_error(monkeypatch: pytest.MonkeyPatch, **values: str) -> str:
+    _env(monkeypatch, **values)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    return str(info.value)
+
+
+# --- parse_duration --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("300", 300),
+        ("2.5", 2.5),
+        ("5m", 300),
+        ("12h", 43200),
+        ("1h30m", 5400),
+        ("500ms", 0.5),
+        ("30s", 30),
+        ("1d", 86400),
+        ("1h 30m", 5400),
+        (" 5M ", 300),
+        ("0.5s", 0.5),
+        ("1.5h", 5400),
+        (300, 300),
+        (2.5, 2.5),
+        (timedelta(minutes=7), 420),
+    ],
+)
+def test_parse_duration_accepts(value: Any, seconds: float) -> None:
+    assert parse_duration(value) == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        *["", "   ", "abc", "5x", "-1", "0", "0.0", "0s", "-5m", "nan", "inf", "-inf", "m"],
+        *["5m garbage", True, False, None, [300], b"300"],
+    ],
+)
+def test_parse_duration_refuses_with_a_clear_message(value: Any) -> None:
+    with pytest.raises(ValueError, match="duration") as info:
+        parse_duration(value)
+    if not isinstance(value, bool):
+        assert repr(value) in str(info.value)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=OverflowError,
+    reason=(
+        "BUG: parse_duration raises OverflowError, not ValueError, for finite durations beyond "
+        "timedelta's range ('1e300', '1e15', '99999999999d', 10**400)"
+    ),
+)
+@pytest.mark.parametrize("value", ["1e300", "1e15", "99999999999d", 10**400])
+def test_parse_duration_refuses_huge_values_with_value_error(value: Any) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(value)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG: parse_duration returns timedelta(0) for positive values below a microsecond "
+        "('0.0000001', '0.0001ms'), and returns a zero or negative timedelta unchecked, although "
+        "'a duration must be positive'"
+    ),
+)
+@pytest.mark.parametrize(
+    "value", ["0.0000001", "0.0001ms", 1e-7, timedelta(0), timedelta(seconds=-5)]
+)
+def test_parse_duration_never_returns_a_non_positive_duration(value: Any) -> None:
+    try:
+        duration = parse_duration(value)
+    except ValueError:
+        return
+    assert duration > timedelta(0)
+
+
+# --- defaults and every variable -------------------------------------------------------------
+
+
+def test_defaults_match_the_contract() -> None:
+    s = load_settings()
+    assert s.database_url == "sqlite:///receipts.db"
+    assert s.broker_url is None  # the embedded broker
+    assert s.api_url == "https://api.uspeedo.com/api" == DEFAULT_API_URL
+    assert s.access_key_id is None
+    assert s.access_key_secret is None
+    assert s.first_poll_delay == timedelta(seconds=300)
+    assert s.poll_interval_min == timedelta(seconds=300)
+    assert s.poll_interval_max == timedelta(seconds=600)
+    assert s.cutoff == timedelta(seconds=43200)
+    assert s.tick == timedelta(seconds=30)
+    assert s.escalation_webhook_url is None
+    assert s.webhook_secret is None
+
+
+def test_default_poll_policy() -> None:
+    policy = load_settings().poll_policy()
+    assert policy.first_delay == timedelta(seconds=300)
+    assert policy.interval_min == timedelta(seconds=300)
+    assert policy.interval_max == timedelta(seconds=600)
+    assert policy.cutoff == timedelta(seconds=43200)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "attribute", "expected"),
+    [
+        (DB_VAR, "postgresql://u@127.0.0.1:5432/r", DB_ATTR, "postgresql://u@127.0.0.1:5432/r"),
+        (
+            DB_VAR,
+            "postgresql+psycopg://postgres@h/db",
+            DB_ATTR,
+            "postgresql+psycopg://postgres@h/db",
+        ),
+        (DB_VAR, "sqlite:////tmp/x.db", DB_ATTR, "sqlite:////tmp/x.db"),
+        (
+            "RECEIPTS_BROKER_URL",
+            "redis://127.0.0.1:6379/0",
+            "broker_url",
+            "redis://127.0.0.1:6379/0",
+        ),
+        ("RECEIPTS_API_URL", "http://127.0.0.1:8080/api", "api_url", "http://127.0.0.1:8080/api"),
+        ("RECEIPTS_ACCESS_KEY_ID", "AKID123", "access_key_id", "AKID123"),
+        ("RECEIPTS_FIRST_POLL_DELAY", "2", "first_poll_delay", timedelta(seconds=2)),
+        ("RECEIPTS_FIRST_POLL_DELAY", "10m", "first_poll_delay", timedelta(minutes=10)),
+        ("RECEIPTS_POLL_INTERVAL_MIN", "1", "poll_interval_min", timedelta(seconds=1)),
+        ("RECEIPTS_POLL_INTERVAL_MIN", "5m", "poll_interval_min", timedelta(minutes=5)),
+        ("RECEIPTS_POLL_INTERVAL_MAX", "900", "poll_interval_max", timedelta(seconds=900)),
+        ("RECEIPTS_POLL_INTERVAL_MAX", "1h", "poll_interval_max", timedelta(hours=1)),
+        ("RECEIPTS_CUTOFF", "24h", "cutoff", timedelta(hours=24)),
+        ("RECEIPTS_CUTOFF", "1h30m", "cutoff", timedelta(minutes=90)),
+        ("RECEIPTS_TICK", "0.5", "tick", timedelta(seconds=0.5)),
+        ("RECEIPTS_TICK", "500ms", "tick", timedelta(seconds=0.5)),
+        ("RECEIPTS_TICK", "2m", "tick", timedelta(minutes=2)),
+        (WEBHOOK_VAR, "https://hooks.example.com/x", WEBHOOK_ATTR, "https://hooks.example.com/x"),
+        (WEBHOOK_VAR, "", WEBHOOK_ATTR, None),
+    ],
+)
+def test_each_variable_is_read(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, attribute: str, expected: object
+) -> None:
+    monkeypatch.setenv(variable, value)
+    assert getattr(load_settings(), attribute) == expected
+
+
+def test_secrets_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    _env(
+        monkeypatch,
+        RECEIPTS_ACCESS_KEY_SECRET=SECRET,
+        RECEIPTS_WEBHOOK_SECRET=WEBHOOK_SECRET,
+    )
+    s = load_settings()
+    assert s.access_key_secret is not None
+    assert s.access_key_secret.get_secret_value() == SECRET
+    assert s.webhook_secret is not None
+    assert s.webhook_secret.get_secret_value() == WEBHOOK_SECRET
+
+
+def test_seconds_scale_timings_for_demos(monkeypatch: pytest.MonkeyPatch) -> None:
+    _env(
+        monkeypatch,
+        RECEIPTS_FIRST_POLL_DELAY="1",
+        RECEIPTS_POLL_INTERVAL_MIN="1",
+        RECEIPTS_POLL_INTERVAL_MAX="2",
+        RECEIPTS_CUTOFF="10",
+        RECEIPTS_TICK="0.5",
+    )
+    policy = load_settings().poll_policy()
+    assert (policy.first_delay, policy.interval_min, policy.interval_max, policy.cutoff) == (
+        timedelta(seconds=1),
+        timedelta(seconds=1),
+        timedelta(seconds=2),
+        timedelta(seconds=10),
+    )
+
+
+def test_equal_interval_min_and_max_are_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    _env(monkeypatch, RECEIPTS_POLL_INTERVAL_MIN="7m", RECEIPTS_POLL_INTERVAL_MAX="420")
+    s = load_settings()
+    assert s.poll_interval_min == s.poll_interval_max == timedelta(minutes=7)
+
+
+def test_overrides_take_precedence_over_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECEIPTS_TICK", "10")
+    assert load_settings(tick="5s").tick == timedelta(seconds=5)
+
+
+def test_settings_are_frozen() -> None:
+    s = load_settings()
+    with pytest.raises(ValueError, match="frozen"):
+        s.tick = timedelta(seconds=1)
+
+
+# --- lease -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "lease"),
+    [
+        ({}, timedelta(seconds=300)),  # max(interval_min 300, 4 * tick 30)
+        ({"RECEIPTS_TICK": "200"}, timedelta(seconds=800)),
+        ({"RECEIPTS_POLL_INTERVAL_MIN": "1", "RECEIPTS_TICK": "0.5"}, timedelta(seconds=2)),
+        ({"RECEIPTS_CLAIM_LEASE": "1000"}, timedelta(seconds=1000)),
+        ({"RECEIPTS_CLAIM_LEASE": "30", "RECEIPTS_TICK": "30"}, timedelta(seconds=30)),
+    ],
+)
+def test_lease(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], lease: timedelta) -> None:
+    _env(monkeypatch, **env)
+    assert load_settings().lease == lease
+
+
+def test_claim_lease_shorter_than_tick_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = _settings_error(monkeypatch, RECEIPTS_CLAIM_LEASE="10", RECEIPTS_TICK="30")
+    assert "RECEIPTS_CLAIM_LEASE" in message
+    assert "RECEIPTS_TICK" in message
+
+
+# --- errors name the variable ----------------------------------------------------------------
+
+
+def test_interval_min_above_max_names_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = _settings_error(
+        monkeypatch, RECEIPTS_POLL_INTERVAL_MIN="700", RECEIPTS_POLL_INTERVAL_MAX="600"
+    )
+    assert "RECEIPTS_POLL_INTERVAL_MIN" in message
+    assert "RECEIPTS_POLL_INTERVAL_MAX" in message
+    assert "700" in message
+    assert "600" in message
+
+
+def test_interval_min_above_default_max(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = _settings_error(monkeypatch, RECEIPTS_POLL_INTERVAL_MIN="11m")
+    assert "RECEIPTS_POLL_INTERVAL_MIN" in message
+
+
+@pytest.mark.parametrize("cutoff", ["300", "299", "1s"])
+def test_cutoff_not_after_first_poll_is_refused(
+    monkeypatch: pytest.MonkeyPatch, cutoff: str
+) -> None:
+    message = _settings_error(monkeypatch, RECEIPTS_CUTOFF=cutoff)
+    assert "RECEIPTS_CUTOFF" in message
+    assert "RECEIPTS_FIRST_POLL_DELAY" in message
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("RECEIPTS_API_URL", "ftp://x"),
+        ("RECEIPTS_API_URL", "not a url"),
+        ("RECEIPTS_API_URL", "https://"),
+        ("RECEIPTS_API_URL", "api.uspeedo.com/api"),
+        ("RECEIPTS_API_URL", ""),
+        ("RECEIPTS_ESCALATION_WEBHOOK_URL", "ftp://x"),
+        ("RECEIPTS_ESCALATION_WEBHOOK_URL", "not a url"),
+        ("RECEIPTS_ESCALATION_WEBHOOK_URL", "hooks.example.com/x"),
+        ("RECEIPTS_ESCALATION_WEBHOOK_URL", "http://"),
+        ("RECEIPTS_DATABASE_URL", "not a url"),
+        ("RECEIPTS_DATABASE_URL", "receipts.db"),
+        ("RECEIPTS_DATABASE_URL", ""),
+        ("RECEIPTS_BROKER_URL", "redis"),
+        ("RECEIPTS_BROKER_URL", "127.0.0.1:6379"),
+        ("RECEIPTS_TICK", "5x"),
+        ("RECEIPTS_TICK", "0"),
+        ("RECEIPTS_TICK", "-30"),
+        ("RECEIPTS_TICK", "abc"),
+        ("RECEIPTS_TICK", "nan"),
+        ("RECEIPTS_TICK", ""),
+        ("RECEIPTS_FIRST_POLL_DELAY", "soon"),
+        ("RECEIPTS_POLL_INTERVAL_MIN", "0"),
+        ("RECEIPTS_POLL_INTERVAL_MAX", "inf"),
+        ("RECEIPTS_CUTOFF", "12 hours"),
+        ("RECEIPTS_CLAIM_LEASE", "-1"),
+    ],
+)
+def test_settings_error_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    message = _settings_error(monkeypatch, **{variable: value})
+    assert f"{variable}:" in message
+    assert message.startswith("invalid settings")
+
+
+def test_url_errors_show_the_bad_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = _settings_error(monkeypatch, RECEIPTS_API_URL="ftp://x")
+    assert "'ftp://x'" in message
+    assert "http" in message
+
+
+def test_every_problem_is_reported_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = _settings_error(
+        monkeypatch,
+        RECEIPTS_TICK="5x",
+        RECEIPTS_API_URL="ftp://x",
+        RECEIPTS_DATABASE_URL="not a url",
+        RECEIPTS_BROKER_URL="redis",
+    )
+    for variable in (
+        "RECEIPTS_TICK",
+        "RECEIPTS_API_URL",
+        "RECEIPTS_DATABASE_URL",
+        "RECEIPTS_BROKER_URL",
+    ):
+        assert variable in message
+    assert len(message.splitlines()) == 5
+
+
+def test_settings_error_is_not_a_pydantic_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECEIPTS_TICK", "5x")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert info.value.__cause__ is None
+    assert info.value.__suppress_context__
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG: an empty RECEIPTS_BROKER_URL is refused ('not a broker URL ... ''') instead of "
+        "meaning the embedded broker; the validator's `return value or None` is unreachable for "
+        "'', while an empty RECEIPTS_ESCALATION_WEBHOOK_URL does mean none"
+    ),
+)
+def test_empty_broker_url_means_the_embedded_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECEIPTS_BROKER_URL", "")
+    assert load_settings().broker_url is None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=OverflowError,
+    reason=(
+        "BUG: load_settings raises OverflowError (from parse_duration), not SettingsError, when a "
+        "duration variable is beyond timedelta's range, e.g. RECEIPTS_TICK=1e300"
+    ),
+)
+@pytest.mark.parametrize("value", ["1e300", "1e15", "99999999999d"])
+def test_huge_duration_is_a_settings_error(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    _settings_error(monkeypatch, RECEIPTS_TICK=value)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG: RECEIPTS_POLL_INTERVAL_MIN/MAX=0.0000001 load as timedelta(0) without SettingsError; "
+        "Settings.poll_policy() then raises ValueError('interval_min must be positive') mid-run"
+    ),
+)
+def test_sub_microsecond_interval_is_a_settings_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    _env(
+        monkeypatch, RECEIPTS_POLL_INTERVAL_MIN="0.0000001", RECEIPTS_POLL_INTERVAL_MAX="0.0000001"
+    )
+    try:
+        s = load_settings()
+    except SettingsError:
+        return
+    s.poll_policy()
+
+
+_ENV_SAFE_TEXT = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=30
+)
+_DURATION_LIKE = st.from_regex(r"\A ?-?[0-9]{1,8}(\.[0-9]{1,3})? ?(ms|s|m|h|d|x)?\Z")
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=150)
+@given(text=_ENV_SAFE_TEXT | _DURATION_LIKE)
+@example(text="5m")
+@example(text="")
+@example(text="nan")
+@example(text="1h30m")
+def test_tick_from_arbitrary_text_loads_or_raises_settings_error(text: str) -> None:
+    # Huge values (OverflowError) are the known bug of test_huge_duration_is_a_settings_error;
+    # eight digits at most keep this test to everything else.
+    with pytest.MonkeyPatch.context() as mp:
+        _clear_receipts_env(mp)
+        mp.setenv("RECEIPTS_TICK", text)
+        error: str | None = None
+        try:
+            loaded = load_settings()
+        except SettingsError as exc:
+            error = str(exc)
+        if error is not None:
+            assert "RECEIPTS_TICK" in error
+        else:
+            assert isinstance(loaded, Settings)
+            assert loaded.tick >= timedelta(0)
+
+
+# --- credentials -----------------------------------------------------------------------------
+
+
+def test_missing_credentials_for_the_real_api_names_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = load_settings().missing_api_credentials()
+    assert message is not None
+    assert "RECEIPTS_ACCESS_KEY_ID" in message
+    assert "RECEIPTS_ACCESS_KEY_SECRET" in message
+    assert DEFAULT_API_URL in message
+    assert "receipts simulate" in message
+
+
+@pytest.mark.parametrize(
+    ("env", "missing", "present"),
+    [
+        ({KEY_ID: "AKID"}, KEY_SECRET, KEY_ID),
+        ({KEY_SECRET: SECRET}, KEY_ID, KEY_SECRET),
+        ({KEY_ID: "AKID", KEY_SECRET: ""}, KEY_SECRET, KEY_ID),
+        ({KEY_ID: "", KEY_SECRET: SECRET}, KEY_ID, KEY_SECRET),
+    ],
+)
+def test_missing_credentials_names_only_what_is_missing(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], missing: str, present: str
+) -> None:
+    _env(monkeypatch, **env)
+    message = load_settings().missing_api_credentials()
+    assert message is not None
+    assert missing in message
+    assert present not in message
+    assert SECRET not in message
+
+
+def test_no_missing_credentials_when_both_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    _env(monkeypatch, RECEIPTS_ACCESS_KEY_ID="AKID", RECEIPTS_ACCESS_KEY_SECRET=SECRET)
+    assert load_settings().missing_api_credentials() is None
+
+
+def test_missing_credentials_for_a_loopback_api_has_no_simulate_hint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RECEIPTS_API_URL", "http://127.0.0.1:9000/api")
+    message = load_settings().missing_api_credentials()
+    assert message is not None
+    assert "RECEIPTS_ACCESS_KEY_ID" in message
+    assert "receipts simulate" not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "loopback"),
+    [
+        ("http://localhost:8000/api", True),
+        ("http://127.0.0.1:8000/api", True),
+        ("http://127.8.9.10/api", True),
+        ("http://[::1]:8000/api", True),
+        ("https://api.uspeedo.com/api", False),
+        ("http://10.0.0.1/api", False),
+        ("http://localhost.example.com/api", False),
+        ("http://[::2]/api", False),
+        ("not a url", False),
+        ("", False),
+    ],
+)
+def test_is_loopback_url(url: str, loopback: bool) -> None:
+    assert is_loopback_url(url) is loopback
+
+
+# --- secrets never shown ---------------------------------------------------------------------
+
+
+def test_secrets_never_appear_in_repr_or_str(monkeypatch: pytest.MonkeyPatch) -> None:
+    _env(
+        monkeypatch,
+        RECEIPTS_ACCESS_KEY_ID="AKID",
+        RECEIPTS_ACCESS_KEY_SECRET=SECRET,
+        RECEIPTS_WEBHOOK_SECRET=WEBHOOK_SECRET,
+    )
+    s = load_settings()
+    for text in (repr(s), str(s), repr(s.model_dump()), s.model_dump_json()):
+        assert SECRET not in text
+        assert WEBHOOK_SECRET not in text
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"RECEIPTS_TICK": "5x"},
+        {"RECEIPTS_API_URL": "ftp://x"},
+        {"RECEIPTS_POLL_INTERVAL_MIN": "700", "RECEIPTS_POLL_INTERVAL_MAX": "600"},
+        {"RECEIPTS_API_MAX_ATTEMPTS": "zero"},
+    ],
+)
+def test_secrets_never_appear_in_settings_errors(
+    monkeypatch: pytest.MonkeyPatch, bad: dict[str, str]
+) -> None:
+    message = _settings_error(
+        monkeypatch,
+        RECEIPTS_ACCESS_KEY_SECRET=SECRET,
+        RECEIPTS_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        **bad,
+    )
+    assert SECRET not in message
+    assert WEBHOOK_SECRET not in message
