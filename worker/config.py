@@ -4,13 +4,21 @@ start-up, so that a mistake is reported once, clearly, instead of surfacing mid-
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from datetime import timedelta
 from functools import lru_cache
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.schedule import PollPolicy
@@ -22,29 +30,41 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 def parse_duration(value: Any) -> timedelta:
     """Plain seconds (``300``, ``2.5``) or unit forms (``5m``, ``12h``, ``1h30m``, ``500ms``)."""
     if isinstance(value, timedelta):
+        if value <= timedelta(0):
+            raise ValueError(f"{value!r}: a duration must be positive")
         return value
-    if isinstance(value, bool):
-        raise ValueError("a duration is a number of seconds or a form like 5m, 12h")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip().lower()
-        try:
-            seconds = float(text)
-        except ValueError:
-            parts = _DURATION_PART.findall(text)
-            if not parts or _DURATION_PART.sub("", text).strip():
-                raise ValueError(
-                    f"{value!r} is not a duration: use seconds (300) or a form like 5m, 12h, 1h30m"
-                ) from None
-            seconds = sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
-    else:
-        raise ValueError(f"{value!r} is not a duration")
-    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+    seconds = _seconds(value)
+    if not math.isfinite(seconds):
         raise ValueError(f"{value!r} is not a finite duration")
     if seconds <= 0:
         raise ValueError(f"{value!r}: a duration must be positive")
-    return timedelta(seconds=seconds)
+    try:
+        duration = timedelta(seconds=seconds)
+    except OverflowError:
+        raise ValueError(f"{value!r} is too long a duration") from None
+    if duration <= timedelta(0):
+        raise ValueError(f"{value!r} is shorter than a microsecond")
+    return duration
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"{value!r} is not a duration: use seconds (300) or a form like 5m, 12h")
+    if not isinstance(value, str):
+        try:
+            return float(value)
+        except OverflowError:
+            raise ValueError(f"{value!r} is too long a duration") from None
+    text = value.strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        parts = _DURATION_PART.findall(text)
+        if not parts or _DURATION_PART.sub("", text).strip():
+            raise ValueError(
+                f"{value!r} is not a duration: use seconds (300) or a form like 5m, 12h, 1h30m"
+            ) from None
+        return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
@@ -126,9 +146,11 @@ class Settings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _broker_url(cls, value: str | None) -> str | None:
-        if value is not None and "://" not in value:
+        if not value:
+            return None  # unset or empty: the embedded broker
+        if "://" not in value:
             raise ValueError(f"not a broker URL (e.g. redis://127.0.0.1:6379/0): {value!r}")
-        return value or None
+        return value
 
     @field_validator("api_url")
     @classmethod

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import TypeVar
 
 
 class Result(enum.StrEnum):
@@ -32,6 +33,10 @@ _RESULT_ALIASES: dict[str, Result] = {
     "状态未知": Result.UNKNOW,
     "提交失败": Result.SUBMIT_FAIL,
 }
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+T = TypeVar("T")
 
 
 class SessionState(enum.StrEnum):
@@ -97,11 +102,25 @@ def should_replace(old: ReceiptVersion | None, new: ReceiptVersion) -> bool:
 
 
 def pick_latest(versions: Iterable[ReceiptVersion]) -> ReceiptVersion:
-    """The version that wins among several answers for one phone (e.g. duplicates in one response)."""
-    winner: ReceiptVersion | None = None
-    for version in versions:
-        if should_replace(winner, version):
-            winner = version
+    """The version that wins among several answers for one phone (e.g. repeats in one answer)."""
+    return pick_latest_by(versions, lambda version: version)
+
+
+def pick_latest_by(items: Iterable[T], version: Callable[[T], ReceiptVersion]) -> T:
+    """The item whose receipt version wins under :func:`should_replace`.
+
+    Items are folded in a canonical order (by time, then result), so that a tie between two
+    contradicting answers is decided the same way whatever order they arrived in.
+    """
+
+    def order(item: T) -> tuple[bool, datetime, str]:
+        v = version(item)
+        return (v.receipt_time is not None, v.receipt_time or _EPOCH, v.result)
+
+    winner: T | None = None
+    for item in sorted(items, key=order):
+        if winner is None or should_replace(version(winner), version(item)):
+            winner = item
     if winner is None:
         raise ValueError("pick_latest needs at least one version")
     return winner

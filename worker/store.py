@@ -24,7 +24,7 @@ from worker.domain import (
     SessionState,
     is_resolved,
     phone_key,
-    should_replace,
+    pick_latest_by,
     unresolved_phones,
 )
 from worker.models import receipts_table, sessions_table
@@ -181,7 +181,9 @@ def _receipt_guard(existing: Any, incoming: Any) -> sa.ColumnElement[bool]:
     """SQL twin of :func:`worker.domain.should_replace`, evaluated against the stored row, so
     that the rule holds even against a writer we did not see (tests prove the two agree)."""
     # Inline constants rather than bound lists: executemany cannot expand IN parameters.
-    finals = [sa.literal_column(f"'{r.value}'") for r in sorted(FINAL_RESULTS)]
+    finals: list[sa.ColumnElement[str]] = [
+        sa.literal_column(f"'{r.value}'") for r in sorted(FINAL_RESULTS)
+    ]
     old_final = existing.result.in_(finals)
     new_final = incoming.result.in_(finals)
     newer_or_unknown = sa.not_(
@@ -208,31 +210,30 @@ def receipt_rows(
     tracked_spelling = {
         (t.session_no, phone_key(phone)): phone for t in targets for phone in t.phones
     }
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    candidates: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for receipt in receipts:
         target = by_session.get(receipt.session_no)
         key = phone_key(receipt.phone)
         if target is None or not key:
             continue
-        row = {
-            "account_id": target.account_id,
-            "session_no": receipt.session_no,
-            "phone": tracked_spelling.get((receipt.session_no, key), receipt.phone),
-            "phone_key": key,
-            "result": receipt.result.value,
-            "receipt_code": receipt.receipt_code,
-            "receipt_desc": receipt.receipt_desc,
-            "receipt_time": receipt.receipt_time,
-            "cost_count": receipt.cost_count,
-            "user_id": receipt.user_id,
-            "country_code": receipt.country_code,
-            "first_seen_at": now,
-            "updated_at": now,
-        }
-        previous = rows.get((receipt.session_no, key))
-        if previous is None or should_replace(_version(previous), _version(row)):
-            rows[(receipt.session_no, key)] = row
-    return list(rows.values())
+        candidates[(receipt.session_no, key)].append(
+            {
+                "account_id": target.account_id,
+                "session_no": receipt.session_no,
+                "phone": tracked_spelling.get((receipt.session_no, key), receipt.phone),
+                "phone_key": key,
+                "result": receipt.result.value,
+                "receipt_code": receipt.receipt_code,
+                "receipt_desc": receipt.receipt_desc,
+                "receipt_time": receipt.receipt_time,
+                "cost_count": receipt.cost_count,
+                "user_id": receipt.user_id,
+                "country_code": receipt.country_code,
+                "first_seen_at": now,
+                "updated_at": now,
+            }
+        )
+    return [pick_latest_by(rows, _version) for rows in candidates.values()]
 
 
 def _version(row: Mapping[str, Any]) -> ReceiptVersion:

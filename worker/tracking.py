@@ -89,7 +89,9 @@ def parse_session_no(value: Any) -> str:
     if not text:
         raise ValueError("session_no is empty")
     if len(text) > MAX_SESSION_NO_LENGTH:
-        raise ValueError(f"session_no is {len(text)} characters long (at most {MAX_SESSION_NO_LENGTH})")
+        raise ValueError(
+            f"session_no is {len(text)} characters long (at most {MAX_SESSION_NO_LENGTH})"
+        )
     if not _SESSION_NO.fullmatch(text):
         raise ValueError(f"session_no {text!r} must be printable ASCII without spaces")
     return text
@@ -101,7 +103,9 @@ def parse_phones(value: Any) -> tuple[str, ...]:
         return ()
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, Iterable) or isinstance(items, bytes | Mapping):
-        raise ValueError(f"phones must be a list of strings or a comma-separated string, got {value!r}")
+        raise ValueError(
+            f"phones must be a list of strings or a comma-separated string, got {value!r}"
+        )
     phones: list[str] = []
     seen: set[str] = set()
     for item in items:
@@ -134,9 +138,13 @@ def parse_sent_at(value: Any, *, now: datetime) -> datetime:
         raise ValueError(f"sent_at must be an ISO 8601 string or a datetime, got {value!r}")
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"sent_at {value.isoformat()} has no UTC offset (e.g. +00:00)")
-    if value > now + FUTURE_TOLERANCE:
+    try:
+        in_utc = value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"sent_at {value.isoformat()} is out of range") from None
+    if in_utc > now + FUTURE_TOLERANCE:
         raise ValueError(f"sent_at {value.isoformat()} is in the future")
-    return value.astimezone(UTC)
+    return in_utc
 
 
 def parse_user_ref(value: Any) -> str | None:
@@ -316,7 +324,9 @@ def _merge_existing(
             result.unchanged += 1
             continue
         result.updated += 1
-        gained_phones = {phone_key(p) for p in combined.phones} - {phone_key(p) for p in stored.phones}
+        gained_phones = {phone_key(p) for p in combined.phones} - {
+            phone_key(p) for p in stored.phones
+        }
         reopen = row.state == SessionState.RESOLVED and bool(gained_phones)
         updates.append(
             {

@@ -271,20 +271,47 @@ def test_pick_latest_same_final_result_is_order_independent_whatever_the_times(
     assert pick_latest(versions).result == pick_latest(shuffled).result == result
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: pick_latest depends on the order of its input for final receipts whose times tie "
-        "or are unknown: should_replace lets the later-listed one win, so Success@t,Fail@t gives "
-        "Fail but Fail@t,Success@t gives Success (same with one time None)"
-    ),
-)
+_ANY_TIME = st.none() | st.integers(-3, 3).map(lambda s: T0 + s * SECOND)
+
+
+@given(st.data())
+def test_pick_latest_final_receipts_order_independent_whatever_the_times(
+    data: st.DataObject,
+) -> None:
+    # Contradicting finals with tied or unknown times: the same winner in every order.
+    versions = data.draw(
+        st.lists(
+            st.builds(ReceiptVersion, result=st.sampled_from(FINALS), receipt_time=_ANY_TIME),
+            min_size=1,
+            max_size=6,
+        )
+    )
+    shuffled = data.draw(st.permutations(versions))
+    assert pick_latest(shuffled) == pick_latest(versions)
+
+
+@given(st.data())
+def test_pick_latest_any_receipts_order_independent(data: st.DataObject) -> None:
+    versions = data.draw(
+        st.lists(
+            st.builds(ReceiptVersion, result=st.sampled_from(ALL_RESULTS), receipt_time=_ANY_TIME),
+            min_size=1,
+            max_size=6,
+        )
+    )
+    shuffled = data.draw(st.permutations(versions))
+    winner = pick_latest(versions)
+    assert pick_latest(shuffled) == winner
+    # The winner is final exactly when some answer was final.
+    assert is_final(winner.result) is any(is_final(v.result) for v in versions)
+
+
 @pytest.mark.parametrize(
     "times",
     [(T0, T0), (None, T0), (T0, None), (None, None)],
     ids=["tie", "none-first", "none-second", "both-none"],
 )
-def test_pick_latest_final_receipts_order_independent_with_tied_or_unknown_times(
+def test_pick_latest_contradicting_finals_with_tied_or_unknown_times(
     times: tuple[datetime | None, datetime | None],
 ) -> None:
     success = ReceiptVersion(result="Success", receipt_time=times[0])
