@@ -7,11 +7,14 @@ import json
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import click
 
 from worker.config import Settings, SettingsError, get_settings
+
+if TYPE_CHECKING:
+    from worker.tracking import TrackRequest
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -46,13 +49,16 @@ def migrate() -> None:
 CSV_COLUMNS = ("account_id", "session_no", "phones", "sent_at")
 
 
-def _csv_rows(handle: TextIO) -> Iterator[dict[str, Any]]:
+def _csv_rows(handle: TextIO) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Rows with their line numbers as a spreadsheet shows them (header = line 1); blank
+    lines, which the reader skips, still count."""
     reader = csv.DictReader(handle)
     header = reader.fieldnames or []
     missing = [c for c in ("account_id", "session_no") if c not in header]
     if missing:
         raise click.UsageError(
-            f"CSV header must name the columns {', '.join(CSV_COLUMNS)}; missing {', '.join(missing)}"
+            f"CSV header must name the columns {', '.join(CSV_COLUMNS)}; "
+            f"missing {', '.join(missing)}"
         )
     unknown = [c for c in header if c not in (*CSV_COLUMNS, "user_ref")]
     if unknown:
@@ -60,11 +66,28 @@ def _csv_rows(handle: TextIO) -> Iterator[dict[str, Any]]:
     for row in reader:
         # DictReader files surplus fields under the key None; keep them so that the row is
         # refused as having an unknown field instead of being silently truncated.
-        extra = row.pop(None, None)  # type: ignore[call-overload]
+        extra = row.pop(None, None)
         cleaned: dict[str, Any] = {k: (v if v is not None else "") for k, v in row.items()}
         if extra:
             cleaned["extra_fields"] = extra
-        yield cleaned
+        yield reader.line_num, cleaned
+
+
+def _csv_requests(handle: TextIO) -> list[TrackRequest]:
+    """Validated row by row, so that each error names the row's own line in the file."""
+    from worker.tracking import TrackError, parse_requests
+
+    now = datetime.now(UTC)
+    requests: list[TrackRequest] = []
+    problems: list[str] = []
+    for line, row in _csv_rows(handle):
+        try:
+            requests += parse_requests([row], now=now, label="CSV line", first_number=line)
+        except TrackError as exc:
+            problems += exc.problems
+    if problems:
+        _fail(str(TrackError(problems, valid_rows=len(requests))))
+    return requests
 
 
 @main.command()
@@ -95,13 +118,12 @@ def track(
     from worker.tracking import TrackError
 
     _settings()
-    rows: list[dict[str, Any]]
+    rows: list[dict[str, Any]] | list[TrackRequest]
+    label, first_number = "SESSION_NO", 1
     if csv_file is not None:
         if session_nos:
             raise click.UsageError("give SESSION_NO arguments or --csv, not both")
-        rows = list(_csv_rows(csv_file))
-        # Numbered as a spreadsheet shows them: the header is line 1.
-        label, first_number = "CSV line", 2
+        rows = _csv_requests(csv_file)
     else:
         if account_id is None:
             raise click.UsageError("--account-id is required (or use --csv)")
@@ -123,12 +145,11 @@ def track(
             }
             for number in numbers
         ]
-        label, first_number = "SESSION_NO", 1
     try:
         result = track_many(rows, label=label, first_number=first_number)
     except TrackError as exc:
         _fail(str(exc))
-    except Exception as exc:  # noqa: BLE001 - the database may be down or unmigrated
+    except Exception as exc:
         _fail(f"could not record sessions: {exc}")
     click.echo(
         f"tracked {result.total} session(s): {result.inserted} new, "
@@ -146,9 +167,9 @@ def _require_api(settings: Settings) -> None:
 
 
 def _queues() -> str:
-    from worker.celery import CLOCK_QUEUE, POLL_QUEUE
+    from worker.celery import QUEUES
 
-    return f"{POLL_QUEUE},{CLOCK_QUEUE}"
+    return ",".join(QUEUES)
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -166,9 +187,7 @@ def run(ctx: click.Context, loglevel: str) -> None:
     upgrade(settings.database_url)
     from worker.celery import app
 
-    app.worker_main(
-        ["worker", "--beat", "--loglevel", loglevel, "--queues", _queues(), *ctx.args]
-    )
+    app.worker_main(["worker", "--beat", "--loglevel", loglevel, "--queues", _queues(), *ctx.args])
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -199,8 +218,13 @@ def beat(ctx: click.Context, loglevel: str) -> None:
 @click.option("--port", default=8700, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--access-key-id", default="demo", show_default=True)
 @click.option("--access-key-secret", default="demo-secret", show_default=True)
-@click.option("--step", default=2.0, show_default=True, type=click.FloatRange(min=0.01),
-              help="Seconds per step of the scenarios' timelines.")
+@click.option(
+    "--step",
+    default=2.0,
+    show_default=True,
+    type=click.FloatRange(min=0.01),
+    help="Seconds per step of the scenarios' timelines.",
+)
 @click.option("--seed", type=int, help="Seed for reproducible random behaviour.")
 def simulate(
     host: str, port: int, access_key_id: str, access_key_secret: str, step: float, seed: int | None
@@ -208,8 +232,14 @@ def simulate(
     """Serve the project's own fake Uspeedo API (for demos and tests)."""
     from worker.simulator import serve
 
-    serve(host, port, access_key_id=access_key_id, access_key_secret=access_key_secret,
-          step=step, seed=seed)
+    serve(
+        host,
+        port,
+        access_key_id=access_key_id,
+        access_key_secret=access_key_secret,
+        step=step,
+        seed=seed,
+    )
 
 
 # --- inspecting -------------------------------------------------------------------------
