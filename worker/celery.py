@@ -28,6 +28,10 @@ from worker.config import Settings, get_settings
 
 POLL_QUEUE = "receipts"
 CLOCK_QUEUE = "receipts-clock"
+# Celery's default queue: where `send_task("receipts.track", ...)` from another codebase's
+# app lands when it names no queue, so workers consume it too.
+FOREIGN_QUEUE = "celery"
+QUEUES = (POLL_QUEUE, CLOCK_QUEUE, FOREIGN_QUEUE)
 TASK_TIME_LIMIT = 300
 TASK_SOFT_TIME_LIMIT = 240
 

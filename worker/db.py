@@ -79,6 +79,7 @@ def reset_engine() -> None:
 def session_scope() -> Iterator[Session]:
     """A unit of work: commits on success, rolls back on any error."""
     get_engine()
-    assert _sessionmaker is not None
+    if _sessionmaker is None:  # pragma: no cover - get_engine() always sets it
+        raise RuntimeError("no session factory")
     with _sessionmaker() as session, session.begin():
         yield session

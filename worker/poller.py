@@ -122,18 +122,17 @@ def poll(
     in_flight: timedelta,
 ) -> PollReport:
     """Poll one claimed batch: start it (the single place that enforces the timing rules),
-    ask the API, record the answer or the failure. The API call runs outside any transaction."""
+    ask the API, record the answer or the failure. The API call runs outside any transaction.
+
+    The poll stops retrying ``budget`` after it started; its sessions are held for
+    ``in_flight`` so that no other poll overtakes it.
+    """
     started = clock()
     with session_factory() as session:
         targets = store.start_poll(
             session, claim=claim, now=started, policy=policy, busy_until=started + in_flight
         )
-    if not targets:
-        return PollReport(polled=0, api_calls=0, receipts_written=0, resolved=0, failed=0)
-    counts = {"api_calls": 0, "receipts_written": 0, "resolved": 0, "failed": 0}
-    _poll_targets(
-        targets,
-        counts,
+    run = _PollRun(
         session_factory=session_factory,
         client=client,
         clock=clock,
@@ -141,64 +140,85 @@ def poll(
         rng=rng,
         give_up_at=started + budget,
     )
-    return PollReport(polled=len(targets), **counts)
+    if targets:
+        run.poll(targets)
+    return PollReport(
+        polled=len(targets),
+        api_calls=run.api_calls,
+        receipts_written=run.receipts_written,
+        resolved=run.resolved,
+        failed=run.failed,
+    )
 
 
-def _poll_targets(
-    targets: Sequence[PollTarget],
-    counts: dict[str, int],
-    *,
-    session_factory: SessionFactory,
-    client: UspeedoClient,
-    clock: Clock,
-    policy: PollPolicy,
-    rng: random.Random,
-    give_up_at: datetime,
-) -> None:
-    account_id = targets[0].account_id
-    # No attempt may start once the poll's budget is spent or the earliest cutoff in the
-    # batch has passed.
-    deadline = min(give_up_at, *(policy.cutoff_at(t.sent_at) for t in targets)).timestamp()
-    counts["api_calls"] += 1
-    try:
-        batch = client.get_send_receipts(
-            account_id, [t.session_no for t in targets], deadline=deadline
-        )
-    except ParameterError as exc:
-        if len(targets) > 1:
+@dataclass(kw_only=True, slots=True)
+class _PollRun:
+    """One poll's dependencies and running counts."""
+
+    session_factory: SessionFactory
+    client: UspeedoClient
+    clock: Clock
+    policy: PollPolicy
+    rng: random.Random
+    give_up_at: datetime
+    api_calls: int = 0
+    receipts_written: int = 0
+    resolved: int = 0
+    failed: int = 0
+
+    def poll(self, targets: Sequence[PollTarget]) -> None:
+        # No attempt may start once the poll's budget is spent or the earliest cutoff in the
+        # batch has passed.
+        cutoffs = (self.policy.cutoff_at(t.sent_at) for t in targets)
+        deadline = min(self.give_up_at, *cutoffs).timestamp()
+        self.api_calls += 1
+        try:
+            batch = self.client.get_send_receipts(
+                targets[0].account_id, [t.session_no for t in targets], deadline=deadline
+            )
+        except ParameterError as exc:
+            if len(targets) == 1:
+                self.record_failure(targets, f"refused by the API: {exc}")
+                return
             # One bad SessionNo makes the API refuse the whole call; halve the batch until it
             # is isolated, so the other sessions keep being polled.
             middle = len(targets) // 2
-            for half in (targets[:middle], targets[middle:]):
-                _poll_targets(
-                    half,
-                    counts,
-                    session_factory=session_factory,
-                    client=client,
-                    clock=clock,
-                    policy=policy,
-                    rng=rng,
-                    give_up_at=give_up_at,
-                )
+            self.poll(targets[:middle])
+            self.poll(targets[middle:])
             return
-        _record_failure(targets, f"refused by the API: {exc}", counts, session_factory, clock, policy, rng)
-        return
-    except UspeedoError as exc:
-        _record_failure(targets, str(exc), counts, session_factory, clock, policy, rng)
-        return
-    problems = _problems_by_session(batch)
-    with session_factory() as session:
-        outcome = store.record_answer(
-            session,
-            targets=targets,
-            receipts=batch.receipts,
-            problems=problems,
-            now=clock(),
-            policy=policy,
-            rng=rng,
+        except UspeedoError as exc:
+            self.record_failure(targets, str(exc))
+            return
+        with self.session_factory() as session:
+            outcome = store.record_answer(
+                session,
+                targets=targets,
+                receipts=batch.receipts,
+                problems=_problems_by_session(batch),
+                now=self.clock(),
+                policy=self.policy,
+                rng=self.rng,
+            )
+        self.receipts_written += outcome.receipts_written
+        self.resolved += len(outcome.resolved)
+
+    def record_failure(self, targets: Sequence[PollTarget], error: str) -> None:
+        log.warning(
+            "poll of %d session(s) of account %s failed: %s",
+            len(targets),
+            targets[0].account_id,
+            error,
         )
-    counts["receipts_written"] += outcome.receipts_written
-    counts["resolved"] += len(outcome.resolved)
+        with self.session_factory() as session:
+            store.record_failure(
+                session,
+                targets=targets,
+                error=error,
+                now=self.clock(),
+                policy=self.policy,
+                rng=self.rng,
+            )
+        self.failed += len(targets)
 
 
 def _problems_by_session(batch: ReceiptBatch) -> dict[str, str]:
@@ -207,22 +227,3 @@ def _problems_by_session(batch: ReceiptBatch) -> dict[str, str]:
     for session_no, problem in batch.session_problems:
         by_session.setdefault(session_no, []).append(problem)
     return {session_no: "; ".join(problems) for session_no, problems in by_session.items()}
-
-
-def _record_failure(
-    targets: Sequence[PollTarget],
-    error: str,
-    counts: dict[str, int],
-    session_factory: SessionFactory,
-    clock: Clock,
-    policy: PollPolicy,
-    rng: random.Random,
-) -> None:
-    log.warning(
-        "poll of %d session(s) of account %s failed: %s", len(targets), targets[0].account_id, error
-    )
-    with session_factory() as session:
-        store.record_failure(
-            session, targets=targets, error=error, now=clock(), policy=policy, rng=rng
-        )
-    counts["failed"] += len(targets)

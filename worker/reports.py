@@ -31,7 +31,9 @@ def session_status(session_no: str, *, account_id: int | None = None) -> dict[st
             raise NotFound(f"session {session_no!r} is not tracked")
         if len(rows) > 1:
             accounts = ", ".join(str(r["account_id"]) for r in rows)
-            raise NotFound(f"session {session_no!r} exists in accounts {accounts}: add --account-id")
+            raise NotFound(
+                f"session {session_no!r} exists in accounts {accounts}: add --account-id"
+            )
         found = dict(rows[0])
         receipts = session.execute(
             sa.select(R)
@@ -53,8 +55,17 @@ def print_status(found: dict[str, Any]) -> None:
     console = Console()
     summary = Table(show_header=False, box=None)
     for key in (
-        "account_id", "session_no", "state", "phones", "sent_at", "next_poll_at",
-        "last_polled_at", "resolved_at", "escalated_at", "poll_count", "last_error",
+        "account_id",
+        "session_no",
+        "state",
+        "phones",
+        "sent_at",
+        "next_poll_at",
+        "last_polled_at",
+        "resolved_at",
+        "escalated_at",
+        "poll_count",
+        "last_error",
     ):
         value = found.get(key)
         summary.add_row(key, _text(value))
@@ -63,8 +74,19 @@ def print_status(found: dict[str, Any]) -> None:
     for column in ("phone", "result", "receipt_code", "receipt_desc", "receipt_time", "cost_count"):
         table.add_column(column)
     for receipt in found["receipts"]:
-        table.add_row(*(_text(receipt.get(c)) for c in (
-            "phone", "result", "receipt_code", "receipt_desc", "receipt_time", "cost_count")))
+        table.add_row(
+            *(
+                _text(receipt.get(c))
+                for c in (
+                    "phone",
+                    "result",
+                    "receipt_code",
+                    "receipt_desc",
+                    "receipt_time",
+                    "cost_count",
+                )
+            )
+        )
     console.print(table)
 
 
@@ -84,8 +106,15 @@ def stale_sessions(*, settings: Settings, now: datetime) -> list[dict[str, Any]]
     overdue_before = now - 2 * settings.poll_interval_max
     query = (
         sa.select(
-            S.c.account_id, S.c.session_no, S.c.state, S.c.sent_at, S.c.next_poll_at,
-            S.c.escalated_at, S.c.poll_count, S.c.last_error, S.c.escalation_detail,
+            S.c.account_id,
+            S.c.session_no,
+            S.c.state,
+            S.c.sent_at,
+            S.c.next_poll_at,
+            S.c.escalated_at,
+            S.c.poll_count,
+            S.c.last_error,
+            S.c.escalation_detail,
         )
         .where(
             sa.or_(
@@ -107,8 +136,15 @@ def stale_sessions(*, settings: Settings, now: datetime) -> list[dict[str, Any]]
 
 
 STALE_CSV_COLUMNS = (
-    "kind", "account_id", "session_no", "sent_at", "escalated_at", "poll_count", "last_error",
-    "phone", "last_result",
+    "kind",
+    "account_id",
+    "session_no",
+    "sent_at",
+    "escalated_at",
+    "poll_count",
+    "last_error",
+    "phone",
+    "last_result",
 )
 
 
@@ -133,11 +169,14 @@ def print_stale(rows: list[dict[str, Any]]) -> None:
     for column in ("kind", "account_id", "session_no", "sent_at", "polls", "phones", "last_error"):
         table.add_column(column)
     for row in rows:
-        phones = ", ".join(
-            f"{p['phone']}={p['last_result'] or 'none'}" for p in row["phones"]
-        )
+        phones = ", ".join(f"{p['phone']}={p['last_result'] or 'none'}" for p in row["phones"])
         table.add_row(
-            row["kind"], str(row["account_id"]), row["session_no"], _text(row["sent_at"]),
-            str(row["poll_count"]), phones, row["last_error"] or "",
+            row["kind"],
+            str(row["account_id"]),
+            row["session_no"],
+            _text(row["sent_at"]),
+            str(row["poll_count"]),
+            phones,
+            row["last_error"] or "",
         )
     console.print(table)

@@ -10,6 +10,7 @@ are plain decimals (a float with a zero fraction drops it).
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 from collections.abc import Mapping
 from decimal import Decimal
@@ -33,7 +34,7 @@ def canonical(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
+        if not math.isfinite(value):
             raise ValueError(f"cannot sign a non-finite number: {value!r}")
         if value.is_integer():
             return str(int(value))

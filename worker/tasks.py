@@ -37,11 +37,12 @@ def get_client() -> UspeedoClient:
         problem = settings.missing_api_credentials()
         if problem:
             raise RuntimeError(problem)
-        assert settings.access_key_id is not None and settings.access_key_secret is not None
         _client = UspeedoClient(
             api_url=settings.api_url,
-            access_key_id=settings.access_key_id,
-            access_key_secret=settings.access_key_secret.get_secret_value(),
+            access_key_id=settings.access_key_id or "",
+            access_key_secret=(
+                settings.access_key_secret.get_secret_value() if settings.access_key_secret else ""
+            ),
             connect_timeout=settings.api_connect_timeout.total_seconds(),
             read_timeout=settings.api_read_timeout.total_seconds(),
             max_attempts=settings.api_max_attempts,
