@@ -16,7 +16,9 @@ from worker.config import get_settings
 from worker.migrate import upgrade
 from worker.simulator import Simulator
 
-PG_ADMIN_URL = os.environ.get("RECEIPTS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_ADMIN_URL = os.environ.get(
+    "RECEIPTS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 REDIS_URL = os.environ.get("RECEIPTS_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 # Timings scaled to seconds, as the contract allows; tests override what they need.
@@ -60,7 +62,9 @@ def _truncate(url: str) -> None:
     engine = db.create_engine(url, poolclass=sa.pool.NullPool)
     with engine.begin() as connection:
         if engine.dialect.name == "postgresql":
-            connection.execute(sa.text("TRUNCATE sms_receipts, sms_sessions RESTART IDENTITY CASCADE"))
+            connection.execute(
+                sa.text("TRUNCATE sms_receipts, sms_sessions RESTART IDENTITY CASCADE")
+            )
         else:
             connection.execute(sa.text("DELETE FROM sms_receipts"))
             connection.execute(sa.text("DELETE FROM sms_sessions"))

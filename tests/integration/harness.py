@@ -45,12 +45,16 @@ class Processes:
         return process
 
     def worker(self, name: str = "worker", concurrency: int = 2) -> subprocess.Popen[bytes]:
-        return self.start(name, "worker", "--concurrency", str(concurrency), "--hostname", f"{name}@%h")
+        return self.start(
+            name, "worker", "--concurrency", str(concurrency), "--hostname", f"{name}@%h"
+        )
 
     def beat(self, name: str = "beat") -> subprocess.Popen[bytes]:
         return self.start(name, "beat", "--schedule", str(self.folder / f"{name}-schedule"))
 
-    def stop(self, process: subprocess.Popen[bytes], *, kill: bool = False, timeout: float = 15) -> None:
+    def stop(
+        self, process: subprocess.Popen[bytes], *, kill: bool = False, timeout: float = 15
+    ) -> None:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
             try:
@@ -80,8 +84,13 @@ def processes(env: Mapping[str, str], folder: Path) -> Iterator[Processes]:
         group.stop_all()
 
 
-def wait_for(condition: Callable[[], bool], *, timeout: float, interval: float = 0.25,
-             describe: Callable[[], str] = lambda: "") -> None:
+def wait_for(
+    condition: Callable[[], bool],
+    *,
+    timeout: float,
+    interval: float = 0.25,
+    describe: Callable[[], str] = lambda: "",
+) -> None:
     """Poll ``condition`` until true; fail with ``describe()`` after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

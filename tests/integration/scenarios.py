@@ -13,6 +13,7 @@ from worker.domain import phone_key
 
 FINAL = {"Success", "Fail", "SubmitFail"}
 
+
 # Visible result per phone at ``t`` steps after sending, for each scenario (None: no receipt).
 # Mirrors the scenario list in worker/simulator.py's docstring, written out by hand.
 def visible(scenario: str, phone_index: int, phone_count: int, t: float) -> str | None:
@@ -51,8 +52,16 @@ def plan(count: int, accounts: int, seed: int = 1) -> list[Planned]:
     API never reports, phones spelled as Uspeedo takes them."""
     rng = random.Random(seed)
     kinds = [
-        "quick_success", "slow_final", "late_failure", "unknow_forever", "never", "submit_fail",
-        "silent_phone", "respelled", "stale_unknow", "chinese",
+        "quick_success",
+        "slow_final",
+        "late_failure",
+        "unknow_forever",
+        "never",
+        "submit_fail",
+        "silent_phone",
+        "respelled",
+        "stale_unknow",
+        "chinese",
     ]
     planned = []
     for i in range(count):
@@ -104,7 +113,11 @@ def expected_outcome(p: Planned, step: float) -> tuple[str, dict[str, str]]:
 def answered_calls(calls: list[dict[str, Any]]) -> dict[str, list[float]]:
     by_session: dict[str, list[float]] = defaultdict(list)
     for call in calls:
-        if call["action"] == "GetUSMSSendReceipt" and call["outcome"] in ("ok", "string_receipt_time", "extra_sessions"):
+        if call["action"] == "GetUSMSSendReceipt" and call["outcome"] in (
+            "ok",
+            "string_receipt_time",
+            "extra_sessions",
+        ):
             for session_no in call["session_nos"]:
                 by_session[session_no].append(call["t"])
     return by_session

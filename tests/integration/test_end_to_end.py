@@ -7,6 +7,7 @@ right, and the simulator's call log must show that no rule of the poll schedule 
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -65,15 +66,24 @@ def _run(
     for p in planned:
         p.sent_at = now
     sim.register(
-        {"account_id": p.account_id, "session_no": p.session_no, "phones": p.sim_phones,
-         "scenario": p.scenario, "sent_at": p.sent_at}
+        {
+            "account_id": p.account_id,
+            "session_no": p.session_no,
+            "phones": p.sim_phones,
+            "scenario": p.scenario,
+            "sent_at": p.sent_at,
+        }
         for p in planned
     )
     from datetime import UTC, datetime
 
     track_many(
-        {"account_id": p.account_id, "session_no": p.session_no, "phones": p.tracked_phones,
-         "sent_at": datetime.fromtimestamp(p.sent_at, UTC)}
+        {
+            "account_id": p.account_id,
+            "session_no": p.session_no,
+            "phones": p.tracked_phones,
+            "sent_at": datetime.fromtimestamp(p.sent_at, UTC),
+        }
         for p in planned
     )
     with processes(env, tmp_path) as group:
@@ -84,21 +94,34 @@ def _run(
 
         def pending() -> int:
             with db.session_scope() as session:
-                return session.scalar(
-                    sa.select(sa.func.count()).where(sessions_table.c.state == "pending")
-                ) or 0
+                return (
+                    session.scalar(
+                        sa.select(sa.func.count()).where(sessions_table.c.state == "pending")
+                    )
+                    or 0
+                )
 
-        wait_for(lambda: pending() == 0, timeout=60, describe=lambda: f"{pending()} still pending\n{group.logs()}")
+        wait_for(
+            lambda: pending() == 0,
+            timeout=60,
+            describe=lambda: f"{pending()} still pending\n{group.logs()}",
+        )
     with db.session_scope() as session:
-        sessions = {r["session_no"]: dict(r) for r in session.execute(sa.select(sessions_table)).mappings()}
+        sessions = {
+            r["session_no"]: dict(r) for r in session.execute(sa.select(sessions_table)).mappings()
+        }
         receipts: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
         for r in session.execute(sa.select(receipts_table)).mappings():
             receipts[r["session_no"]][r["phone_key"]] = dict(r)
     return sessions, receipts
 
 
-def _check(planned: list[Planned], sim: Simulator, sessions: dict[str, dict[str, Any]],
-           receipts: dict[str, dict[str, dict[str, Any]]]) -> dict[str, int]:
+def _check(
+    planned: list[Planned],
+    sim: Simulator,
+    sessions: dict[str, dict[str, Any]],
+    receipts: dict[str, dict[str, dict[str, Any]]],
+) -> dict[str, int]:
     calls = sim.calls()
     by_no = {p.session_no: p for p in planned}
     # Every call: at most 100 SessionNos, all of the call's own account.
@@ -114,10 +137,12 @@ def _check(planned: list[Planned], sim: Simulator, sessions: dict[str, dict[str,
         p.calls = answered.get(p.session_no, [])
         times = sorted(p.calls)
         if times and times[0] < p.sent_at + 1:
-            problems.append(f"{p.session_no}: polled {times[0] - p.sent_at:.3f}s after sending, before the first delay")
+            early = times[0] - p.sent_at
+            problems.append(f"{p.session_no}: polled {early:.3f}s after sending, before the delay")
         if times and times[-1] > p.sent_at + 12 + LATENCY:
-            problems.append(f"{p.session_no}: polled {times[-1] - p.sent_at:.3f}s after sending, past the cutoff")
-        for a, b in zip(times, times[1:], strict=False):
+            late = times[-1] - p.sent_at
+            problems.append(f"{p.session_no}: polled {late:.3f}s after sending, past the cutoff")
+        for a, b in itertools.pairwise(times):
             if b - a < 1 - LATENCY:
                 history = [
                     (round(c["t"] - p.sent_at, 3), c["outcome"], len(c["session_nos"]))
@@ -136,14 +161,21 @@ def _check(planned: list[Planned], sim: Simulator, sessions: dict[str, dict[str,
         tracked = {phone_key(x): x for x in p.tracked_phones}
         for key, receipt in receipts.get(p.session_no, {}).items():
             if key in tracked and receipt["phone"] != tracked[key]:
-                problems.append(f"{p.session_no}: phone stored as {receipt['phone']!r}, tracked as {tracked[key]!r}")
+                stored_as = receipt["phone"]
+                problems.append(f"{p.session_no}: phone {stored_as!r} tracked as {tracked[key]!r}")
         if state == "escalated":
             detail = row["escalation_detail"]
             unresolved = [x["phone"] for x in detail["phones"]]
             if p.tracked_phones:
-                want = [x for x in p.tracked_phones if expected.get(phone_key(x)) not in ("Success", "Fail", "SubmitFail")]
+                want = [
+                    x
+                    for x in p.tracked_phones
+                    if expected.get(phone_key(x)) not in ("Success", "Fail", "SubmitFail")
+                ]
                 if unresolved != want:
-                    problems.append(f"{p.session_no}: escalation lists {unresolved}, expected {want}")
+                    problems.append(
+                        f"{p.session_no}: escalation lists {unresolved}, expected {want}"
+                    )
         if p.scenario == "poison" and not row["last_error"]:
             problems.append(f"{p.session_no}: poison session's last_error is {row['last_error']!r}")
     assert not problems, f"{len(problems)} problem(s):\n" + "\n".join(problems[:40])
@@ -159,12 +191,21 @@ def test_hundreds_of_sessions_of_every_kind_end_right(
         states = _check(planned, sim, sessions, receipts)
     # Without faults every session that can resolve does: the expectation is not just "what
     # the polls saw" but the scenario's real outcome.
-    resolvable = {"quick_success", "slow_final", "late_failure", "submit_fail", "respelled", "chinese"}
+    resolvable = {
+        "quick_success",
+        "slow_final",
+        "late_failure",
+        "submit_fail",
+        "respelled",
+        "chinese",
+    }
     for p in planned:
         if p.scenario in resolvable:
             assert sessions[p.session_no]["state"] == "resolved", p.session_no
         if p.scenario == "stale_unknow":
-            assert {r["result"] for r in receipts[p.session_no].values()} == {"Success"}, p.session_no
+            assert {r["result"] for r in receipts[p.session_no].values()} == {"Success"}, (
+                p.session_no
+            )
     assert states["resolved"] > 100 and states["escalated"] > 50
 
 
@@ -176,8 +217,14 @@ def test_the_same_holds_when_the_api_misbehaves(
     planned = plan(200, accounts=2, seed=2)
     with Simulator(step=STEP, seed=4) as sim:
         sim.set_faults(
-            http_500=0.08, http_429=0.03, retcode_server=0.08, retcode_unknown=0.03,
-            truncated=0.06, slow=0.06, slow_seconds=1.5, extra_sessions=0.05,
+            http_500=0.08,
+            http_429=0.03,
+            retcode_server=0.08,
+            retcode_unknown=0.03,
+            truncated=0.06,
+            slow=0.06,
+            slow_seconds=1.5,
+            extra_sessions=0.05,
             string_receipt_time=0.1,
         )
         sessions, receipts = _run(configure, pg, tmp_path, sim, planned, workers=2, beats=2)

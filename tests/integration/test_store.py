@@ -32,9 +32,7 @@ pytestmark = pytest.mark.usefixtures("database")
 
 
 def _track(*rows: dict[str, Any], now: datetime = T0) -> None:
-    requests = parse_requests(
-        [{"sent_at": T0, **row} for row in rows], now=now
-    )
+    requests = parse_requests([{"sent_at": T0, **row} for row in rows], now=now)
     with db.session_scope() as session:
         track_requests(session, requests, policy=POLICY, now=now)
 
@@ -54,7 +52,11 @@ def _receipts() -> dict[tuple[str, str], dict[str, Any]]:
 def _claim(account_id: int, now: datetime, limit: int = 100) -> store.Claim | None:
     with db.session_scope() as session:
         return store.claim_batch(
-            session, account_id=account_id, now=now, policy=POLICY, lease_until=now + LEASE,
+            session,
+            account_id=account_id,
+            now=now,
+            policy=POLICY,
+            lease_until=now + LEASE,
             limit=limit,
         )
 
@@ -68,15 +70,29 @@ def _start(claim: store.Claim, now: datetime) -> list[store.PollTarget]:
 
 def _receipt(session_no: str, phone: str, result: Result, at: datetime | None) -> Receipt:
     return Receipt(
-        session_no=session_no, phone=phone, result=result, receipt_code="c", receipt_desc="d",
-        receipt_time=at, cost_count=1, user_id=None, country_code=None,
+        session_no=session_no,
+        phone=phone,
+        result=result,
+        receipt_code="c",
+        receipt_desc="d",
+        receipt_time=at,
+        cost_count=1,
+        user_id=None,
+        country_code=None,
     )
 
 
-def _answer(targets: list[store.PollTarget], receipts: list[Receipt], now: datetime) -> store.PollOutcome:
+def _answer(
+    targets: list[store.PollTarget], receipts: list[Receipt], now: datetime
+) -> store.PollOutcome:
     with db.session_scope() as session:
         return store.record_answer(
-            session, targets=targets, receipts=receipts, problems={}, now=now, policy=POLICY,
+            session,
+            targets=targets,
+            receipts=receipts,
+            problems={},
+            now=now,
+            policy=POLICY,
             rng=random.Random(1),
         )
 
@@ -89,7 +105,11 @@ def test_tracking_twice_merges_and_never_duplicates() -> None:
     _track({"account_id": 1, "session_no": "s1", "phones": ["85255311111", "(852)55311112"]})
     _track({"account_id": 2, "session_no": "s1"})
     with db.session_scope() as session:
-        rows = session.execute(sa.select(sessions_table).order_by(sessions_table.c.id)).mappings().all()
+        rows = (
+            session.execute(sa.select(sessions_table).order_by(sessions_table.c.id))
+            .mappings()
+            .all()
+        )
     assert [(r["account_id"], r["session_no"]) for r in rows] == [(1, "s1"), (2, "s1")]
     assert rows[0]["phones"] == ["(852)55311111", "(852)55311112"]
     assert rows[0]["user_ref"] == "a"
@@ -116,9 +136,7 @@ def test_bulk_track_is_one_transaction(monkeypatch: pytest.MonkeyPatch) -> None:
     from worker import tracking
 
     monkeypatch.setattr(tracking, "CHUNK", 2)
-    requests = [
-        TrackRequest(account_id=1, session_no=f"s{i}", sent_at=T0) for i in range(5)
-    ]
+    requests = [TrackRequest(account_id=1, session_no=f"s{i}", sent_at=T0) for i in range(5)]
     calls = {"n": 0}
     original = tracking._insert_ignore
 
@@ -302,15 +320,22 @@ def test_sql_upsert_guard_agrees_with_the_pure_rule(old: Result, new: Result, wh
     offset = _TIMES[when]
     new_time = None if offset is None else base + timedelta(seconds=offset)
     targets = [
-        store.PollTarget(id=0, account_id=1, session_no="s", phones=("1234567",), sent_at=T0,
-                         polled_at=base)
+        store.PollTarget(
+            id=0, account_id=1, session_no="s", phones=("1234567",), sent_at=T0, polled_at=base
+        )
     ]
     with db.session_scope() as session:
-        store.upsert_receipts(session, store.receipt_rows(targets, [_receipt("s", "1234567", old, base)], now=base))
+        store.upsert_receipts(
+            session, store.receipt_rows(targets, [_receipt("s", "1234567", old, base)], now=base)
+        )
     with db.session_scope() as session:
-        store.upsert_receipts(session, store.receipt_rows(targets, [_receipt("s", "1234567", new, new_time)], now=base))
+        store.upsert_receipts(
+            session,
+            store.receipt_rows(targets, [_receipt("s", "1234567", new, new_time)], now=base),
+        )
     expected_replaced = should_replace(
-        ReceiptVersion(result=old, receipt_time=base), ReceiptVersion(result=new, receipt_time=new_time)
+        ReceiptVersion(result=old, receipt_time=base),
+        ReceiptVersion(result=new, receipt_time=new_time),
     )
     stored = _receipts()[("s", "1234567")]
     expected = new if expected_replaced else old
@@ -327,8 +352,9 @@ def test_a_failed_poll_keeps_the_error_and_reschedules() -> None:
     assert claim is not None
     targets = _start(claim, now)
     with db.session_scope() as session:
-        store.record_failure(session, targets=targets, error="HTTP 500", now=now, policy=POLICY,
-                             rng=random.Random(2))
+        store.record_failure(
+            session, targets=targets, error="HTTP 500", now=now, policy=POLICY, rng=random.Random(2)
+        )
     row = _sessions()["s"]
     assert row["last_error"] == "HTTP 500"
     assert row["state"] == "pending" and row["poll_count"] == 1
@@ -348,7 +374,14 @@ def test_escalation_happens_once_with_what_support_needs() -> None:
     _track({"account_id": 1, "session_no": "s", "phones": ["1234567", "7654321"]})
     _track({"account_id": 1, "session_no": "fresh"}, now=T0)
     now = T0 + POLICY.first_delay
-    _poll_with("s", [_receipt("s", "1234567", Result.UNKNOW, now), _receipt("s", "7654321", Result.SUCCESS, now)], now)
+    _poll_with(
+        "s",
+        [
+            _receipt("s", "1234567", Result.UNKNOW, now),
+            _receipt("s", "7654321", Result.SUCCESS, now),
+        ],
+        now,
+    )
     cutoff = T0 + POLICY.cutoff
     with db.session_scope() as session:
         assert store.escalate_due(session, now=cutoff - timedelta(seconds=1), policy=POLICY) == []
