@@ -58,16 +58,23 @@ def sqlite_database(tmp_path_factory: pytest.TempPathFactory) -> str:
     return url
 
 
+TABLES = (
+    "sms_receipts",
+    "sms_sessions",
+    "escalation_outbox",
+    "receipts_heartbeats",
+    "api_call_counts",
+)
+
+
 def _truncate(url: str) -> None:
     engine = db.create_engine(url, poolclass=sa.pool.NullPool)
     with engine.begin() as connection:
         if engine.dialect.name == "postgresql":
-            connection.execute(
-                sa.text("TRUNCATE sms_receipts, sms_sessions RESTART IDENTITY CASCADE")
-            )
+            connection.execute(sa.text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
         else:
-            connection.execute(sa.text("DELETE FROM sms_receipts"))
-            connection.execute(sa.text("DELETE FROM sms_sessions"))
+            for table in TABLES:
+                connection.execute(sa.text(f"DELETE FROM {table}"))
     engine.dispose()
 
 

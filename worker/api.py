@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from worker import store
 from worker.config import get_settings
 from worker.db import session_scope
 from worker.tracking import TrackRequest, TrackResult, parse_requests, track_requests
@@ -33,6 +34,17 @@ def track(
         ],
         label="argument",
     )
+
+
+def acknowledge(
+    session_nos: Sequence[str], *, note: str | None = None, account_id: int | None = None
+) -> list[tuple[int, str]]:
+    """Mark escalations as handled; they stop counting as alerts. All or none: raises
+    :class:`worker.store.AckError` naming each SessionNo that is unknown or not escalated."""
+    with session_scope() as session:
+        return store.acknowledge(
+            session, list(session_nos), now=datetime.now(UTC), note=note, account_id=account_id
+        )
 
 
 def track_many(

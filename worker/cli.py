@@ -276,8 +276,8 @@ def stale(as_json: bool, as_csv: bool, fail: bool) -> None:
     """Escalated and overdue sessions."""
     from worker import reports
 
-    settings = _settings()
-    rows = reports.stale_sessions(settings=settings, now=datetime.now(UTC))
+    _settings()
+    rows = reports.stale_sessions()
     if as_json:
         click.echo(json.dumps(rows, default=_json_default, indent=2))
     elif as_csv:
@@ -286,6 +286,23 @@ def stale(as_json: bool, as_csv: bool, fail: bool) -> None:
         reports.print_stale(rows)
     if fail and any(r["kind"] == "escalated" for r in rows):
         sys.exit(1)
+
+
+@main.command()
+@click.argument("session_nos", nargs=-1, required=True)
+@click.option("--note", help="What was done (kept with the session).")
+@click.option("--account-id", type=int, help="Needed only when accounts share a SessionNo.")
+def ack(session_nos: tuple[str, ...], note: str | None, account_id: int | None) -> None:
+    """Mark escalations as handled; they stop counting as alerts (all or none)."""
+    from worker.api import acknowledge
+    from worker.store import AckError
+
+    _settings()
+    try:
+        done = acknowledge(session_nos, note=note, account_id=account_id)
+    except AckError as exc:
+        _fail(str(exc), code=1)
+    click.echo(f"acknowledged {len(done)} escalation(s)")
 
 
 def _json_default(value: Any) -> Any:

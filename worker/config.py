@@ -127,6 +127,7 @@ class Settings(BaseSettings):
     # --- escalation
     escalation_webhook_url: str | None = None
     webhook_secret: SecretStr | None = None
+    webhook_timeout: Duration = timedelta(seconds=10)
 
     # --- logs
     log_phones: bool = False

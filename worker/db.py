@@ -75,6 +75,17 @@ def reset_engine() -> None:
     _engine = _engine_pid = _sessionmaker = None
 
 
+def upsert_insert(session: Session, table: sa.Table) -> Any:
+    """The dialect's INSERT that knows ``ON CONFLICT`` (PostgreSQL and SQLite spell it alike)."""
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table)
+
+
 @contextmanager
 def session_scope() -> Iterator[Session]:
     """A unit of work: commits on success, rolls back on any error."""

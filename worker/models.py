@@ -113,6 +113,9 @@ class SmsSession(Base):
     # What support needs for an escalated session: the phones without a final receipt and
     # their last known result, as JSON (see README).
     escalation_detail: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # An operator marked the escalation handled (``receipts ack``); it stops alerting.
+    acknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    ack_note: Mapped[str | None] = mapped_column(sa.Text)
     # The claim: which tick's token may poll this session; cleared when the poll starts.
     claim_token: Mapped[str | None] = mapped_column(sa.Text)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -155,3 +158,100 @@ class SmsReceipt(Base):
 
 sessions_table: sa.Table = SmsSession.__table__  # type: ignore[assignment]
 receipts_table: sa.Table = SmsReceipt.__table__  # type: ignore[assignment]
+
+
+class EscalationOutbox(Base):
+    """Webhook deliveries of escalations, written in the same transaction as the escalation
+    so that none is lost, and delivered at least once by the workers."""
+
+    __tablename__ = "escalation_outbox"
+    __table_args__ = (
+        sa.Index(
+            "ix_escalation_outbox_due",
+            "next_attempt_at",
+            postgresql_where=sa.text("delivered_at IS NULL"),
+            sqlite_where=sa.text("delivered_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    # A stable id receivers can deduplicate on (sent as X-Receipts-Delivery header too).
+    delivery_id: Mapped[str] = mapped_column(sa.Text, unique=True)
+    event: Mapped[str] = mapped_column(sa.Text)
+    account_id: Mapped[int] = mapped_column(sa.BigInteger)
+    session_no: Mapped[str] = mapped_column(sa.Text)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    attempts: Mapped[int] = mapped_column(sa.Integer, server_default=sa.text("0"))
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[timestamp_now]
+
+
+class Heartbeat(Base):
+    """When each periodic job last ran, and the timings it ran with (so that SQL views and
+    the exporter can judge staleness without reading the workers' environment)."""
+
+    __tablename__ = "receipts_heartbeats"
+
+    name: Mapped[str] = mapped_column(sa.Text, primary_key=True)
+    beat_at: Mapped[timestamp]
+    tick_seconds: Mapped[float] = mapped_column(sa.Float)
+    poll_interval_max_seconds: Mapped[float] = mapped_column(sa.Float)
+
+
+class ApiCallCount(Base):
+    """Counters of API calls by outcome, kept in the database so that the exporter reports
+    the same totals however many workers run."""
+
+    __tablename__ = "api_call_counts"
+
+    # "ok", "retcode" (with ret_code), "http" (with ret_code = HTTP status), "transport",
+    # "malformed", "deadline".
+    outcome: Mapped[str] = mapped_column(sa.Text, primary_key=True)
+    ret_code: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    calls: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
+
+
+outbox_table: sa.Table = EscalationOutbox.__table__  # type: ignore[assignment]
+heartbeats_table: sa.Table = Heartbeat.__table__  # type: ignore[assignment]
+api_calls_table: sa.Table = ApiCallCount.__table__  # type: ignore[assignment]
+
+
+# The views (created by migration 0002), described for reading only: their own metadata
+# keeps Alembic's autogenerate from trying to create them as tables.
+views_metadata = sa.MetaData()
+
+stale_sessions_view = sa.Table(
+    "stale_sessions",
+    views_metadata,
+    sa.Column("kind", sa.Text),  # escalated | overdue | clock_stopped
+    sa.Column("account_id", sa.BigInteger),
+    sa.Column("session_no", sa.Text),
+    sa.Column("state", sa.Text),
+    sa.Column("sent_at", UTCDateTime()),
+    sa.Column("next_poll_at", UTCDateTime()),
+    sa.Column("escalated_at", UTCDateTime()),
+    sa.Column("poll_count", sa.Integer),
+    sa.Column("last_error", sa.Text),
+    sa.Column("escalation_detail", JSONType),
+)
+
+session_summary_view = sa.Table(
+    "session_summary",
+    views_metadata,
+    sa.Column("account_id", sa.BigInteger),
+    sa.Column("session_no", sa.Text),
+    sa.Column("state", sa.Text),
+    sa.Column("sent_at", UTCDateTime()),
+    sa.Column("resolved_at", UTCDateTime()),
+    sa.Column("escalated_at", UTCDateTime()),
+    sa.Column("acknowledged_at", UTCDateTime()),
+    sa.Column("poll_count", sa.Integer),
+    sa.Column("phones_tracked", sa.Integer),
+    sa.Column("phones_reported", sa.Integer),
+    sa.Column("phones_final", sa.Integer),
+    sa.Column("phones_successful", sa.Integer),
+    sa.Column("cost", sa.Integer),
+    sa.Column("resolved_late", sa.Boolean),
+)

@@ -5,15 +5,24 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
 from worker import store
-from worker.client import ParameterError, ReceiptBatch, UspeedoClient, UspeedoError
+from worker.client import (
+    ApiError,
+    MalformedResponse,
+    ParameterError,
+    PollWindowClosed,
+    ReceiptBatch,
+    UspeedoClient,
+    UspeedoError,
+)
 from worker.logs import mask_phone
 from worker.schedule import PollPolicy
 from worker.store import Claim, PollTarget
@@ -47,20 +56,27 @@ def tick(
     policy: PollPolicy,
     dispatch: Callable[[Claim], None],
     lease: timedelta,
+    tick_every: timedelta,
     batch_size: int = 100,
     max_sessions: int = 200_000,
     show_phones: bool = False,
+    outbox: bool = False,
 ) -> TickReport:
-    """Escalate what passed its cutoff, then claim due sessions in batches of at most
-    ``batch_size`` of one account and hand each batch to ``dispatch``.
+    """Record the heartbeat, escalate what passed its cutoff (queuing webhooks with
+    ``outbox``), then claim due sessions in batches of at most ``batch_size`` of one account
+    and hand each batch to ``dispatch``.
 
     Each claim commits on its own before it is dispatched, so a poll task never runs ahead
     of the claim it carries, and transactions stay short.
     """
+    with session_factory() as session:
+        store.record_heartbeat(
+            session, name="tick", now=clock(), tick=tick_every, interval_max=policy.interval_max
+        )
     escalated = 0
     while True:
         with session_factory() as session:
-            escalations = store.escalate_due(session, now=clock(), policy=policy)
+            escalations = store.escalate_due(session, now=clock(), policy=policy, outbox=outbox)
         for escalation in escalations:
             log_escalation(escalation, show_phones=show_phones)
         escalated += len(escalations)
@@ -165,6 +181,8 @@ class _PollRun:
     receipts_written: int = 0
     resolved: int = 0
     failed: int = 0
+    # API calls by (outcome, code), written with the call's result for the exporter.
+    outcomes: Counter[tuple[str, int]] = field(default_factory=Counter)
 
     def poll(self, targets: Sequence[PollTarget]) -> None:
         # No attempt may start once the poll's budget is spent or the earliest cutoff in the
@@ -176,19 +194,11 @@ class _PollRun:
             batch = self.client.get_send_receipts(
                 targets[0].account_id, [t.session_no for t in targets], deadline=deadline
             )
-        except ParameterError as exc:
-            if len(targets) == 1:
-                self.record_failure(targets, f"refused by the API: {exc}")
-                return
-            # One bad SessionNo makes the API refuse the whole call; halve the batch until it
-            # is isolated, so the other sessions keep being polled.
-            middle = len(targets) // 2
-            self.poll(targets[:middle])
-            self.poll(targets[middle:])
-            return
         except UspeedoError as exc:
-            self.record_failure(targets, str(exc))
+            self.outcomes[call_outcome(exc)] += 1
+            self.handle_error(targets, exc)
             return
+        self.outcomes[("ok", 0)] += 1
         with self.session_factory() as session:
             outcome = store.record_answer(
                 session,
@@ -199,8 +209,26 @@ class _PollRun:
                 policy=self.policy,
                 rng=self.rng,
             )
+            self.flush_outcomes(session)
         self.receipts_written += outcome.receipts_written
         self.resolved += len(outcome.resolved)
+
+    def handle_error(self, targets: Sequence[PollTarget], exc: UspeedoError) -> None:
+        if isinstance(exc, ParameterError):
+            if len(targets) == 1:
+                self.record_failure(targets, f"refused by the API: {exc}")
+                return
+            # One bad SessionNo makes the API refuse the whole call; halve the batch until it
+            # is isolated, so the other sessions keep being polled.
+            middle = len(targets) // 2
+            self.poll(targets[:middle])
+            self.poll(targets[middle:])
+            return
+        self.record_failure(targets, str(exc))
+
+    def flush_outcomes(self, session: Session) -> None:
+        store.count_api_calls(session, self.outcomes)
+        self.outcomes.clear()
 
     def record_failure(self, targets: Sequence[PollTarget], error: str) -> None:
         log.warning(
@@ -218,7 +246,21 @@ class _PollRun:
                 policy=self.policy,
                 rng=self.rng,
             )
+            self.flush_outcomes(session)
         self.failed += len(targets)
+
+
+def call_outcome(exc: UspeedoError) -> tuple[str, int]:
+    """How a failed API call is counted: by RetCode, by HTTP status, or by kind."""
+    if isinstance(exc, ApiError):
+        return ("retcode", exc.ret_code)
+    if isinstance(exc, PollWindowClosed):
+        return ("deadline", 0)
+    if isinstance(exc, MalformedResponse):
+        return ("malformed", 0)
+    if exc.http_status is not None:
+        return ("http", exc.http_status)
+    return ("transport", 0)
 
 
 def _problems_by_session(batch: ReceiptBatch) -> dict[str, str]:

@@ -8,10 +8,8 @@ from typing import Any, TextIO
 
 import sqlalchemy as sa
 
-from worker.config import Settings
 from worker.db import session_scope
-from worker.domain import SessionState
-from worker.models import receipts_table, sessions_table
+from worker.models import receipts_table, sessions_table, stale_sessions_view
 
 S = sessions_table
 R = receipts_table
@@ -100,35 +98,16 @@ def _text(value: Any) -> str:
     return str(value)
 
 
-def stale_sessions(*, settings: Settings, now: datetime) -> list[dict[str, Any]]:
-    """Escalated sessions, and pending sessions overdue for their poll by more than two
-    maximum intervals (which means the clock or the workers are not running)."""
-    overdue_before = now - 2 * settings.poll_interval_max
-    query = (
-        sa.select(
-            S.c.account_id,
-            S.c.session_no,
-            S.c.state,
-            S.c.sent_at,
-            S.c.next_poll_at,
-            S.c.escalated_at,
-            S.c.poll_count,
-            S.c.last_error,
-            S.c.escalation_detail,
-        )
-        .where(
-            sa.or_(
-                S.c.state == SessionState.ESCALATED,
-                sa.and_(S.c.state == SessionState.PENDING, S.c.next_poll_at < overdue_before),
-            )
-        )
-        .order_by(S.c.sent_at)
-    )
+def stale_sessions() -> list[dict[str, Any]]:
+    """The ``stale_sessions`` view, so that the command and SQL alerts always agree:
+    unacknowledged escalations, pending sessions overdue by more than two intervals, and a
+    ``clock_stopped`` row when no tick has been processed for one and a half ticks."""
+    view = stale_sessions_view
+    query = sa.select(view).order_by(view.c.kind, view.c.sent_at, view.c.session_no)
     rows = []
     with session_scope() as session:
         for row in session.execute(query).mappings():
             item = dict(row)
-            item["kind"] = "escalated" if row["state"] == SessionState.ESCALATED else "overdue"
             detail = item.pop("escalation_detail") or {}
             item["phones"] = detail.get("phones", [])
             rows.append(item)
@@ -172,11 +151,11 @@ def print_stale(rows: list[dict[str, Any]]) -> None:
         phones = ", ".join(f"{p['phone']}={p['last_result'] or 'none'}" for p in row["phones"])
         table.add_row(
             row["kind"],
-            str(row["account_id"]),
-            row["session_no"],
+            _text(row["account_id"]),
+            _text(row["session_no"]),
             _text(row["sent_at"]),
-            str(row["poll_count"]),
+            _text(row["poll_count"]),
             phones,
-            row["last_error"] or "",
+            _text(row["last_error"]),
         )
     console.print(table)

@@ -11,13 +11,14 @@ import secrets
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from worker.client import Receipt
+from worker.db import upsert_insert
 from worker.domain import (
     FINAL_RESULTS,
     ReceiptVersion,
@@ -27,7 +28,13 @@ from worker.domain import (
     pick_latest_by,
     unresolved_phones,
 )
-from worker.models import receipts_table, sessions_table
+from worker.models import (
+    api_calls_table,
+    heartbeats_table,
+    outbox_table,
+    receipts_table,
+    sessions_table,
+)
 from worker.schedule import PollPolicy
 
 S = sessions_table
@@ -250,11 +257,7 @@ def upsert_receipts(session: Session, rows: Sequence[dict[str, Any]]) -> int:
     """
     if not rows:
         return 0
-    if _is_pg(session):
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
-    statement = insert(R)
+    statement = upsert_insert(session, R)
     excluded = statement.excluded
     statement = statement.on_conflict_do_update(
         index_elements=["account_id", "session_no", "phone_key"],
@@ -410,12 +413,19 @@ class Escalation:
 
 
 def escalate_due(
-    session: Session, *, now: datetime, policy: PollPolicy, limit: int = 1000
+    session: Session,
+    *,
+    now: datetime,
+    policy: PollPolicy,
+    limit: int = 1000,
+    outbox: bool = False,
 ) -> list[Escalation]:
     """Escalate pending sessions whose cutoff has passed, at most ``limit`` per call.
 
     The state change is one conditional UPDATE, so a session is escalated exactly once however
     many ticks run it at the same time; the caller logs and alerts from the returned rows only.
+    With ``outbox``, each escalation's webhook delivery is queued in the same transaction, so
+    an escalation can never exist without its delivery, nor the other way round.
     """
     due = (
         sa.select(S.c.id)
@@ -470,4 +480,106 @@ def escalate_due(
         [{"_id": e.id, "_detail": e.detail()} for e in escalations],
         escalation_detail=sa.bindparam("_detail", type_=S.c.escalation_detail.type),
     )
+    if outbox:
+        from worker.webhooks import escalation_payload
+
+        session.connection().execute(
+            sa.insert(outbox_table),
+            [
+                {
+                    "delivery_id": f"escalation-{e.account_id}-{e.session_no}",
+                    "event": "session.escalated",
+                    "account_id": e.account_id,
+                    "session_no": e.session_no,
+                    "payload": escalation_payload(e),
+                    "attempts": 0,
+                    "next_attempt_at": now,
+                    "created_at": now,
+                }
+                for e in escalations
+            ],
+        )
     return escalations
+
+
+# --- operators and observers ------------------------------------------------------------
+
+
+class AckError(LookupError):
+    """Sessions that cannot be acknowledged; the message names each and why."""
+
+
+def acknowledge(
+    session: Session,
+    session_nos: Sequence[str],
+    *,
+    now: datetime,
+    note: str | None = None,
+    account_id: int | None = None,
+) -> list[tuple[int, str]]:
+    """Mark escalations handled. All or none: an unknown, ambiguous or not escalated
+    SessionNo refuses the whole call, naming each. Acknowledging twice keeps the first time."""
+    query = sa.select(S.c.id, S.c.account_id, S.c.session_no, S.c.state).where(
+        S.c.session_no.in_(list(session_nos))
+    )
+    if account_id is not None:
+        query = query.where(S.c.account_id == account_id)
+    found: dict[str, list[Any]] = defaultdict(list)
+    for row in session.execute(query.with_for_update()):
+        found[row.session_no].append(row)
+    problems = []
+    for session_no in dict.fromkeys(session_nos):
+        rows = found.get(session_no, [])
+        if not rows:
+            problems.append(f"{session_no!r} is not tracked")
+        elif len(rows) > 1:
+            accounts = ", ".join(str(r.account_id) for r in rows)
+            problems.append(f"{session_no!r} exists in accounts {accounts}: give --account-id")
+        elif rows[0].state != ESCALATED:
+            problems.append(f"{session_no!r} is {rows[0].state}, not escalated")
+    if problems:
+        raise AckError("nothing was acknowledged: " + "; ".join(problems))
+    ids = [rows[0].id for rows in found.values()]
+    session.execute(
+        sa.update(S)
+        .where(S.c.id.in_(ids), S.c.acknowledged_at.is_(None))
+        .values(acknowledged_at=now, ack_note=note, updated_at=now)
+    )
+    return [(rows[0].account_id, rows[0].session_no) for rows in found.values()]
+
+
+def record_heartbeat(
+    session: Session, *, name: str, now: datetime, tick: timedelta, interval_max: timedelta
+) -> None:
+    """Upsert when a periodic job last ran (beat liveness for the views and the exporter)."""
+    values = {
+        "name": name,
+        "beat_at": now,
+        "tick_seconds": tick.total_seconds(),
+        "poll_interval_max_seconds": interval_max.total_seconds(),
+    }
+    statement = upsert_insert(session, heartbeats_table).values(values)
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["name"],
+            set_={k: statement.excluded[k] for k in values if k != "name"},
+        )
+    )
+
+
+def count_api_calls(session: Session, counts: Mapping[tuple[str, int], int]) -> None:
+    """Add to the per-outcome API call counters (one upsert per outcome seen)."""
+    if not counts:
+        return
+    statement = upsert_insert(session, api_calls_table)
+    statement = statement.on_conflict_do_update(
+        index_elements=["outcome", "ret_code"],
+        set_={"calls": api_calls_table.c.calls + statement.excluded.calls},
+    )
+    session.connection().execute(
+        statement,
+        [
+            {"outcome": outcome, "ret_code": ret_code, "calls": calls}
+            for (outcome, ret_code), calls in sorted(counts.items())
+        ],
+    )

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import random
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import requests
 from celery.exceptions import Reject
 
-from worker import poller
+from worker import poller, webhooks
 from worker.celery import app
 from worker.client import UspeedoClient
 from worker.config import get_settings
@@ -65,10 +66,15 @@ def tick() -> dict[str, int]:
         policy=settings.poll_policy(),
         dispatch=_dispatch,
         lease=settings.lease,
+        tick_every=settings.tick,
         batch_size=settings.batch_size,
         max_sessions=settings.max_claim_per_tick,
         show_phones=settings.log_phones,
+        outbox=settings.escalation_webhook_url is not None,
     )
+    if settings.escalation_webhook_url:
+        # Delivery runs as its own task so that a slow receiver never delays the clock.
+        deliver_webhooks.apply_async()
     if report.escalated or report.claims:
         log.info(
             "tick: escalated %d, dispatched %d poll(s) for %d session(s)",
@@ -77,6 +83,37 @@ def tick() -> dict[str, int]:
             report.sessions_claimed,
         )
     return {"escalated": report.escalated, "claims": report.claims}
+
+
+@app.task(name="receipts.deliver_webhooks", ignore_result=True)
+def deliver_webhooks() -> dict[str, int]:
+    settings = get_settings()
+    if not settings.escalation_webhook_url:
+        return {"delivered": 0, "failed": 0}
+    secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+    report = webhooks.deliver_due(
+        session_factory=session_scope,
+        http=_webhook_http(),
+        url=settings.escalation_webhook_url,
+        secret=secret,
+        now=utcnow,
+        lease=settings.webhook_timeout * 2 + settings.tick,
+        retry_base=settings.tick,
+        retry_cap=max(settings.tick, timedelta(minutes=15)),
+        timeout=settings.webhook_timeout.total_seconds(),
+    )
+    return {"delivered": report.delivered, "failed": report.failed}
+
+
+_http: requests.Session | None = None
+_http_pid: int | None = None
+
+
+def _webhook_http() -> requests.Session:
+    global _http, _http_pid
+    if _http is None or _http_pid != os.getpid():
+        _http, _http_pid = requests.Session(), os.getpid()
+    return _http
 
 
 def _dispatch(claim: Claim) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from worker.db import upsert_insert
 from worker.domain import SessionState, phone_key
 from worker.models import sessions_table
 from worker.schedule import PollPolicy
@@ -263,7 +264,11 @@ def track_requests(
             }
             for r in chunk
         ]
-        insert = _insert_ignore(session, table).values(rows)
+        insert = (
+            upsert_insert(session, table)
+            .on_conflict_do_nothing(index_elements=["account_id", "session_no"])
+            .values(rows)
+        )
         inserted = {
             (row.account_id, row.session_no)
             for row in session.execute(insert.returning(table.c.account_id, table.c.session_no))
@@ -274,16 +279,6 @@ def track_requests(
             _merge_existing(session, existing, result, policy=policy, now=now)
     result.keys = list(merged)
     return result
-
-
-def _insert_ignore(session: Session, table: sa.Table) -> Any:
-    if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        return pg_insert(table).on_conflict_do_nothing(index_elements=["account_id", "session_no"])
-    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-    return sqlite_insert(table).on_conflict_do_nothing(index_elements=["account_id", "session_no"])
 
 
 def _merge_existing(

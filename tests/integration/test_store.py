@@ -138,7 +138,7 @@ def test_bulk_track_is_one_transaction(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tracking, "CHUNK", 2)
     requests = [TrackRequest(account_id=1, session_no=f"s{i}", sent_at=T0) for i in range(5)]
     calls = {"n": 0}
-    original = tracking._insert_ignore
+    original = tracking.upsert_insert
 
     def failing(session: Any, table: Any) -> Any:
         calls["n"] += 1
@@ -146,7 +146,7 @@ def test_bulk_track_is_one_transaction(monkeypatch: pytest.MonkeyPatch) -> None:
             raise RuntimeError("database went away")
         return original(session, table)
 
-    monkeypatch.setattr(tracking, "_insert_ignore", failing)
+    monkeypatch.setattr(tracking, "upsert_insert", failing)
     with pytest.raises(RuntimeError), db.session_scope() as session:
         track_requests(session, requests, policy=POLICY, now=T0)
     assert _sessions() == {}

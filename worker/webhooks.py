@@ -1,0 +1,188 @@
+"""Escalation webhooks: the payload, its signature, and at-least-once delivery from the
+``escalation_outbox`` table.
+
+Payload (``Content-Type: application/json``)::
+
+    {"event": "session.escalated", "delivery_id": "...", "account_id": 1, "session_no": "...",
+     "sent_at": "...", "escalated_at": "...", "poll_count": 24, "last_error": null,
+     "unresolved_phones": [{"phone": "(852)55311111", "last_result": "Unknow"}],
+     "text": "Uspeedo session ... of account 1 has no final receipt ..."}
+
+``text`` makes the message readable in Slack-compatible chats. Headers:
+``X-Receipts-Delivery`` (the delivery id, stable across retries, for deduplication),
+``X-Receipts-Event``, and with ``RECEIPTS_WEBHOOK_SECRET`` set,
+``X-Receipts-Signature: sha256=<hex HMAC-SHA256 of the raw body>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import requests
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from worker.models import outbox_table
+
+if TYPE_CHECKING:
+    from worker.store import Escalation
+
+log = logging.getLogger(__name__)
+
+OUTBOX = outbox_table
+SIGNATURE_HEADER = "X-Receipts-Signature"
+
+
+def escalation_payload(escalation: Escalation) -> dict[str, Any]:
+    phones = [{"phone": phone, "last_result": result} for phone, result in escalation.unresolved]
+    listing = ", ".join(f"{p['phone']} ({p['last_result'] or 'no receipt'})" for p in phones)
+    text = (
+        f"Uspeedo session {escalation.session_no} of account {escalation.account_id}, sent "
+        f"{escalation.sent_at.isoformat(timespec='seconds')}, has no final receipt after "
+        f"{escalation.poll_count} poll(s): {listing or 'no receipt for any phone'}. "
+        "Contact Uspeedo support with this SessionNo."
+    )
+    if escalation.last_error:
+        text += f" Last error: {escalation.last_error}"
+    return {
+        "event": "session.escalated",
+        "delivery_id": f"escalation-{escalation.account_id}-{escalation.session_no}",
+        "account_id": escalation.account_id,
+        "session_no": escalation.session_no,
+        "sent_at": escalation.sent_at.isoformat(),
+        "escalated_at": escalation.escalated_at.isoformat(),
+        "poll_count": escalation.poll_count,
+        "last_error": escalation.last_error,
+        "unresolved_phones": phones,
+        "text": text,
+    }
+
+
+def sign(body: bytes, secret: str) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def backoff(attempts: int, *, base: timedelta, cap: timedelta) -> timedelta:
+    """Delay before the next attempt after ``attempts`` failures: ``base * 2**(attempts-1)``,
+    capped, so a receiver that is down for hours is not hammered."""
+    return min(cap, base * int(2 ** max(attempts - 1, 0)))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeliveryReport:
+    delivered: int
+    failed: int
+
+
+SessionFactory = Callable[[], AbstractContextManager[Session]]
+
+
+def deliver_due(
+    *,
+    session_factory: SessionFactory,
+    http: requests.Session,
+    url: str,
+    secret: str | None,
+    now: Callable[[], datetime],
+    lease: timedelta,
+    retry_base: timedelta,
+    retry_cap: timedelta,
+    timeout: float = 10.0,
+    limit: int = 100,
+) -> DeliveryReport:
+    """Deliver due webhooks, each at least once and never again after a success.
+
+    Rows are claimed with ``FOR UPDATE SKIP LOCKED`` and pushed ``lease`` ahead before the
+    POST, so concurrent deliverers (two beats, many workers) never send the same row at the
+    same time, and a deliverer that dies mid-way leaves the row to be retried after the lease.
+    """
+    started = now()
+    with session_factory() as session:
+        due = (
+            sa.select(OUTBOX.c.id)
+            .where(OUTBOX.c.delivered_at.is_(None), OUTBOX.c.next_attempt_at <= started)
+            .order_by(OUTBOX.c.next_attempt_at)
+            .limit(limit)
+        )
+        if session.get_bind().dialect.name == "postgresql":
+            due = due.with_for_update(skip_locked=True)
+        rows = list(
+            session.execute(
+                sa.update(OUTBOX)
+                .where(OUTBOX.c.id.in_(due.scalar_subquery()))
+                .values(next_attempt_at=started + lease)
+                .returning(
+                    OUTBOX.c.id,
+                    OUTBOX.c.delivery_id,
+                    OUTBOX.c.event,
+                    OUTBOX.c.payload,
+                    OUTBOX.c.attempts,
+                )
+            )
+        )
+    delivered = failed = 0
+    for row in sorted(rows, key=lambda r: r.id):
+        body = json.dumps(row.payload, sort_keys=True).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "X-Receipts-Delivery": row.delivery_id,
+            "X-Receipts-Event": row.event,
+        }
+        if secret:
+            headers[SIGNATURE_HEADER] = sign(body, secret)
+        error = _post(http, url, body, headers, timeout)
+        finished = now()
+        with session_factory() as session:
+            if error is None:
+                session.execute(
+                    sa.update(OUTBOX)
+                    .where(OUTBOX.c.id == row.id)
+                    .values(delivered_at=finished, attempts=row.attempts + 1, last_error=None)
+                )
+                delivered += 1
+            else:
+                attempts = row.attempts + 1
+                retry_at = finished + backoff(attempts, base=retry_base, cap=retry_cap)
+                session.execute(
+                    sa.update(OUTBOX)
+                    .where(OUTBOX.c.id == row.id)
+                    .values(next_attempt_at=retry_at, attempts=attempts, last_error=error)
+                )
+                log.warning(
+                    "webhook %s failed (attempt %d, next at %s): %s",
+                    row.delivery_id,
+                    attempts,
+                    retry_at.isoformat(timespec="seconds"),
+                    error,
+                )
+                failed += 1
+    return DeliveryReport(delivered=delivered, failed=failed)
+
+
+def _post(
+    http: requests.Session, url: str, body: bytes, headers: dict[str, str], timeout: float
+) -> str | None:
+    """POST once; the error text, or None on a 2xx answer."""
+    try:
+        response = http.post(
+            url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+        )
+    except requests.RequestException as exc:
+        return f"{type(exc).__name__}: {exc}"
+    if 200 <= response.status_code < 300:
+        return None
+    return f"HTTP {response.status_code}: {response.text[:200]}"
+
+
+def pending_count(session: Session) -> int:
+    return int(
+        session.scalar(sa.select(sa.func.count()).where(OUTBOX.c.delivered_at.is_(None))) or 0
+    )
