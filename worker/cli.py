@@ -305,6 +305,25 @@ def ack(session_nos: tuple[str, ...], note: str | None, account_id: int | None) 
     click.echo(f"acknowledged {len(done)} escalation(s)")
 
 
+@main.command()
+@click.argument("session_nos", nargs=-1, required=True)
+@click.option("--account-id", type=int, help="Only sessions of this account.")
+def repoll(session_nos: tuple[str, ...], account_id: int | None) -> None:
+    """Poll escalated sessions once more now (after the cutoff, on purpose): late receipts are
+    recorded and a session that now qualifies becomes resolved, keeping escalated_at."""
+    from worker.tasks import repoll as run_repoll
+
+    settings = _settings()
+    _require_api(settings)
+    report = run_repoll(list(session_nos), account_id)
+    if not report.polled:
+        _fail("none of these sessions is escalated", code=1)
+    click.echo(
+        f"repolled {report.polled} escalated session(s) in {report.api_calls} call(s): "
+        f"{report.resolved} resolved, {report.failed} failed"
+    )
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         return _iso(value)

@@ -167,6 +167,48 @@ def poll(
     )
 
 
+def repoll_escalated(
+    session_nos: Sequence[str],
+    *,
+    account_id: int | None,
+    session_factory: SessionFactory,
+    client: UspeedoClient,
+    clock: Clock,
+    policy: PollPolicy,
+    rng: random.Random,
+    budget: timedelta,
+    batch_size: int = 100,
+) -> PollReport:
+    """Poll escalated sessions once more, at an operator's request (e.g. after Uspeedo
+    support fixed something). Late receipts are recorded and a session that now qualifies
+    becomes resolved, keeping ``escalated_at``. Pending sessions are left to the schedule."""
+    started = clock()
+    with session_factory() as session:
+        targets = store.escalated_targets(session, session_nos, account_id=account_id, now=started)
+    run = _PollRun(
+        session_factory=session_factory,
+        client=client,
+        clock=clock,
+        policy=policy,
+        rng=rng,
+        give_up_at=started + budget,
+        respect_cutoff=False,
+    )
+    by_account: dict[int, list[PollTarget]] = {}
+    for target in targets:
+        by_account.setdefault(target.account_id, []).append(target)
+    for account_targets in by_account.values():
+        for start in range(0, len(account_targets), batch_size):
+            run.poll(account_targets[start : start + batch_size])
+    return PollReport(
+        polled=len(targets),
+        api_calls=run.api_calls,
+        receipts_written=run.receipts_written,
+        resolved=run.resolved,
+        failed=run.failed,
+    )
+
+
 @dataclass(kw_only=True, slots=True)
 class _PollRun:
     """One poll's dependencies and running counts."""
@@ -177,6 +219,9 @@ class _PollRun:
     policy: PollPolicy
     rng: random.Random
     give_up_at: datetime
+    # Automatic polls never reach past the cutoff; an operator's repoll of an escalated
+    # session does, on purpose.
+    respect_cutoff: bool = True
     api_calls: int = 0
     receipts_written: int = 0
     resolved: int = 0
@@ -187,12 +232,15 @@ class _PollRun:
     def poll(self, targets: Sequence[PollTarget]) -> None:
         # No attempt may start once the poll's budget is spent or the earliest cutoff in the
         # batch has passed.
-        cutoffs = (self.policy.cutoff_at(t.sent_at) for t in targets)
-        deadline = min(self.give_up_at, *cutoffs).timestamp()
+        deadline = self.give_up_at
+        if self.respect_cutoff:
+            deadline = min(deadline, *(self.policy.cutoff_at(t.sent_at) for t in targets))
         self.api_calls += 1
         try:
             batch = self.client.get_send_receipts(
-                targets[0].account_id, [t.session_no for t in targets], deadline=deadline
+                targets[0].account_id,
+                [t.session_no for t in targets],
+                deadline=deadline.timestamp(),
             )
         except UspeedoError as exc:
             self.outcomes[call_outcome(exc)] += 1

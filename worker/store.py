@@ -181,6 +181,21 @@ def start_poll(
     return targets
 
 
+def escalated_targets(
+    session: Session, session_nos: Sequence[str], *, account_id: int | None, now: datetime
+) -> list[PollTarget]:
+    """Escalated sessions among ``session_nos``, as targets of an operator's repoll."""
+    query = sa.select(S.c.id, S.c.account_id, S.c.session_no, S.c.phones, S.c.sent_at).where(
+        S.c.session_no.in_(list(session_nos)), S.c.state == ESCALATED
+    )
+    if account_id is not None:
+        query = query.where(S.c.account_id == account_id)
+    return [
+        PollTarget.from_row(row, now)
+        for row in session.execute(query.order_by(S.c.account_id, S.c.id))
+    ]
+
+
 # --- recording an answer ----------------------------------------------------------------
 
 

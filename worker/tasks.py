@@ -143,6 +143,22 @@ def poll(account_id: Any, session_ids: Any, token: Any) -> dict[str, int]:
     return {"polled": report.polled, "resolved": report.resolved, "failed": report.failed}
 
 
+def repoll(session_nos: list[str], account_id: int | None) -> poller.PollReport:
+    """An operator's repoll of escalated sessions (``receipts repoll``), run in-process."""
+    settings = get_settings()
+    return poller.repoll_escalated(
+        session_nos,
+        account_id=account_id,
+        session_factory=session_scope,
+        client=get_client(),
+        clock=utcnow,
+        policy=settings.poll_policy(),
+        rng=_rng,
+        budget=settings.poll_budget,
+        batch_size=settings.batch_size,
+    )
+
+
 def _parse_claim(account_id: Any, session_ids: Any, token: Any) -> Claim:
     """A malformed message cannot be fixed by retrying: reject it (its sessions fall due again
     when the claim's lease ends)."""
