@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import TypeVar
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from worker import store
@@ -28,6 +31,10 @@ from worker.schedule import PollPolicy
 from worker.store import Claim, PollTarget
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# Waits between attempts to record an answer while the database is unreachable (~10 s).
+DB_WRITE_DELAYS = (0.25, 0.5, 1.0, 2.0, 2.0, 2.0, 2.0)
 
 SessionFactory = Callable[[], AbstractContextManager[Session]]
 Clock = Callable[[], datetime]
@@ -228,6 +235,7 @@ class _PollRun:
     failed: int = 0
     # API calls by (outcome, code), written with the call's result for the exporter.
     outcomes: Counter[tuple[str, int]] = field(default_factory=Counter)
+    sleep: Callable[[float], None] = time.sleep
 
     def poll(self, targets: Sequence[PollTarget]) -> None:
         # No attempt may start once the poll's budget is spent or the earliest cutoff in the
@@ -247,17 +255,18 @@ class _PollRun:
             self.handle_error(targets, exc)
             return
         self.outcomes[("ok", 0)] += 1
-        with self.session_factory() as session:
-            outcome = store.record_answer(
+        problems = _problems_by_session(batch)
+        outcome = self.write(
+            lambda session: store.record_answer(
                 session,
                 targets=targets,
                 receipts=batch.receipts,
-                problems=_problems_by_session(batch),
+                problems=problems,
                 now=self.clock(),
                 policy=self.policy,
                 rng=self.rng,
             )
-            self.flush_outcomes(session)
+        )
         self.receipts_written += outcome.receipts_written
         self.resolved += len(outcome.resolved)
 
@@ -274,9 +283,25 @@ class _PollRun:
             return
         self.record_failure(targets, str(exc))
 
-    def flush_outcomes(self, session: Session) -> None:
-        store.count_api_calls(session, self.outcomes)
-        self.outcomes.clear()
+    def write(self, work: Callable[[Session], T]) -> T:
+        """Record what the API said in one unit of work (with the call counters), retrying
+        while the database is unreachable: the answer exists nowhere else, and a PostgreSQL
+        restart takes seconds. Bounded: after ``DB_WRITE_DELAYS`` the error propagates and
+        the sessions come back when their in-flight hold ends."""
+        for delay in (*DB_WRITE_DELAYS, None):
+            try:
+                with self.session_factory() as session:
+                    result = work(session)
+                    store.count_api_calls(session, self.outcomes)
+            except sa_exc.OperationalError as exc:
+                if delay is None:
+                    raise
+                log.warning("database unreachable, retrying in %.2fs: %s", delay, exc.orig)
+                self.sleep(delay)
+                continue
+            self.outcomes.clear()
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def record_failure(self, targets: Sequence[PollTarget], error: str) -> None:
         log.warning(
@@ -285,8 +310,8 @@ class _PollRun:
             targets[0].account_id,
             error,
         )
-        with self.session_factory() as session:
-            store.record_failure(
+        self.write(
+            lambda session: store.record_failure(
                 session,
                 targets=targets,
                 error=error,
@@ -294,7 +319,7 @@ class _PollRun:
                 policy=self.policy,
                 rng=self.rng,
             )
-            self.flush_outcomes(session)
+        )
         self.failed += len(targets)
 
 

@@ -21,7 +21,7 @@ def empty_url(request: pytest.FixtureRequest, tmp_path) -> str:  # type: ignore[
         yield f"sqlite:///{tmp_path / 'm.db'}"
         return
     name = f"receipts_migr_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
     with admin.connect() as connection:
         connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
     yield _pg_url(name)

@@ -1,0 +1,199 @@
+"""Shared machinery of the end-to-end and fault-injection runs: real `receipts worker` and
+`receipts beat` processes on PostgreSQL and Redis against the simulator, and the checks that
+compare what was stored with what the simulator says happened."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from tests.conftest import REDIS_URL, Configure
+from tests.integration.harness import Processes, flush_redis, processes, wait_for
+from tests.integration.scenarios import Planned, answered_calls, expected_outcome
+from worker import db, track_many
+from worker.domain import phone_key
+from worker.models import receipts_table, sessions_table
+from worker.simulator import Simulator
+
+STEP = 1.0  # seconds per simulator step
+TIMINGS = {
+    "RECEIPTS_FIRST_POLL_DELAY": "1",
+    "RECEIPTS_POLL_INTERVAL_MIN": "1",
+    "RECEIPTS_POLL_INTERVAL_MAX": "2",
+    "RECEIPTS_CUTOFF": "12",
+    "RECEIPTS_TICK": "0.5",
+    "RECEIPTS_API_READ_TIMEOUT": "1",
+    "RECEIPTS_API_CONNECT_TIMEOUT": "1",
+    "RECEIPTS_POLL_BUDGET": "3",
+}
+# The simulator stamps a call when it arrives; the worker decides to poll a moment earlier.
+# This bounds the network and scheduling delay between the two on loopback.
+LATENCY = 0.3
+
+
+def run_plan(
+    configure: Configure,
+    pg: str,
+    tmp_path: Path,
+    sim: Simulator,
+    planned: list[Planned],
+    *,
+    workers: int = 1,
+    beats: int = 1,
+    env_extra: dict[str, str] | None = None,
+    during: Callable[[Processes, float], None] | None = None,
+    timeout: float = 60,
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, dict[str, Any]]]]:
+    """Register ``planned`` with the simulator, track it, run real workers and beats until no
+    session is pending, and return the sessions and receipts as stored. ``during(group,
+    elapsed)`` is called while waiting, to inject faults into the running processes."""
+    flush_redis(REDIS_URL)
+    env = {
+        **TIMINGS,
+        "RECEIPTS_DATABASE_URL": pg,
+        "RECEIPTS_BROKER_URL": REDIS_URL,
+        "RECEIPTS_API_URL": sim.url,
+        "RECEIPTS_ACCESS_KEY_ID": "demo",
+        "RECEIPTS_ACCESS_KEY_SECRET": "demo-secret",
+        **(env_extra or {}),
+    }
+    configure(**env)
+    now = time.time()
+    for p in planned:
+        p.sent_at = now
+    sim.register(
+        {
+            "account_id": p.account_id,
+            "session_no": p.session_no,
+            "phones": p.sim_phones,
+            "scenario": p.scenario,
+            "sent_at": p.sent_at,
+        }
+        for p in planned
+    )
+
+    track_many(
+        {
+            "account_id": p.account_id,
+            "session_no": p.session_no,
+            "phones": p.tracked_phones,
+            "sent_at": datetime.fromtimestamp(p.sent_at, UTC),
+        }
+        for p in planned
+    )
+    with processes(env, tmp_path) as group:
+        for n in range(workers):
+            group.worker(f"w{n + 1}")
+        for n in range(beats):
+            group.beat(f"beat{n + 1}")
+
+        def pending() -> int:
+            try:
+                with db.session_scope() as session:
+                    count = session.scalar(
+                        sa.select(sa.func.count()).where(sessions_table.c.state == "pending")
+                    )
+            except sa.exc.OperationalError:
+                return -1  # the database is being restarted by a fault test
+            return count or 0
+
+        started = time.monotonic()
+
+        def done() -> bool:
+            if during is not None:
+                during(group, time.monotonic() - started)
+            return pending() == 0
+
+        wait_for(
+            done,
+            timeout=timeout,
+            describe=lambda: f"{pending()} still pending\n{group.logs()}",
+        )
+    with db.session_scope() as session:
+        sessions = {
+            r["session_no"]: dict(r) for r in session.execute(sa.select(sessions_table)).mappings()
+        }
+        receipts: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+        for r in session.execute(sa.select(receipts_table)).mappings():
+            receipts[r["session_no"]][r["phone_key"]] = dict(r)
+    return sessions, receipts
+
+
+def check(
+    planned: list[Planned],
+    sim: Simulator,
+    sessions: dict[str, dict[str, Any]],
+    receipts: dict[str, dict[str, dict[str, Any]]],
+    *,
+    env_extra: dict[str, str] | None = None,
+) -> dict[str, int]:
+    """Assert every rule held and every session ended right; return the count per state."""
+    timings = {**TIMINGS, **(env_extra or {})}
+    first_delay = float(timings["RECEIPTS_FIRST_POLL_DELAY"])
+    cutoff = float(timings["RECEIPTS_CUTOFF"])
+    interval_min = float(timings["RECEIPTS_POLL_INTERVAL_MIN"])
+    calls = sim.calls()
+    by_no = {p.session_no: p for p in planned}
+    # Every call: at most 100 SessionNos, all of the call's own account.
+    for call in calls:
+        if call["action"] != "GetUSMSSendReceipt":
+            continue
+        assert 1 <= len(call["session_nos"]) <= 100, call
+        assert {by_no[s].account_id for s in call["session_nos"]} == {call["account_id"]}, call
+    answered = answered_calls(calls)
+    problems: list[str] = []
+    states: dict[str, int] = defaultdict(int)
+    for p in planned:
+        p.calls = answered.get(p.session_no, [])
+        times = sorted(p.calls)
+        if times and times[0] < p.sent_at + first_delay:
+            early = times[0] - p.sent_at
+            problems.append(f"{p.session_no}: polled {early:.3f}s after sending, before the delay")
+        if times and times[-1] > p.sent_at + cutoff + LATENCY:
+            late = times[-1] - p.sent_at
+            problems.append(f"{p.session_no}: polled {late:.3f}s after sending, past the cutoff")
+        for a, b in itertools.pairwise(times):
+            if b - a < interval_min - LATENCY:
+                history = [
+                    (round(c["t"] - p.sent_at, 3), c["outcome"], len(c["session_nos"]))
+                    for c in calls
+                    if p.session_no in c["session_nos"]
+                ]
+                problems.append(f"{p.session_no}: polled twice {b - a:.3f}s apart: {history}")
+        state, expected = expected_outcome(p, STEP)
+        row = sessions[p.session_no]
+        states[row["state"]] += 1
+        if row["state"] != state:
+            problems.append(f"{p.session_no}: state {row['state']}, expected {state}")
+        got = {k: r["result"] for k, r in receipts.get(p.session_no, {}).items()}
+        if got != expected:
+            problems.append(f"{p.session_no}: receipts {got}, expected {expected}")
+        tracked = {phone_key(x): x for x in p.tracked_phones}
+        for key, receipt in receipts.get(p.session_no, {}).items():
+            if key in tracked and receipt["phone"] != tracked[key]:
+                stored_as = receipt["phone"]
+                problems.append(f"{p.session_no}: phone {stored_as!r} tracked as {tracked[key]!r}")
+        if state == "escalated":
+            detail = row["escalation_detail"]
+            unresolved = [x["phone"] for x in detail["phones"]]
+            if p.tracked_phones:
+                want = [
+                    x
+                    for x in p.tracked_phones
+                    if expected.get(phone_key(x)) not in ("Success", "Fail", "SubmitFail")
+                ]
+                if unresolved != want:
+                    problems.append(
+                        f"{p.session_no}: escalation lists {unresolved}, expected {want}"
+                    )
+        if p.scenario == "poison" and not row["last_error"]:
+            problems.append(f"{p.session_no}: poison session's last_error is {row['last_error']!r}")
+    assert not problems, f"{len(problems)} problem(s):\n" + "\n".join(problems[:40])
+    return states
