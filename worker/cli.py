@@ -330,5 +330,39 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
+@main.command()
+@click.option(
+    "--port",
+    default=9464,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port to listen on (0 picks a free one and prints it).",
+)
+@click.option(
+    "--host",
+    default="0.0.0.0",  # noqa: S104 - an exporter exists to be scraped, in containers too
+    show_default=True,
+    help="Address to listen on; the default, all interfaces, lets Prometheus reach a "
+    "container. Use 127.0.0.1 to keep the metrics local.",
+)
+def exporter(port: int, host: str) -> None:
+    """Serve Prometheus metrics computed from the database at /metrics.
+
+    Every scrape reads the tables, so one exporter reports for all workers. A database
+    error is reported as receipts_scrape_error 1, and the exporter keeps serving.
+    """
+    import logging
+
+    from worker.metrics import serve
+
+    _settings()
+    # Scrape errors are logged; without this only Python's last-resort handler would show them.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        serve(port, host, announce=lambda url: click.echo(f"serving metrics on {url}"))
+    except OSError as exc:  # the port is taken, or the address is not ours
+        _fail(f"cannot listen on {host}:{port}: {exc}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

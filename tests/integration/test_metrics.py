@@ -1,0 +1,388 @@
+"""The Prometheus exporter on real PostgreSQL and SQLite: every metric's exact value from rows
+written directly, with an injected clock; scrape errors; and `receipts exporter` for real."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import sqlalchemy as sa
+from click.testing import CliRunner
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Configure
+from worker import db
+from worker.cli import main
+from worker.metrics import make_registry, render
+from worker.models import (
+    api_calls_table,
+    heartbeats_table,
+    outbox_table,
+    receipts_table,
+    sessions_table,
+)
+
+NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+NAN = "NaN"  # NaN never equals itself; samples carry this marker instead so dicts compare
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float | str]
+
+
+def parse(text: str) -> tuple[Samples, dict[str, str]]:
+    """Every sample by (name, sorted labels), and every family's type."""
+    samples: Samples = {}
+    types: dict[str, str] = {}
+    for family in text_string_to_metric_families(text):
+        types[family.name] = family.type
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            assert key not in samples, f"duplicate sample {key}"
+            samples[key] = NAN if math.isnan(sample.value) else sample.value
+    return samples, types
+
+
+def scrape(now: datetime = NOW) -> Samples:
+    """One scrape of a fresh exporter registry whose clock reads ``now``."""
+    samples, types = parse(render(make_registry(lambda: now)).decode())
+    # A counter (rate() works on it); everything else is a gauge.
+    assert all(t == ("counter" if n == "receipts_api_calls" else "gauge") for n, t in types.items())
+    return samples
+
+
+def expected(
+    *,
+    sessions: tuple[int, int, int] = (0, 0, 0),
+    unacknowledged: int = 0,
+    oldest_pending: float = 0.0,
+    tick_age: float | str = NAN,
+    overdue: int = 0,
+    api_calls: dict[tuple[str, str], int] | None = None,
+    webhooks_pending: int = 0,
+    webhook_failures: int = 0,
+    receipts: dict[str, int] | None = None,
+) -> Samples:
+    """The full exposition of a successful scrape: every metric, nothing else."""
+    pending, resolved, escalated = sessions
+    counts = {"Success": 0, "Fail": 0, "Unknow": 0, "SubmitFail": 0, **(receipts or {})}
+    samples: Samples = {
+        ("receipts_sessions", (("state", "pending"),)): pending,
+        ("receipts_sessions", (("state", "resolved"),)): resolved,
+        ("receipts_sessions", (("state", "escalated"),)): escalated,
+        ("receipts_escalations_unacknowledged", ()): unacknowledged,
+        ("receipts_oldest_pending_age_seconds", ()): oldest_pending,
+        ("receipts_last_tick_age_seconds", ()): tick_age,
+        ("receipts_overdue_sessions", ()): overdue,
+        ("receipts_webhooks_pending", ()): webhooks_pending,
+        ("receipts_webhook_delivery_failures", ()): webhook_failures,
+        ("receipts_scrape_error", ()): 0,
+    }
+    for result, count in counts.items():
+        samples["receipts_receipts", (("result", result),)] = count
+    for (outcome, ret_code), calls in (api_calls or {}).items():
+        labels = (("outcome", outcome), ("ret_code", ret_code))
+        samples["receipts_api_calls_total", labels] = calls
+    return samples
+
+
+def _session(
+    session_no: str,
+    state: str,
+    *,
+    sent_at: datetime,
+    next_poll_at: datetime | None = None,
+    acknowledged_at: datetime | None = None,
+) -> dict[str, Any]:
+    return {
+        "account_id": 1,
+        "session_no": session_no,
+        "state": state,
+        "phones": ["(852)55311111"],
+        "sent_at": sent_at,
+        "next_poll_at": next_poll_at,
+        "escalated_at": sent_at + timedelta(hours=12) if state == "escalated" else None,
+        "resolved_at": sent_at + timedelta(minutes=5) if state == "resolved" else None,
+        "acknowledged_at": acknowledged_at,
+        "poll_count": 1,
+        "created_at": sent_at,
+        "updated_at": sent_at,
+    }
+
+
+def _receipt(session_no: str, phone: str, result: str) -> dict[str, Any]:
+    return {
+        "account_id": 1,
+        "session_no": session_no,
+        "phone": phone,
+        "phone_key": phone,
+        "result": result,
+        "first_seen_at": NOW,
+        "updated_at": NOW,
+    }
+
+
+def _outbox(delivery_id: str, *, attempts: int, delivered: bool) -> dict[str, Any]:
+    return {
+        "delivery_id": delivery_id,
+        "event": "session.escalated",
+        "account_id": 1,
+        "session_no": "e1",
+        "payload": {"session_no": "e1"},
+        "attempts": attempts,
+        "next_attempt_at": NOW,
+        "delivered_at": NOW if delivered else None,
+        "created_at": NOW,
+    }
+
+
+def _heartbeat(*, beat_at: datetime, interval_max: float = 600.0) -> None:
+    with db.session_scope() as session:
+        session.execute(sa.delete(heartbeats_table))
+        session.execute(
+            sa.insert(heartbeats_table).values(
+                name="tick",
+                beat_at=beat_at,
+                tick_seconds=30.0,
+                poll_interval_max_seconds=interval_max,
+            )
+        )
+
+
+def _populate(now: datetime = NOW) -> None:
+    """Three pending (one overdue by the default rule), two resolved (sent before any
+    pending one), three escalated (one acknowledged), receipts, API counts, webhooks."""
+    minute, day = timedelta(minutes=1), timedelta(days=1)
+    sessions = [
+        # Overdue: its poll was due 25 min ago, more than 2 x 600 s.
+        _session("p1", "pending", sent_at=now - 120 * minute, next_poll_at=now - 25 * minute),
+        # Late by 15 min: overdue only when the longest interval is under 7.5 min.
+        _session("p2", "pending", sent_at=now - 30 * minute, next_poll_at=now - 15 * minute),
+        _session("p3", "pending", sent_at=now - 10 * minute, next_poll_at=now + 5 * minute),
+        _session("r1", "resolved", sent_at=now - 3 * day),
+        _session("r2", "resolved", sent_at=now - 3 * day),
+        _session("e1", "escalated", sent_at=now - 2 * day),
+        _session("e2", "escalated", sent_at=now - 2 * day),
+        _session("e3", "escalated", sent_at=now - 2 * day, acknowledged_at=now),
+    ]
+    receipts = [
+        _receipt("r1", "85255311111", "Success"),
+        _receipt("r1", "85255311112", "Success"),
+        _receipt("r2", "85255311111", "Fail"),
+        _receipt("r2", "85255311112", "SubmitFail"),
+        _receipt("p1", "85255311111", "Unknow"),
+    ]
+    api_calls = [
+        {"outcome": "ok", "ret_code": 0, "calls": 120},
+        {"outcome": "retcode", "ret_code": 215398, "calls": 3},
+        {"outcome": "http", "ret_code": 503, "calls": 2},
+    ]
+    outbox = [
+        _outbox("d1", attempts=1, delivered=True),
+        _outbox("d2", attempts=0, delivered=False),
+        _outbox("d3", attempts=2, delivered=False),
+    ]
+    with db.session_scope() as session:
+        session.execute(sa.insert(sessions_table), sessions)
+        session.execute(sa.insert(receipts_table), receipts)
+        session.execute(sa.insert(api_calls_table), api_calls)
+        session.execute(sa.insert(outbox_table), outbox)
+
+
+def populated(*, overdue: int, tick_age: float | str = NAN) -> Samples:
+    """What a scrape reports for `_populate()`'s rows."""
+    return expected(
+        sessions=(3, 2, 3),
+        unacknowledged=2,
+        oldest_pending=7200.0,
+        tick_age=tick_age,
+        overdue=overdue,
+        api_calls={("ok", "0"): 120, ("retcode", "215398"): 3, ("http", "503"): 2},
+        webhooks_pending=2,
+        webhook_failures=1,
+        receipts={"Success": 2, "Fail": 1, "SubmitFail": 1, "Unknow": 1},
+    )
+
+
+@pytest.mark.usefixtures("database")
+def test_empty_database_reports_every_metric_as_zero_and_the_tick_as_nan() -> None:
+    assert scrape() == expected()
+
+
+@pytest.mark.usefixtures("database")
+def test_every_metric_is_computed_from_the_tables() -> None:
+    _populate()
+    # No heartbeat yet: the tick's age is NaN and "overdue" uses the default 600 s interval.
+    assert scrape() == populated(overdue=1)
+
+    _heartbeat(beat_at=NOW - timedelta(seconds=42.5))
+    assert scrape() == populated(overdue=1, tick_age=42.5)
+
+    # The heartbeat's own longest interval decides what is overdue (2 x 300 s < 15 min).
+    _heartbeat(beat_at=NOW - timedelta(seconds=42.5), interval_max=300.0)
+    assert scrape() == populated(overdue=2, tick_age=42.5)
+
+
+@pytest.mark.usefixtures("database")
+def test_ages_follow_the_injected_clock() -> None:
+    _populate()
+    _heartbeat(beat_at=NOW - timedelta(seconds=30))
+    later = NOW + timedelta(seconds=100)
+    samples = scrape(later)
+    assert samples["receipts_oldest_pending_age_seconds", ()] == 7300.0
+    assert samples["receipts_last_tick_age_seconds", ()] == 130.0
+
+
+@pytest.mark.usefixtures("database")
+def test_a_pending_session_sent_in_the_future_has_no_negative_age() -> None:
+    with db.session_scope() as session:
+        session.execute(
+            sa.insert(sessions_table),
+            [_session("f1", "pending", sent_at=NOW + timedelta(minutes=1), next_poll_at=NOW)],
+        )
+    assert scrape() == expected(sessions=(1, 0, 0))
+
+
+@pytest.mark.usefixtures("database")
+def test_acknowledging_an_escalation_lowers_the_unacknowledged_count() -> None:
+    _populate()
+    assert scrape()["receipts_escalations_unacknowledged", ()] == 2
+    with db.session_scope() as session:
+        session.execute(
+            sa.update(sessions_table)
+            .where(sessions_table.c.session_no == "e1")
+            .values(acknowledged_at=NOW)
+        )
+    samples = scrape()
+    assert samples["receipts_escalations_unacknowledged", ()] == 1
+    # Still escalated: acknowledging silences the alert, not the history.
+    assert samples["receipts_sessions", (("state", "escalated"),)] == 3
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@pytest.mark.parametrize("where", ["missing-sqlite-dir", "unmigrated-sqlite", "closed-pg-port"])
+def test_a_database_error_is_reported_not_raised(
+    where: str, configure: Configure, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    urls = {
+        "missing-sqlite-dir": f"sqlite:///{tmp_path / 'missing' / 'receipts.db'}",
+        "unmigrated-sqlite": f"sqlite:///{tmp_path / 'empty.db'}",
+        "closed-pg-port": f"postgresql://postgres@127.0.0.1:{_free_port()}/receipts",
+    }
+    configure(RECEIPTS_DATABASE_URL=urls[where])
+    with caplog.at_level(logging.ERROR, logger="worker.metrics"):
+        # Nothing but the error flag: a zero would pass for "all is well".
+        assert scrape() == {("receipts_scrape_error", ()): 1}
+        # The collector stays usable: the next scrape tries again.
+        assert scrape() == {("receipts_scrape_error", ()): 1}
+    assert "metrics scrape failed" in caplog.text
+
+
+def test_a_scrape_recovers_once_the_database_is_back(
+    configure: Configure, tmp_path: Path, sqlite_database: str
+) -> None:
+    registry = make_registry(lambda: NOW)
+    configure(RECEIPTS_DATABASE_URL=f"sqlite:///{tmp_path / 'missing' / 'receipts.db'}")
+    assert parse(render(registry).decode())[0] == {("receipts_scrape_error", ()): 1}
+    configure(RECEIPTS_DATABASE_URL=sqlite_database)
+    assert parse(render(registry).decode())[0]["receipts_scrape_error", ()] == 0
+
+
+# --- the command, for real ----------------------------------------------------------------
+
+
+@pytest.fixture
+def exporter_process(
+    database: str, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """`receipts exporter --port 0` on loopback against the test's database (both backends),
+    as an operator starts it; killed afterwards if the test did not stop it."""
+    root = str(Path(__file__).resolve().parents[2])  # the code under test, installed or not
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+    }
+    log = tmp_path / "exporter.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "exporter", "--port", "0", "--host", "127.0.0.1"],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield process, log
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+
+
+def _announced_url(process: subprocess.Popen[bytes], log: Path, deadline: float) -> str:
+    while time.monotonic() < deadline:
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("serving metrics on "):
+                return line.removeprefix("serving metrics on ")
+        assert process.poll() is None, f"exporter exited early:\n{log.read_text()}"
+        time.sleep(0.05)
+    pytest.fail(f"exporter announced no URL within 10 s:\n{log.read_text()}")
+
+
+def test_the_exporter_command_serves_metrics_and_stops_on_sigterm(
+    exporter_process: tuple[subprocess.Popen[bytes], Path],
+) -> None:
+    now = datetime.now(UTC)
+    _populate(now)
+    _heartbeat(beat_at=now)
+    process, log = exporter_process
+    deadline = time.monotonic() + 10
+    url = _announced_url(process, log, deadline)
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics")
+
+    response = requests.get(url, timeout=max(deadline - time.monotonic(), 0.1))
+    assert response.status_code == 200
+    samples, types = parse(response.text)
+    assert samples["receipts_scrape_error", ()] == 0
+    assert samples["receipts_sessions", (("state", "pending"),)] == 3
+    assert samples["receipts_escalations_unacknowledged", ()] == 2
+    assert samples["receipts_api_calls_total", (("outcome", "ok"), ("ret_code", "0"))] == 120
+    assert types["receipts_api_calls"] == "counter"
+    # The real clock: ages are positive and small for the tick just recorded.
+    tick_age = samples["receipts_last_tick_age_seconds", ()]
+    assert isinstance(tick_age, float) and 0 <= tick_age < 30
+    oldest = samples["receipts_oldest_pending_age_seconds", ()]
+    assert isinstance(oldest, float) and oldest > 3600
+    # Only the database's numbers: no process/python metrics of this one replica.
+    assert not any(name.startswith(("process_", "python_")) for name, _ in samples)
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(5) == 0, log.read_text()
+
+
+def test_the_exporter_command_fails_clearly_when_the_port_is_taken(
+    configure: Configure,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["exporter", "--host", "127.0.0.1", "--port", str(port)])
+    assert result.exit_code == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.output
