@@ -18,11 +18,12 @@ Every setting below is chosen on purpose:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
 
 from worker.config import Settings, get_settings
 
@@ -89,6 +90,16 @@ def make_app(settings: Settings | None = None) -> Celery:
 
 
 app = make_app()
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _mask_phones(logger: logging.Logger, **_: Any) -> None:
+    """Phones in worker logs are masked unless RECEIPTS_LOG_PHONES is set."""
+    if not get_settings().log_phones:
+        from worker.logs import mask_phones_in_logs
+
+        mask_phones_in_logs(logger)
 
 
 @worker_process_init.connect

@@ -197,3 +197,15 @@ def check(
             problems.append(f"{p.session_no}: poison session's last_error is {row['last_error']!r}")
     assert not problems, f"{len(problems)} problem(s):\n" + "\n".join(problems[:40])
     return states
+
+
+def assert_logs_clean(folder: Path, planned: list[Planned]) -> int:
+    """No process log holds the AccessKeySecret or a whole phone number (masked to its last
+    four digits unless RECEIPTS_LOG_PHONES is set). Returns the bytes of log scanned."""
+    text = "\n".join(path.read_text(errors="replace") for path in folder.glob("*.log"))
+    assert "demo-secret" not in text
+    digits = {phone_key(x) for p in planned for x in (*p.sim_phones, *p.tracked_phones)}
+    flat = "".join(ch for ch in text if ch.isdigit() or ch == "\n")
+    leaked = sorted(d for d in digits if d in flat)
+    assert not leaked, f"phones in logs: {leaked[:5]}"
+    return len(text)

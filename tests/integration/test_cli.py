@@ -236,7 +236,8 @@ def test_track_csv_with_a_bad_row_records_nothing(tmp_path: Path, bad_row: str, 
         CSV_HEADER
         # A good row that would merge a phone into the pre-recorded session...
         + f"7,P1,(852)55311119,{SENT_AT}\n"
-        + bad_row + "\n"
+        + bad_row
+        + "\n"
         # ...and one that would add a session: neither may be recorded.
         + "7,G1,,\n",
         encoding="utf-8",
@@ -338,9 +339,18 @@ def test_track_csv_and_arguments_together_is_a_usage_error(tmp_path: Path) -> No
         (("--account-id", "7"), "SESSION_NO"),
     ],
     ids=[
-        "no-account-id", "account-id-abc", "account-id-zero", "empty-session-no",
-        "long-session-no", "session-no-with-space", "sent-at-yesterday", "naive-sent-at",
-        "future-sent-at", "empty-phone", "malformed-phone", "no-session-no",
+        "no-account-id",
+        "account-id-abc",
+        "account-id-zero",
+        "empty-session-no",
+        "long-session-no",
+        "session-no-with-space",
+        "sent-at-yesterday",
+        "naive-sent-at",
+        "future-sent-at",
+        "empty-phone",
+        "malformed-phone",
+        "no-session-no",
     ],
 )
 def test_track_refuses_bad_input(args: tuple[str, ...], field: str) -> None:

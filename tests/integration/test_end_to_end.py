@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Configure
-from tests.integration.e2e import STEP, check, run_plan
+from tests.integration.e2e import STEP, assert_logs_clean, check, run_plan
 from tests.integration.scenarios import plan
 from worker.simulator import Simulator
 
@@ -26,6 +26,9 @@ def test_hundreds_of_sessions_of_every_kind_end_right(
     with Simulator(step=STEP, seed=3) as sim:
         sessions, receipts = run_plan(configure, pg, tmp_path, sim, planned)
         states = check(planned, sim, sessions, receipts)
+    # The escalations were logged (masked), and nothing private leaked into any log.
+    assert "escalated session" in (tmp_path / "w1.log").read_text()
+    assert assert_logs_clean(tmp_path, planned) > 0
     # Without faults every session that can resolve does: the expectation is not just "what
     # the polls saw" but the scenario's real outcome.
     resolvable = {
@@ -66,6 +69,7 @@ def test_the_same_holds_when_the_api_misbehaves(
         )
         sessions, receipts = run_plan(configure, pg, tmp_path, sim, planned, workers=2, beats=2)
         check(planned, sim, sessions, receipts)
+        assert_logs_clean(tmp_path, planned)
         outcomes = {c["outcome"] for c in sim.calls()}
     # The faults really happened.
     assert {"http_500", "retcode_server", "truncated", "slow"} <= outcomes
