@@ -100,36 +100,17 @@ def deliver_due(
 ) -> DeliveryReport:
     """Deliver due webhooks, each at least once and never again after a success.
 
-    Rows are claimed with ``FOR UPDATE SKIP LOCKED`` and pushed ``lease`` ahead before the
-    POST, so concurrent deliverers (two beats, many workers) never send the same row at the
-    same time, and a deliverer that dies mid-way leaves the row to be retried after the lease.
+    Rows are claimed one at a time with ``FOR UPDATE SKIP LOCKED`` and pushed ``lease`` ahead
+    (longer than one POST can take) before the POST, so concurrent deliverers (two beats, many
+    workers) never send the same row at the same time, and a deliverer that dies mid-way
+    leaves only that row, retried after its lease. The round stops at the first failure: a
+    receiver that is down is tried once per round, not once per waiting row.
     """
-    started = now()
-    with session_factory() as session:
-        due = (
-            sa.select(OUTBOX.c.id)
-            .where(OUTBOX.c.delivered_at.is_(None), OUTBOX.c.next_attempt_at <= started)
-            .order_by(OUTBOX.c.next_attempt_at)
-            .limit(limit)
-        )
-        if session.get_bind().dialect.name == "postgresql":
-            due = due.with_for_update(skip_locked=True)
-        rows = list(
-            session.execute(
-                sa.update(OUTBOX)
-                .where(OUTBOX.c.id.in_(due.scalar_subquery()))
-                .values(next_attempt_at=started + lease)
-                .returning(
-                    OUTBOX.c.id,
-                    OUTBOX.c.delivery_id,
-                    OUTBOX.c.event,
-                    OUTBOX.c.payload,
-                    OUTBOX.c.attempts,
-                )
-            )
-        )
     delivered = failed = 0
-    for row in sorted(rows, key=lambda r: r.id):
+    while delivered + failed < limit and not failed:
+        row = _claim_one(session_factory, now(), lease)
+        if row is None:
+            break
         body = json.dumps(row.payload, sort_keys=True).encode()
         headers = {
             "Content-Type": "application/json",
@@ -140,31 +121,50 @@ def deliver_due(
             headers[SIGNATURE_HEADER] = sign(body, secret)
         error = _post(http, url, body, headers, timeout)
         finished = now()
+        attempts = row.attempts + 1
+        if error is None:
+            values: dict[str, Any] = {"delivered_at": finished, "last_error": None}
+            delivered += 1
+        else:
+            retry_at = finished + backoff(attempts, base=retry_base, cap=retry_cap)
+            values = {"next_attempt_at": retry_at, "last_error": error}
+            log.warning(
+                "webhook %s failed (attempt %d, next at %s): %s",
+                row.delivery_id,
+                attempts,
+                retry_at.isoformat(timespec="seconds"),
+                error,
+            )
+            failed += 1
         with session_factory() as session:
-            if error is None:
-                session.execute(
-                    sa.update(OUTBOX)
-                    .where(OUTBOX.c.id == row.id)
-                    .values(delivered_at=finished, attempts=row.attempts + 1, last_error=None)
-                )
-                delivered += 1
-            else:
-                attempts = row.attempts + 1
-                retry_at = finished + backoff(attempts, base=retry_base, cap=retry_cap)
-                session.execute(
-                    sa.update(OUTBOX)
-                    .where(OUTBOX.c.id == row.id)
-                    .values(next_attempt_at=retry_at, attempts=attempts, last_error=error)
-                )
-                log.warning(
-                    "webhook %s failed (attempt %d, next at %s): %s",
-                    row.delivery_id,
-                    attempts,
-                    retry_at.isoformat(timespec="seconds"),
-                    error,
-                )
-                failed += 1
+            session.execute(
+                sa.update(OUTBOX).where(OUTBOX.c.id == row.id).values(attempts=attempts, **values)
+            )
     return DeliveryReport(delivered=delivered, failed=failed)
+
+
+def _claim_one(session_factory: SessionFactory, now: datetime, lease: timedelta) -> Any:
+    with session_factory() as session:
+        due = (
+            sa.select(OUTBOX.c.id)
+            .where(OUTBOX.c.delivered_at.is_(None), OUTBOX.c.next_attempt_at <= now)
+            .order_by(OUTBOX.c.next_attempt_at, OUTBOX.c.id)
+            .limit(1)
+        )
+        if session.get_bind().dialect.name == "postgresql":
+            due = due.with_for_update(skip_locked=True)
+        return session.execute(
+            sa.update(OUTBOX)
+            .where(OUTBOX.c.id.in_(due.scalar_subquery()))
+            .values(next_attempt_at=now + lease)
+            .returning(
+                OUTBOX.c.id,
+                OUTBOX.c.delivery_id,
+                OUTBOX.c.event,
+                OUTBOX.c.payload,
+                OUTBOX.c.attempts,
+            )
+        ).first()
 
 
 def _post(

@@ -23,11 +23,14 @@ from typing import Any
 
 import pytest
 import redis
+import sqlalchemy as sa
 
 from tests.conftest import REDIS_URL, Configure
 from tests.integration.e2e import check, run_plan
 from tests.integration.harness import Processes, wait_for
 from tests.integration.scenarios import Planned, plan
+from worker import db
+from worker.models import sessions_table
 from worker.simulator import Simulator
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
@@ -99,6 +102,19 @@ def _run_and_check(
     beats: int = 1,
 ) -> tuple[Simulator, dict[str, dict[str, Any]]]:
     env = {**TIMINGS, "RECEIPTS_ESCALATION_WEBHOOK_URL": receiver.url}
+
+    def delivered() -> bool:
+        """Every escalation so far has reached the receiver (checked while workers run)."""
+        with db.session_scope() as session:
+            escalated = set(
+                session.scalars(
+                    sa.select(sessions_table.c.session_no).where(
+                        sessions_table.c.state == "escalated"
+                    )
+                )
+            )
+        return {d["body"]["session_no"] for d in receiver.deliveries} >= escalated
+
     with Simulator(step=STEP, seed=5) as sim:
         sessions, receipts = run_plan(
             configure,
@@ -110,16 +126,11 @@ def _run_and_check(
             beats=beats,
             env_extra=env,
             during=during,
+            settled=delivered,
             timeout=90,
         )
         check(planned, sim, sessions, receipts, env_extra=env)
-        # Let the last deliveries go out, then: exactly one per escalated session.
         escalated = {n for n, row in sessions.items() if row["state"] == "escalated"}
-        wait_for(
-            lambda: {d["body"]["session_no"] for d in receiver.deliveries} >= escalated,
-            timeout=20,
-            describe=lambda: f"webhooks so far: {sorted(d['id'] for d in receiver.deliveries)}",
-        )
         counts = Counter(d["id"] for d in receiver.deliveries)
         assert max(counts.values(), default=1) == 1, [k for k, v in counts.items() if v > 1]
         assert {d["body"]["session_no"] for d in receiver.deliveries} == escalated

@@ -49,11 +49,13 @@ def run_plan(
     beats: int = 1,
     env_extra: dict[str, str] | None = None,
     during: Callable[[Processes, float], None] | None = None,
+    settled: Callable[[], bool] | None = None,
     timeout: float = 60,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, dict[str, Any]]]]:
     """Register ``planned`` with the simulator, track it, run real workers and beats until no
     session is pending, and return the sessions and receipts as stored. ``during(group,
-    elapsed)`` is called while waiting, to inject faults into the running processes."""
+    elapsed)`` is called while waiting, to inject faults into the running processes; the
+    processes keep running until ``settled()`` (e.g. webhooks delivered) holds too."""
     flush_redis(REDIS_URL)
     env = {
         **TIMINGS,
@@ -109,7 +111,7 @@ def run_plan(
         def done() -> bool:
             if during is not None:
                 during(group, time.monotonic() - started)
-            return pending() == 0
+            return pending() == 0 and (settled is None or settled())
 
         wait_for(
             done,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -56,12 +57,18 @@ class Processes:
         self, process: subprocess.Popen[bytes], *, kill: bool = False, timeout: float = 15
     ) -> None:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL if kill else signal.SIGTERM)
+            if kill:
+                os.killpg(process.pid, signal.SIGKILL)
+            else:
+                # Only the main process: Celery's warm shutdown lets running tasks finish.
+                process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # whatever the group left behind
 
     def stop_all(self) -> None:
         for _, process in self.running:
