@@ -11,7 +11,7 @@ import secrets
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -454,7 +454,15 @@ def escalate_due(
         sa.update(S)
         .where(S.c.id.in_(due.scalar_subquery()), S.c.state == PENDING)
         .values(
-            state=ESCALATED, escalated_at=now, next_poll_at=None, claim_token=None, updated_at=now
+            state=ESCALATED,
+            escalated_at=now,
+            next_poll_at=None,
+            claim_token=None,
+            updated_at=now,
+            # A session escalated again (resolved late, then reopened by a new phone) is a
+            # new alert: the acknowledgement of its previous escalation does not cover it.
+            acknowledged_at=None,
+            ack_note=None,
         )
         .returning(
             S.c.id,
@@ -498,20 +506,33 @@ def escalate_due(
     if outbox:
         from worker.webhooks import escalation_payload
 
+        payloads = [escalation_payload(e) for e in escalations]
+        # A session escalated a second time gets a delivery id of its own: receivers
+        # deduplicate on it, and the unique id must not fail the tick (stopping every poll).
+        taken = set(
+            session.scalars(
+                sa.select(outbox_table.c.delivery_id).where(
+                    outbox_table.c.delivery_id.in_([p["delivery_id"] for p in payloads])
+                )
+            )
+        )
+        for payload in payloads:
+            if payload["delivery_id"] in taken:
+                payload["delivery_id"] += f"-{now.astimezone(UTC):%Y%m%dT%H%M%S%fZ}"
         session.connection().execute(
             sa.insert(outbox_table),
             [
                 {
-                    "delivery_id": f"escalation-{e.account_id}-{e.session_no}",
+                    "delivery_id": payload["delivery_id"],
                     "event": "session.escalated",
                     "account_id": e.account_id,
                     "session_no": e.session_no,
-                    "payload": escalation_payload(e),
+                    "payload": payload,
                     "attempts": 0,
                     "next_attempt_at": now,
                     "created_at": now,
                 }
-                for e in escalations
+                for e, payload in zip(escalations, payloads, strict=True)
             ],
         )
     return escalations
