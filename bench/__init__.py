@@ -1,0 +1,1 @@
+"""Performance benchmark of the receipts worker: ``python -m bench [--quick] [--json]``."""

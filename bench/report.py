@@ -1,0 +1,301 @@
+"""The figures of a run, each with its target and verdict, as a table and as JSON."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+TRACK_TARGET = 20_000  # sessions/s
+HISTORY_RATIO_TARGET = 1.2
+MEMORY_RATIO_TARGET = 1.2
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Figure:
+    key: str
+    label: str
+    value: float | int | str | None
+    unit: str = ""
+    target: str = ""
+    ok: bool | None = None  # None: informational, no target
+    note: str = ""
+
+    @property
+    def verdict(self) -> str:
+        if self.value is None:
+            return "n/a"
+        return {True: "pass", False: "MISS", None: "info"}[self.ok]
+
+
+def _get(results: dict[str, Any], path: str) -> Any:
+    value: Any = results
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    if isinstance(a, int | float) and isinstance(b, int | float) and b:
+        return round(a / b, 3)
+    return None
+
+
+def figures(results: dict[str, Any]) -> list[Figure]:
+    r = results
+    out: list[Figure] = []
+
+    def add(key: str, label: str, path: str, unit: str = "", **kw: Any) -> None:
+        out.append(Figure(key=key, label=label, value=_get(r, path), unit=unit, **kw))
+
+    def check(
+        key: str,
+        label: str,
+        value: Any,
+        unit: str,
+        target: str,
+        ok: Callable[[Any], bool],
+        note: str = "",
+    ) -> None:
+        verdict = ok(value) if value is not None else None
+        out.append(
+            Figure(
+                key=key, label=label, value=value, unit=unit, target=target, ok=verdict, note=note
+            )
+        )
+
+    rows = _get(r, "raw.rows")
+    add(
+        "raw_executemany",
+        f"1. raw upsert, executemany pipeline ({rows:,} rows, insert)"
+        if rows
+        else "1. raw upsert, executemany pipeline",
+        "raw.executemany.insert_rows_per_s",
+        "rows/s",
+        target="NOTES: 95-135k",
+    )
+    add(
+        "raw_executemany_update",
+        "   … update pass (every row conflicts)",
+        "raw.executemany.update_rows_per_s",
+        "rows/s",
+    )
+    add(
+        "raw_copy",
+        "1. raw upsert, COPY + INSERT…SELECT (insert)",
+        "raw.copy.insert_rows_per_s",
+        "rows/s",
+        target="NOTES: 165-220k",
+    )
+    add("raw_copy_update", "   … update pass", "raw.copy.update_rows_per_s", "rows/s")
+
+    w = "worker"
+    sessions = _get(r, f"{w}.sessions")
+    phones = _get(r, f"{w}.phones_per_session")
+    scope = f" ({sessions:,} sessions x {phones})" if sessions else ""
+    add(
+        "worker_receipts_per_s",
+        f"2. real worker, receipts ingested{scope}",
+        f"{w}.receipts_per_s",
+        "receipts/s",
+        note="first claim -> last resolution",
+    )
+    out.append(
+        Figure(
+            key="worker_ratio_to_raw",
+            label="2. … ratio to raw executemany limit",
+            value=_ratio(
+                _get(r, f"{w}.receipts_per_s"), _get(r, "raw.executemany.insert_rows_per_s")
+            ),
+            unit="x",
+        )
+    )
+    add(
+        "worker_seconds",
+        "2. … first claim to last resolution",
+        f"{w}.first_claim_to_last_resolution_s",
+        "s",
+    )
+    add(
+        "worker_calls_per_session",
+        "2. API calls per session polled",
+        f"{w}.api_calls_per_session",
+        "calls",
+        target="min 0.01",
+    )
+    calls = _get(r, f"{w}.api_calls")
+    allowed = _get(r, f"{w}.api_calls_allowed")
+    minimum = _get(r, f"{w}.api_calls_minimum")
+    check(
+        "worker_calls_vs_minimum",
+        "2. API calls in the round vs minimum",
+        f"{calls} (min {minimum})" if calls is not None else None,
+        "calls",
+        f"<= min + 1/account ({allowed})",
+        lambda _: bool(_get(r, f"{w}.api_calls_within_minimum_plus_one")),
+    )
+    add("worker_peak_rss", "2. worker peak RSS (main + 2 children)", f"{w}.peak_rss_mb", "MB")
+
+    add("claim_ms", "3. claim_batch(100), no history", "claims.no_history.best_mean_ms", "ms/batch")
+    for step in _get(r, "claims.history") or []:
+        rows = step["rows"]
+        out.append(
+            Figure(
+                key=f"claim_ms_{rows}",
+                label=f"3. claim_batch(100), {rows:,} history",
+                value=step["best_mean_ms"],
+                unit="ms/batch",
+            )
+        )
+        check(
+            f"claim_ratio_{rows}",
+            f"3. … ratio, {rows:,} resolved/escalated vs none",
+            step["ratio"],
+            "x",
+            f"<= {HISTORY_RATIO_TARGET}",
+            lambda v: v <= HISTORY_RATIO_TARGET,
+        )
+
+    tracked = _get(r, "track.sessions")
+    check(
+        "track_per_s",
+        f"4. track_many, {tracked:,} new sessions" if tracked else "4. track_many",
+        _get(r, "track.track_many_sessions_per_s"),
+        "sessions/s",
+        f">= {TRACK_TARGET:,}",
+        lambda v: v >= TRACK_TARGET,
+    )
+    add("track_parse", "   … parse_requests alone", "track.parse_sessions_per_s", "sessions/s")
+    add("track_write", "   … track_requests alone", "track.write_sessions_per_s", "sessions/s")
+    add(
+        "track_repeat",
+        "   … track_many again (all exist: merge path)",
+        "track.repeat_sessions_per_s",
+        "sessions/s",
+    )
+
+    small, large = _get(r, "memory_small.peak_rss_mb"), _get(r, "memory_large.peak_rss_mb")
+    n_small, n_large = _get(r, "memory_small.sessions"), _get(r, "memory_large.sessions")
+    window = _get(r, "memory_large.window_s")
+    add(
+        "memory_small",
+        f"5. worker peak RSS, {n_small:,} backlog (whole run)"
+        if n_small
+        else "5. worker peak RSS, small backlog",
+        "memory_small.peak_rss_mb",
+        "MB",
+    )
+    add(
+        "memory_large",
+        f"5. worker peak RSS, {n_large:,} backlog (first {window:g}s)"
+        if n_large and window
+        else "5. worker peak RSS, large backlog",
+        "memory_large.peak_rss_mb",
+        "MB",
+    )
+    check(
+        "memory_ratio",
+        "5. peak RSS ratio, large vs small backlog",
+        _ratio(large, small),
+        "x",
+        f"<= {MEMORY_RATIO_TARGET}",
+        lambda v: v <= MEMORY_RATIO_TARGET,
+    )
+    add(
+        "memory_claimed",
+        "5. … sessions claimed by ticks in that window",
+        "memory_large.sessions_claimed",
+        "sessions",
+    )
+    add(
+        "memory_resolved",
+        "5. … sessions resolved in that window",
+        "memory_large.resolved",
+        "sessions",
+    )
+
+    add(
+        "inproc_ms_per_poll",
+        "7. in-process poll() of 100 sessions (no Celery)",
+        "inproc.ms_per_poll",
+        "ms",
+    )
+    add(
+        "inproc_receipts_per_s",
+        "7. … receipts/s in one process",
+        "inproc.receipts_per_s_one_process",
+        "receipts/s",
+    )
+    return out
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+    return str(value)
+
+
+def render(results: dict[str, Any], figs: list[Figure], stream: TextIO) -> None:
+    machine = results.get("machine", {})
+    print("", file=stream)
+    print(
+        f"uspeedo-receipts benchmark ({results.get('mode')}), "
+        f"{results.get('duration_s', 0):.0f}s total",
+        file=stream,
+    )
+    if machine:
+        print(
+            f"machine: {machine.get('nproc')} CPU(s) {machine.get('cpu', '')}, "
+            f"{machine.get('memory_gb')} GB RAM; PostgreSQL {machine.get('postgresql')} "
+            f"(shared_buffers {machine.get('shared_buffers')}); Python {machine.get('python')}; "
+            + ", ".join(f"{k} {v}" for k, v in machine.get("packages", {}).items()),
+            file=stream,
+        )
+        print(
+            f"other load on the machine: {machine.get('cpu_busy_before', 0):.0%} of CPU busy "
+            f"before the run, {machine.get('cpu_busy_after', 0):.0%} after",
+            file=stream,
+        )
+    width = max(len(f.label) for f in figs)
+    header = f"{'figure':<{width}}  {'value':>14}  {'unit':<11} {'target':<24} result"
+    print(header, file=stream)
+    print("-" * len(header), file=stream)
+    for f in figs:
+        print(
+            f"{f.label:<{width}}  {_show(f.value):>14}  {f.unit:<11} {f.target:<24} "
+            f"{f.verdict}{'  (' + f.note + ')' if f.note else ''}",
+            file=stream,
+        )
+    for phase, detail in results.items():
+        if isinstance(detail, dict) and "error" in detail:
+            print(f"phase {phase} FAILED: {detail['error']}", file=stream)
+    notes = results.get("notes", [])
+    if notes:
+        print("", file=stream)
+        for note in notes:
+            print(f"note: {note}", file=stream)
+
+
+def document(results: dict[str, Any], figs: list[Figure]) -> dict[str, Any]:
+    return {
+        "figures": [{**asdict(f), "verdict": f.verdict} for f in figs],
+        **results,
+    }
+
+
+def write(doc: dict[str, Any], path: Path = RESULTS_DIR / "latest.json") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    return path

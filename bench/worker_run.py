@@ -1,0 +1,400 @@
+"""Drive the real worker: ``receipts worker --concurrency 2`` and ``receipts beat`` subprocesses
+on the benchmark database and Redis db, against the simulator on loopback, with a backlog of due
+``quick_success`` sessions; measure until every session is resolved (or for a fixed window).
+
+Peak RSS is the sum of ``VmHWM`` of the worker's main process and its pool children, read from
+/proc just before the worker is stopped (and, as a cross-check, the largest sum of ``VmRSS``
+seen by sampling every 0.25 s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.env import (
+    SEED_PREFIX,
+    BenchDatabase,
+    copy_sessions,
+    flush_redis,
+    log,
+    make_sessions,
+    register,
+    timings_env,
+    wait_until,
+)
+from worker.simulator import Simulator
+
+ROOT = Path(__file__).resolve().parents[1]
+STOP_TIMEOUT = 15.0
+SAMPLE_EVERY = 0.25
+
+
+# --- /proc ---------------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", encoding="ascii") as handle:
+                found.extend(int(p) for p in handle.read().split())
+        except OSError:
+            continue
+    return found
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(_children(current))
+    return tree
+
+
+def memory_kb(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of one process in kB; zeros once it is gone."""
+    rss = hwm = 0
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1])
+                elif line.startswith("VmHWM:"):
+                    hwm = int(line.split()[1])
+    except OSError:
+        pass
+    return rss, hwm
+
+
+@dataclass(slots=True)
+class MemoryProbe:
+    pid: int
+    peak_rss_sum_kb: int = 0
+    hwm_by_pid: dict[int, int] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)
+
+    def sample(self) -> None:
+        total = 0
+        for pid in process_tree(self.pid):
+            rss, hwm = memory_kb(pid)
+            total += rss
+            if hwm:
+                self.hwm_by_pid[pid] = max(hwm, self.hwm_by_pid.get(pid, 0))
+                self.names.setdefault(pid, _command(pid))
+        self.peak_rss_sum_kb = max(self.peak_rss_sum_kb, total)
+
+    @property
+    def hwm_sum_kb(self) -> int:
+        return sum(self.hwm_by_pid.values())
+
+    def by_process_mb(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "pid": pid,
+                "role": "main" if pid == self.pid else "child",
+                "command": self.names.get(pid, ""),
+                "peak_rss_mb": round(kb / 1024, 1),
+            }
+            for pid, kb in sorted(self.hwm_by_pid.items())
+        ]
+
+
+def _command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace").strip()[:120]
+    except OSError:
+        return ""
+
+
+# --- processes -----------------------------------------------------------------------------
+
+
+class Processes:
+    """``python -m worker.cli …`` subprocesses in their own process groups, logs in ``folder``."""
+
+    def __init__(self, env: Mapping[str, str], folder: Path) -> None:
+        base = {k: v for k, v in os.environ.items() if not k.startswith("RECEIPTS_")}
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        self.env = {**base, **env, "PYTHONPATH": path}
+        self.folder = folder
+        self.running: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        with (self.folder / f"{name}.log").open("ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "worker.cli", *args],
+                env=self.env,
+                cwd=self.folder,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.running[name] = process
+        return process
+
+    def check_alive(self) -> None:
+        for name, process in self.running.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.tail(name)}")
+
+    def tail(self, name: str, chars: int = 3000) -> str:
+        path = self.folder / f"{name}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    def stop_all(self) -> None:
+        for process in self.running.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for process in self.running.values():
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(5)
+        # A pool child left behind by a killed main process would keep its group alive.
+        for process in self.running.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunConfig:
+    label: str
+    sessions: int
+    phones: int
+    accounts: int
+    timeout: float  # bound on the whole run once the worker is started
+    window: float | None = None  # stop this long after the first claim instead of at the end
+    profile_to: Path | None = None  # py-spy raw output of the worker during the window
+    profile_seconds: float = 20.0
+
+
+def _pending(database: BenchDatabase) -> int:
+    with database.connect() as conn:
+        row = conn.execute("SELECT count(*) FROM sms_sessions WHERE state = 'pending'").fetchone()
+    return int(row[0]) if row else -1
+
+
+def _claimed(database: BenchDatabase) -> bool:
+    with database.connect() as conn:
+        row = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM sms_sessions WHERE claimed_at IS NOT NULL)"
+        ).fetchone()
+    return bool(row and row[0])
+
+
+def _start_profiler(pid: int, config: RunConfig) -> subprocess.Popen[bytes] | None:
+    py_spy = shutil.which("py-spy")
+    if config.profile_to is None or py_spy is None:
+        return None
+    return subprocess.Popen(
+        [
+            py_spy,
+            "record",
+            "--pid",
+            str(pid),
+            "--subprocesses",
+            "--nonblocking",
+            "--rate",
+            "100",
+            "--format",
+            "raw",
+            "--duration",
+            str(int(config.profile_seconds)),
+            "--output",
+            str(config.profile_to),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+def _stop_profiler(profiler: subprocess.Popen[bytes] | None, config: RunConfig) -> None:
+    if profiler is None:
+        return
+    try:
+        profiler.wait(config.profile_seconds + 15)
+    except subprocess.TimeoutExpired:
+        os.killpg(profiler.pid, signal.SIGINT)
+        try:
+            profiler.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(profiler.pid, signal.SIGKILL)
+            profiler.wait(5)
+    if profiler.returncode and profiler.stderr is not None:
+        log(f"py-spy exited {profiler.returncode}: {profiler.stderr.read().decode()[-500:]}")
+
+
+def run(database: BenchDatabase, sim: Simulator, config: RunConfig, folder: Path) -> dict[str, Any]:
+    database.reset()
+    flush_redis()
+    sim.reset()
+    folder.mkdir(parents=True, exist_ok=True)
+    sessions = make_sessions(
+        config.sessions, phones=config.phones, accounts=config.accounts, prefix=f"{config.label}-"
+    )
+    sent_at = time.time() - 60
+    register(sim, sessions, sent_at=sent_at)
+    copy_sessions(database, sessions, sent_at=datetime.fromtimestamp(sent_at, UTC))
+    log(f"{config.label}: {config.sessions:,} due sessions x {config.phones} phones loaded")
+
+    group = Processes(timings_env(database, sim), folder)
+    profiler: subprocess.Popen[bytes] | None = None
+    try:
+        started = time.monotonic()
+        worker = group.start(
+            "worker", "worker", "--concurrency", "2", "--hostname", f"bench-{config.label}@%h"
+        )
+        group.start("beat", "beat", "--schedule", str(folder / "beat-schedule"))
+        probe = MemoryProbe(worker.pid)
+
+        def claimed() -> bool:
+            group.check_alive()
+            probe.sample()
+            return _claimed(database)
+
+        wait_until(claimed, timeout=60, interval=0.1, what=f"{config.label}: a first claim")
+        first_claim_wall = time.monotonic()
+        profiler = _start_profiler(worker.pid, config)
+
+        def finished() -> bool:
+            group.check_alive()
+            probe.sample()
+            if config.window is not None:
+                return time.monotonic() - first_claim_wall >= config.window
+            return _pending(database) == 0
+
+        wait_until(
+            finished,
+            timeout=config.timeout,
+            interval=SAMPLE_EVERY,
+            what=f"{config.label}: the backlog to drain",
+        )
+        ended = time.monotonic()
+        probe.sample()  # VmHWM just before stopping
+        _stop_profiler(profiler, config)
+        profiler = None
+    except BaseException:
+        log(f"{config.label} failed; worker log tail:\n{group.tail('worker')}")
+        raise
+    finally:
+        if profiler is not None and profiler.poll() is None:
+            os.killpg(profiler.pid, signal.SIGKILL)
+            profiler.wait(5)
+        group.stop_all()
+    result = _collect(database, sim, config)
+    result.update(
+        startup_to_first_claim_s=round(first_claim_wall - started, 2),
+        wall_s=round(ended - started, 2),
+        peak_rss_mb=round(probe.hwm_sum_kb / 1024, 1),
+        peak_rss_by_process=probe.by_process_mb(),
+        peak_rss_sampled_mb=round(probe.peak_rss_sum_kb / 1024, 1),
+        processes=len(probe.hwm_by_pid),
+        window_s=config.window,
+    )
+    return result
+
+
+def _collect(database: BenchDatabase, sim: Simulator, config: RunConfig) -> dict[str, Any]:
+    with database.connect() as conn:
+        s = conn.execute(
+            """SELECT count(*) FILTER (WHERE state = 'resolved'),
+                      count(*) FILTER (WHERE state = 'escalated'),
+                      min(claimed_at), max(resolved_at), sum(poll_count),
+                      count(claimed_at)
+               FROM sms_sessions WHERE session_no NOT LIKE %s""",
+            (f"{SEED_PREFIX}%",),
+        ).fetchone()
+        r = conn.execute(
+            "SELECT count(*), min(first_seen_at), max(first_seen_at) FROM sms_receipts "
+            "WHERE session_no NOT LIKE %s",
+            (f"{SEED_PREFIX}%",),
+        ).fetchone()
+    if s is None or r is None:
+        raise RuntimeError("no statistics")
+    resolved, escalated, first_claim, last_resolved, polls, claimed = s
+    receipts, first_seen, last_seen = r
+    span = (last_resolved - first_claim).total_seconds() if last_resolved and first_claim else 0.0
+    seen_span = (last_seen - first_seen).total_seconds() if last_seen and first_seen else 0.0
+    calls = _calls(sim)
+    out: dict[str, Any] = {
+        "sessions": config.sessions,
+        "phones_per_session": config.phones,
+        "accounts": config.accounts,
+        "resolved": resolved,
+        "escalated": escalated,
+        "receipts": receipts,
+        "receipts_expected": config.sessions * config.phones if config.window is None else None,
+        "first_claim_to_last_resolution_s": round(span, 3),
+        "receipts_per_s": round(receipts / span) if span else None,
+        "receipts_per_s_first_seen_span": round(receipts / seen_span) if seen_span else None,
+        "sessions_per_s": round(resolved / span) if span else None,
+        "session_polls": int(polls or 0),
+        "sessions_claimed": claimed,
+        **calls,
+    }
+    if config.window is None and (
+        resolved != config.sessions or receipts != config.sessions * config.phones
+    ):
+        raise RuntimeError(f"{config.label}: incomplete run: {out}")
+    return out
+
+
+def _calls(sim: Simulator) -> dict[str, Any]:
+    calls = [c for c in sim.calls() if c["action"] == "GetUSMSSendReceipt"]
+    per_account: Counter[int] = Counter()
+    polled: dict[int, set[str]] = defaultdict(set)
+    outcomes: Counter[str] = Counter()
+    for call in calls:
+        per_account[call["account_id"]] += 1
+        polled[call["account_id"]].update(call["session_nos"])
+        outcomes[call["outcome"]] += 1
+    accounts = {}
+    for account, count in sorted(per_account.items()):
+        minimum = math.ceil(len(polled[account]) / 100)
+        accounts[str(account)] = {
+            "calls": count,
+            "sessions_polled": len(polled[account]),
+            "minimum_calls": minimum,
+            "allowed_calls": minimum + 1,
+        }
+    sessions_polled = sum(len(v) for v in polled.values())
+    return {
+        "api_calls": len(calls),
+        "api_outcomes": dict(outcomes),
+        "sessions_polled": sessions_polled,
+        "api_calls_per_session": (
+            round(len(calls) / sessions_polled, 5) if sessions_polled else None
+        ),
+        "api_calls_minimum": sum(a["minimum_calls"] for a in accounts.values()),
+        "api_calls_allowed": sum(a["allowed_calls"] for a in accounts.values()),
+        "api_calls_within_minimum_plus_one": all(
+            a["calls"] <= a["allowed_calls"] for a in accounts.values()
+        ),
+        "api_calls_by_account": accounts,
+    }
