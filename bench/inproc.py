@@ -47,7 +47,7 @@ BREAKDOWN: tuple[tuple[str, Callable[..., Any]], ...] = (
     ("  receipt_rows", store.receipt_rows),
     ("  upsert_receipts", store.upsert_receipts),
     ("  results_by_session", store.results_by_session),
-    ("  _bulk_update (resolve + reschedule)", store._bulk_update),
+    ("  _update_many (resolve + reschedule)", store._update_many),
     ("count_api_calls", store.count_api_calls),
     ("session_scope (checkout, begin, commit)", db.session_scope.__wrapped__),  # type: ignore[attr-defined]
 )

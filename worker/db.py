@@ -7,7 +7,7 @@ because pooled connections must never be shared between processes.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -84,6 +84,21 @@ def upsert_insert(session: Session, table: sa.Table) -> Any:
     from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
     return sqlite_insert(table)
+
+
+def unnest_rows(rows: Sequence[Mapping[str, Any]], types: Mapping[str, Any]) -> sa.Select[Any]:
+    """PostgreSQL: ``rows`` as a SELECT over one array per column (``unnest`` zips them), so
+    that one statement with a constant text carries any number of rows in one round trip."""
+    from sqlalchemy.dialects.postgresql import ARRAY
+
+    return sa.select(
+        *(
+            sa.func.unnest(
+                sa.bindparam(f"u_{name}", [row[name] for row in rows], type_=ARRAY(type_))
+            ).label(name)
+            for name, type_ in types.items()
+        )
+    )
 
 
 @contextmanager

@@ -15,11 +15,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from worker.client import Receipt
-from worker.db import upsert_insert
+from worker.db import unnest_rows, upsert_insert
 from worker.domain import (
     FINAL_RESULTS,
     ReceiptVersion,
@@ -280,7 +279,7 @@ def upsert_receipts(session: Session, rows: Sequence[dict[str, Any]]) -> int:
         # One statement reading every row from arrays: one round trip for the whole answer
         # instead of one per receipt (which dominated the profile, see README "Performance").
         columns = list(rows[0])
-        source = _unnest(rows, {name: R.c[name].type for name in columns})
+        source = unnest_rows(rows, {name: R.c[name].type for name in columns})
         statement = statement.from_select(columns, source)
         params = None
     excluded = statement.excluded
@@ -321,18 +320,6 @@ def results_by_session(
     return found
 
 
-def _unnest(rows: Sequence[Mapping[str, Any]], types: Mapping[str, Any]) -> sa.Select[Any]:
-    """PostgreSQL: the rows as a SELECT over one array per column (``unnest`` zips them)."""
-    return sa.select(
-        *(
-            sa.func.unnest(
-                sa.bindparam(f"u_{name}", [row[name] for row in rows], type_=ARRAY(type_))
-            ).label(name)
-            for name, type_ in types.items()
-        )
-    )
-
-
 def _update_many(
     session: Session,
     rows: Sequence[Mapping[str, Any]],
@@ -350,7 +337,7 @@ def _update_many(
     if not rows:
         return
     if set_based and _is_pg(session):
-        source = _unnest(rows, types).subquery("rows")
+        source = unnest_rows(rows, types).subquery("rows")
         columns = {name: source.c[name] for name in types}
         session.execute(sa.update(S).where(S.c.id == columns["id"]).values(**values(columns)))
         return

@@ -3,6 +3,7 @@ Celery task, CLI, CSV) and the idempotent bulk write."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -10,9 +11,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
-from worker.db import upsert_insert
+from worker.db import unnest_rows, upsert_insert
 from worker.domain import SessionState, phone_key
 from worker.models import sessions_table
 from worker.schedule import PollPolicy
@@ -25,6 +27,8 @@ MIN_PHONE_DIGITS, MAX_PHONE_DIGITS = 5, 20
 FUTURE_TOLERANCE = timedelta(minutes=5)
 # Enough rows per statement to amortise round trips, few enough for SQLite's bound-parameter cap.
 CHUNK = 2_000
+# PostgreSQL takes each column as one array parameter, so chunks can be larger.
+PG_CHUNK = 10_000
 
 _SESSION_NO = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
 _PHONE = re.compile(r"\+?[0-9()\- ]+")
@@ -247,8 +251,21 @@ def track_requests(
     merged = _merge(requests)
     table = sessions_table
     items = list(merged.values())
-    for start in range(0, len(items), CHUNK):
-        chunk = items[start : start + CHUNK]
+    is_pg = session.get_bind().dialect.name == "postgresql"
+    chunk_size = PG_CHUNK if is_pg else CHUNK
+    for start in range(0, len(items), chunk_size):
+        chunk = items[start : start + chunk_size]
+        if is_pg:
+            inserted = _insert_new_pg(session, chunk, policy=policy, now=now)
+            result.inserted += len(inserted)
+            existing = [r for r in chunk if (r.account_id, r.session_no) not in inserted]
+            # Looked up in smaller pieces: a row-value IN list of 10,000 pairs exhausts
+            # PostgreSQL's parser stack.
+            for piece in range(0, len(existing), CHUNK):
+                _merge_existing(
+                    session, existing[piece : piece + CHUNK], result, policy=policy, now=now
+                )
+            continue
         rows = [
             {
                 "account_id": r.account_id,
@@ -279,6 +296,68 @@ def track_requests(
             _merge_existing(session, existing, result, policy=policy, now=now)
     result.keys = list(merged)
     return result
+
+
+def _insert_new_pg(
+    session: Session, chunk: Sequence[TrackRequest], *, policy: PollPolicy, now: datetime
+) -> set[tuple[int, str]]:
+    """PostgreSQL: insert the new sessions of a chunk with one ``INSERT … SELECT FROM
+    unnest(…) ON CONFLICT DO NOTHING``, whose text never changes (so it is compiled once)
+    however many rows it carries; returns the keys it inserted."""
+    table = sessions_table
+    source = unnest_rows(
+        [
+            {
+                "account_id": r.account_id,
+                "session_no": r.session_no,
+                "phones": json.dumps(list(r.phones)),
+                "user_ref": r.user_ref,
+                "sent_at": r.sent_at,
+                "next_poll_at": policy.first_poll_at(r.sent_at),
+            }
+            for r in chunk
+        ],
+        {
+            "account_id": sa.BigInteger(),
+            "session_no": sa.Text(),
+            "phones": sa.Text(),
+            "user_ref": sa.Text(),
+            "sent_at": table.c.sent_at.type,
+            "next_poll_at": table.c.next_poll_at.type,
+        },
+    ).subquery("new")
+    now_value = sa.literal(now, table.c.created_at.type)
+    select = sa.select(
+        source.c.account_id,
+        source.c.session_no,
+        sa.cast(source.c.phones, JSONB),
+        source.c.user_ref,
+        source.c.sent_at,
+        source.c.next_poll_at,
+        sa.literal(SessionState.PENDING.value),
+        sa.literal(0),
+        now_value,
+        now_value,
+    )
+    columns = [
+        "account_id",
+        "session_no",
+        "phones",
+        "user_ref",
+        "sent_at",
+        "next_poll_at",
+        "state",
+        "poll_count",
+        "created_at",
+        "updated_at",
+    ]
+    insert = (
+        upsert_insert(session, table)
+        .from_select(columns, select)
+        .on_conflict_do_nothing(index_elements=["account_id", "session_no"])
+        .returning(table.c.account_id, table.c.session_no)
+    )
+    return {(row.account_id, row.session_no) for row in session.execute(insert)}
 
 
 def _merge_existing(

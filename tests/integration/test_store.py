@@ -136,6 +136,7 @@ def test_bulk_track_is_one_transaction(monkeypatch: pytest.MonkeyPatch) -> None:
     from worker import tracking
 
     monkeypatch.setattr(tracking, "CHUNK", 2)
+    monkeypatch.setattr(tracking, "PG_CHUNK", 2)
     requests = [TrackRequest(account_id=1, session_no=f"s{i}", sent_at=T0) for i in range(5)]
     calls = {"n": 0}
     original = tracking.upsert_insert
@@ -414,3 +415,14 @@ def test_a_late_answer_resolves_an_escalated_session_and_keeps_escalated_at() ->
     assert row["state"] == "resolved"
     assert row["escalated_at"] == cutoff
     assert row["resolved_at"] == cutoff + timedelta(seconds=1)
+
+
+def test_tracking_thousands_again_merges_them_all() -> None:
+    """Re-tracking more sessions than one lookup takes (2,000) finds every one of them."""
+    rows = [{"account_id": 1 + i % 3, "session_no": f"bulk{i}"} for i in range(4500)]
+    requests = parse_requests([{"sent_at": T0, **row} for row in rows], now=T0)
+    with db.session_scope() as session:
+        first = track_requests(session, requests, policy=POLICY, now=T0)
+    with db.session_scope() as session:
+        again = track_requests(session, requests, policy=POLICY, now=T0)
+    assert (first.inserted, again.inserted, again.unchanged) == (4500, 0, 4500)
