@@ -123,12 +123,11 @@ def claim_batch(
     token = secrets.token_hex(16)
     due = (
         sa.select(S.c.id)
-        .where(
-            S.c.state == PENDING,
-            S.c.account_id == account_id,
-            S.c.next_poll_at <= now,
-            S.c.sent_at > now - policy.cutoff,
-        )
+        # Exactly the partial index's columns and order: the planner then walks the index
+        # and stops after ``limit`` rows. An extra filter here (sent_at before the cutoff)
+        # made it underestimate the due rows and read and sort all of them instead, so the
+        # cutoff is left to start_poll, and the tick escalates before it claims.
+        .where(S.c.state == PENDING, S.c.account_id == account_id, S.c.next_poll_at <= now)
         .order_by(S.c.next_poll_at)
         .limit(limit)
     )

@@ -223,13 +223,23 @@ def test_never_polled_twice_inside_the_minimum_interval() -> None:
     assert _start(claim, soon) == []
 
 
-def test_no_claim_and_no_poll_at_or_after_the_cutoff() -> None:
+def test_no_poll_at_or_after_the_cutoff() -> None:
+    """A claim may still pick up a session past its cutoff (the tick escalates it first),
+    but the poll never starts: start_poll is where the rule is kept."""
     _track({"account_id": 1, "session_no": "s"})
     cutoff = T0 + POLICY.cutoff
-    assert _claim(1, cutoff) is None
+    late = _claim(1, cutoff)
+    assert late is not None
+    assert _start(late, cutoff) == []
+    with db.session_scope() as session:
+        session.execute(sa.update(sessions_table).values(next_poll_at=T0, claim_token=None))
     claim = _claim(1, cutoff - timedelta(seconds=1))
     assert claim is not None
     assert _start(claim, cutoff) == []
+    with db.session_scope() as session:
+        assert [e.session_no for e in store.escalate_due(session, now=cutoff, policy=POLICY)] == [
+            "s"
+        ]
 
 
 # --- recording ----------------------------------------------------------------------------
