@@ -165,13 +165,7 @@ def poll(
     )
     if targets:
         run.poll(targets)
-    return PollReport(
-        polled=len(targets),
-        api_calls=run.api_calls,
-        receipts_written=run.receipts_written,
-        resolved=run.resolved,
-        failed=run.failed,
-    )
+    return run.report(len(targets))
 
 
 def repoll_escalated(
@@ -207,13 +201,7 @@ def repoll_escalated(
     for account_targets in by_account.values():
         for start in range(0, len(account_targets), batch_size):
             run.poll(account_targets[start : start + batch_size])
-    return PollReport(
-        polled=len(targets),
-        api_calls=run.api_calls,
-        receipts_written=run.receipts_written,
-        resolved=run.resolved,
-        failed=run.failed,
-    )
+    return run.report(len(targets))
 
 
 @dataclass(kw_only=True, slots=True)
@@ -236,6 +224,15 @@ class _PollRun:
     # API calls by (outcome, code), written with the call's result for the exporter.
     outcomes: Counter[tuple[str, int]] = field(default_factory=Counter)
     sleep: Callable[[float], None] = time.sleep
+
+    def report(self, polled: int) -> PollReport:
+        return PollReport(
+            polled=polled,
+            api_calls=self.api_calls,
+            receipts_written=self.receipts_written,
+            resolved=self.resolved,
+            failed=self.failed,
+        )
 
     def poll(self, targets: Sequence[PollTarget]) -> None:
         # No attempt may start once the poll's budget is spent or the earliest cutoff in the

@@ -14,7 +14,7 @@ from celery.exceptions import Reject
 from worker import poller, webhooks
 from worker.celery import app
 from worker.client import UspeedoClient
-from worker.config import get_settings
+from worker.config import Settings, get_settings
 from worker.db import session_scope
 from worker.store import Claim
 from worker.tracking import TrackError, parse_requests, track_requests
@@ -130,16 +130,7 @@ def _dispatch(claim: Claim) -> None:
 def poll(account_id: Any, session_ids: Any, token: Any) -> dict[str, int]:
     claim = _parse_claim(account_id, session_ids, token)
     settings = get_settings()
-    report = poller.poll(
-        claim,
-        session_factory=session_scope,
-        client=get_client(),
-        clock=utcnow,
-        policy=settings.poll_policy(),
-        rng=_rng,
-        budget=settings.poll_budget,
-        in_flight=settings.poll_in_flight,
-    )
+    report = poller.poll(claim, **_poll_dependencies(settings), in_flight=settings.poll_in_flight)
     return {"polled": report.polled, "resolved": report.resolved, "failed": report.failed}
 
 
@@ -149,14 +140,21 @@ def repoll(session_nos: list[str], account_id: int | None) -> poller.PollReport:
     return poller.repoll_escalated(
         session_nos,
         account_id=account_id,
-        session_factory=session_scope,
-        client=get_client(),
-        clock=utcnow,
-        policy=settings.poll_policy(),
-        rng=_rng,
-        budget=settings.poll_budget,
         batch_size=settings.batch_size,
+        **_poll_dependencies(settings),
     )
+
+
+def _poll_dependencies(settings: Settings) -> dict[str, Any]:
+    """What every poll runs with in a worker process."""
+    return {
+        "session_factory": session_scope,
+        "client": get_client(),
+        "clock": utcnow,
+        "policy": settings.poll_policy(),
+        "rng": _rng,
+        "budget": settings.poll_budget,
+    }
 
 
 def _parse_claim(account_id: Any, session_ids: Any, token: Any) -> Claim:
