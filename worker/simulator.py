@@ -274,6 +274,16 @@ def _phone_truth(plan: Sequence[_Step], step: float) -> dict[str, Any]:
 # --- request parsing helpers -------------------------------------------------------------------
 
 
+def _account_id(action: str, body: Mapping[str, Any]) -> int | _Answer:
+    """The request's AccountId, or the error answer both actions give for a bad one."""
+    if "AccountId" not in body:
+        return _Answer(_error(action, RET_MISSING, "Missing parameter AccountId"), "invalid")
+    account_id = _positive_int(body["AccountId"])
+    if account_id is None:
+        return _Answer(_error(action, RET_INVALID, "Invalid parameter AccountId"), "invalid")
+    return account_id
+
+
 def _positive_int(value: Any) -> int | None:
     # bool is an int subclass, and `true` is no account id.
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
@@ -643,15 +653,9 @@ class Simulator:
         return True
 
     def _get_receipts(self, body: dict[str, Any], now: float) -> _Answer:
-        if "AccountId" not in body:
-            return _Answer(
-                _error(GET_RECEIPT, RET_MISSING, "Missing parameter AccountId"), "invalid"
-            )
-        account_id = _positive_int(body["AccountId"])
-        if account_id is None:
-            return _Answer(
-                _error(GET_RECEIPT, RET_INVALID, "Invalid parameter AccountId"), "invalid"
-            )
+        account_id = _account_id(GET_RECEIPT, body)
+        if isinstance(account_id, _Answer):
+            return account_id
         if "SessionNoSet" not in body:
             return _Answer(
                 _error(GET_RECEIPT, RET_MISSING, "Missing parameter SessionNoSet"), "invalid"
@@ -684,15 +688,9 @@ class Simulator:
         return _Answer(payload, "ok", shown)
 
     def _send_batch(self, body: dict[str, Any], now: float) -> _Answer:
-        if "AccountId" not in body:
-            return _Answer(
-                _error(SEND_BATCH, RET_MISSING, "Missing parameter AccountId"), "invalid"
-            )
-        account_id = _positive_int(body["AccountId"])
-        if account_id is None:
-            return _Answer(
-                _error(SEND_BATCH, RET_INVALID, "Invalid parameter AccountId"), "invalid"
-            )
+        account_id = _account_id(SEND_BATCH, body)
+        if isinstance(account_id, _Answer):
+            return account_id
         if "TaskContent" not in body:
             return _Answer(
                 _error(SEND_BATCH, RET_MISSING, "Missing parameter TaskContent"), "invalid"
