@@ -87,7 +87,7 @@ def tick(
         for escalation in escalations:
             log_escalation(escalation, show_phones=show_phones)
         escalated += len(escalations)
-        if len(escalations) < 1000:
+        if len(escalations) < store.ESCALATION_BATCH:
             break
 
     now = clock()

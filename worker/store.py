@@ -40,6 +40,8 @@ from worker.schedule import PollPolicy
 
 S = sessions_table
 R = receipts_table
+# Sessions escalated per statement; the tick repeats until a batch comes back short.
+ESCALATION_BATCH = 1000
 PENDING = SessionState.PENDING.value
 RESOLVED = SessionState.RESOLVED.value
 ESCALATED = SessionState.ESCALATED.value
@@ -468,7 +470,7 @@ def escalate_due(
     *,
     now: datetime,
     policy: PollPolicy,
-    limit: int = 1000,
+    limit: int = ESCALATION_BATCH,
     outbox: bool = False,
 ) -> list[Escalation]:
     """Escalate pending sessions whose cutoff has passed, at most ``limit`` per call.

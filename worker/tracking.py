@@ -433,7 +433,3 @@ def _merge_existing(
             )
         )
         session.connection().execute(statement, updates)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)

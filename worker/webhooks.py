@@ -180,9 +180,3 @@ def _post(
     if 200 <= response.status_code < 300:
         return None
     return f"HTTP {response.status_code}: {response.text[:200]}"
-
-
-def pending_count(session: Session) -> int:
-    return int(
-        session.scalar(sa.select(sa.func.count()).where(OUTBOX.c.delivered_at.is_(None))) or 0
-    )
