@@ -139,6 +139,20 @@ def is_resolved(tracked_phone_keys: Iterable[str], results_by_phone_key: Mapping
     return bool(results_by_phone_key) and all(map(is_final, results_by_phone_key.values()))
 
 
+def settled_by_answer(
+    tracked_phone_keys: Iterable[str], answered_by_phone_key: Mapping[str, str]
+) -> bool:
+    """Whether an answer alone proves a session resolved, whatever is stored already.
+
+    A final receipt is stored final whatever was there before (final beats non-final, and of
+    two finals one is kept), so a session whose every tracked phone is final in the answer is
+    resolved. Without tracked phones, a non-final receipt stored earlier for a phone this answer
+    left out would still hold the session open: only the stored rows can tell.
+    """
+    tracked = set(tracked_phone_keys)
+    return bool(tracked) and is_resolved(tracked, answered_by_phone_key)
+
+
 def unresolved_phones(
     tracked_phones: Iterable[str], results_by_phone_key: Mapping[str, str]
 ) -> list[tuple[str, str | None]]:

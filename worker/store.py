@@ -26,6 +26,7 @@ from worker.domain import (
     is_resolved,
     phone_key,
     pick_latest_by,
+    settled_by_answer,
     unresolved_phones,
 )
 from worker.models import (
@@ -321,6 +322,14 @@ def results_by_session(
     return found
 
 
+def answered_results(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, str]]:
+    """The result per phone key of each session in an answer's receipt rows."""
+    found: dict[str, dict[str, str]] = defaultdict(dict)
+    for row in rows:
+        found[row["session_no"]][row["phone_key"]] = row["result"]
+    return found
+
+
 def _update_many(
     session: Session,
     rows: Sequence[Mapping[str, Any]],
@@ -368,13 +377,24 @@ def record_answer(
     if not targets:
         return PollOutcome(receipts_written=0, resolved=(), rescheduled=0)
     account_id = targets[0].account_id
-    written = upsert_receipts(session, receipt_rows(targets, receipts, now=now))
-    stored = results_by_session(session, account_id, [t.session_no for t in targets])
+    rows = receipt_rows(targets, receipts, now=now)
+    written = upsert_receipts(session, rows)
+    answered = answered_results(rows)
+    # Sessions the answer alone settles need no read-back (most of them, on a first poll).
+    settled = {
+        t.session_no
+        for t in targets
+        if settled_by_answer((phone_key(p) for p in t.phones), answered.get(t.session_no, {}))
+    }
+    stored = results_by_session(
+        session, account_id, [t.session_no for t in targets if t.session_no not in settled]
+    )
     resolved: list[dict[str, Any]] = []
     resolved_nos: list[str] = []
     rescheduled: list[dict[str, Any]] = []
     for target in targets:
-        results = stored.get(target.session_no, {})
+        source = answered if target.session_no in settled else stored
+        results = source.get(target.session_no, {})
         error = problems.get(target.session_no)
         if is_resolved((phone_key(p) for p in target.phones), results):
             resolved.append({"id": target.id, "error": error})

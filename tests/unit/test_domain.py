@@ -19,6 +19,7 @@ from worker.domain import (
     normalize_result,
     phone_key,
     pick_latest,
+    settled_by_answer,
     should_replace,
     unresolved_phones,
 )
@@ -414,6 +415,54 @@ def test_is_resolved_matches_the_contract_rule(results: dict[str, str], tracked:
     # Consistent with unresolved_phones: resolved exactly when nothing is unresolved (with phones).
     if tracked:
         assert expected is (unresolved_phones(tracked, results) == [])
+
+
+# --- settled_by_answer -----------------------------------------------------------------------
+
+
+def test_an_answer_with_every_tracked_phone_final_settles_the_session() -> None:
+    assert settled_by_answer(_keys(A, B), {phone_key(A): "Fail", phone_key(B): "Success"})
+
+
+def test_an_answer_missing_a_tracked_phone_does_not_settle_it() -> None:
+    assert not settled_by_answer(_keys(A, B), {phone_key(A): "Success"})
+
+
+def test_an_answer_with_a_tracked_phone_unknow_does_not_settle_it() -> None:
+    assert not settled_by_answer(_keys(A, B), {phone_key(A): "Success", phone_key(B): "Unknow"})
+
+
+def test_without_tracked_phones_only_the_stored_rows_can_settle_a_session() -> None:
+    # A phone stored Unknow by an earlier poll and absent from this answer holds it open.
+    assert not settled_by_answer([], {phone_key(A): "Success"})
+
+
+_VERSIONS = st.builds(
+    ReceiptVersion,
+    result=st.sampled_from(ALL_RESULTS),
+    receipt_time=st.one_of(st.none(), st.sampled_from([T0 - SECOND, T0, T0 + SECOND])),
+)
+
+
+@given(
+    st.dictionaries(st.sampled_from(_keys(A, B, C)), _VERSIONS, max_size=3),
+    st.dictionaries(st.sampled_from(_keys(A, B, C)), _VERSIONS, max_size=3),
+    st.lists(st.sampled_from(_keys(A, B, C)), max_size=3),
+)
+def test_a_settling_answer_leaves_the_session_resolved_whatever_was_stored(
+    stored: dict[str, ReceiptVersion],
+    answer: dict[str, ReceiptVersion],
+    tracked: list[str],
+) -> None:
+    """The poller skips reading back the sessions an answer settles: that is only sound if,
+    after the answer is merged under ``should_replace``, the stored rows say resolved too."""
+    merged = dict(stored)
+    for key, incoming in answer.items():
+        if key not in merged or should_replace(merged[key], incoming):
+            merged[key] = incoming
+    answered = {key: version.result for key, version in answer.items()}
+    if settled_by_answer(tracked, answered):
+        assert is_resolved(tracked, {key: v.result for key, v in merged.items()})
 
 
 # --- unresolved_phones -----------------------------------------------------------------------
