@@ -126,6 +126,91 @@ def _command(pid: int) -> str:
         return ""
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds one process has used so far (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            fields = handle.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    # Fields after the command: state is 0, utime 11, stime 12 (proc(5) numbers 14 and 15).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _role(pid: int, worker_tree: set[int]) -> str | None:
+    if pid in worker_tree:
+        return "worker (main + pool)"
+    if pid == os.getpid():
+        return "benchmark process (simulator threads)"
+    try:
+        with open(f"/proc/{pid}/comm", encoding="ascii") as handle:
+            comm = handle.read().strip()
+    except OSError:
+        return None
+    if comm.startswith("postgres"):
+        return "postgresql"
+    if comm.startswith("redis"):
+        return "redis"
+    if "beat" in _command(pid):
+        return "beat"
+    return None
+
+
+@dataclass(slots=True)
+class CpuProbe:
+    """CPU seconds used per role between :meth:`start` and :meth:`stop`, to show where the
+    machine's cores went: the worker shares them with PostgreSQL, Redis and the simulator."""
+
+    worker_pid: int
+    start_by_pid: dict[int, float] = field(default_factory=dict)
+    last_by_pid: dict[int, float] = field(default_factory=dict)
+    roles: dict[int, str] = field(default_factory=dict)
+    started: float = 0.0
+    seconds: float = 0.0
+
+    def _read(self) -> dict[int, float]:
+        tree = set(process_tree(self.worker_pid))
+        found = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            role = self.roles.get(pid) or _role(pid, tree)
+            if role is not None:
+                self.roles[pid] = role
+                found[pid] = cpu_seconds(pid)
+        return found
+
+    def start(self) -> None:
+        self.start_by_pid = self._read()
+        self.started = time.monotonic()
+
+    def sample(self) -> None:
+        # Pool children and PostgreSQL backends come and go: keep their last reading.
+        self.last_by_pid.update(self._read())
+
+    def stop(self) -> None:
+        self.sample()
+        self.seconds = time.monotonic() - self.started
+
+    def by_role(self) -> dict[str, Any]:
+        used: Counter[str] = Counter()
+        for pid, value in self.last_by_pid.items():
+            used[self.roles[pid]] += value - self.start_by_pid.get(pid, 0.0)
+        cores = os.cpu_count() or 1
+        return {
+            "wall_s": round(self.seconds, 2),
+            "cores": cores,
+            "cpu_s": {role: round(value, 2) for role, value in used.most_common()},
+            "share_of_machine": {
+                role: round(value / (self.seconds * cores), 3)
+                for role, value in used.most_common()
+            }
+            if self.seconds
+            else {},
+        }
+
+
 # --- processes -----------------------------------------------------------------------------
 
 
@@ -268,7 +353,7 @@ def run(database: BenchDatabase, sim: Simulator, config: RunConfig, folder: Path
     try:
         started = time.monotonic()
         worker = group.start(
-            "worker", "worker", "--concurrency", "2", "--hostname", f"bench-{config.label}@%h"
+            "worker", "worker", "--concurrency", os.environ.get("BENCH_CONC", "4"), "--hostname", f"bench-{config.label}@%h"
         )
         group.start("beat", "beat", "--schedule", str(folder / "beat-schedule"))
         probe = MemoryProbe(worker.pid)
@@ -280,11 +365,14 @@ def run(database: BenchDatabase, sim: Simulator, config: RunConfig, folder: Path
 
         wait_until(claimed, timeout=60, interval=0.1, what=f"{config.label}: a first claim")
         first_claim_wall = time.monotonic()
+        cpu = CpuProbe(worker.pid)
+        cpu.start()
         profiler = _start_profiler(worker.pid, config)
 
         def finished() -> bool:
             group.check_alive()
             probe.sample()
+            cpu.sample()
             if config.window is not None:
                 return time.monotonic() - first_claim_wall >= config.window
             return _pending(database) == 0
@@ -296,6 +384,7 @@ def run(database: BenchDatabase, sim: Simulator, config: RunConfig, folder: Path
             what=f"{config.label}: the backlog to drain",
         )
         ended = time.monotonic()
+        cpu.stop()
         probe.sample()  # VmHWM just before stopping
         _stop_profiler(profiler, config)
         profiler = None
@@ -316,6 +405,7 @@ def run(database: BenchDatabase, sim: Simulator, config: RunConfig, folder: Path
         peak_rss_sampled_mb=round(probe.peak_rss_sum_kb / 1024, 1),
         processes=len(probe.hwm_by_pid),
         window_s=config.window,
+        cpu_by_role=cpu.by_role(),
     )
     return result
 

@@ -6,6 +6,7 @@ caller's unit of work, and takes the current time as an argument.
 
 from __future__ import annotations
 
+import functools
 import random
 import secrets
 from collections import defaultdict
@@ -18,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from worker.client import Receipt
-from worker.db import unnest_rows, upsert_insert
+from worker.db import json_document, json_rows, upsert_insert
 from worker.domain import (
     FINAL_RESULTS,
     ReceiptVersion,
@@ -224,26 +225,39 @@ def _receipt_guard(existing: Any, incoming: Any) -> sa.ColumnElement[bool]:
     )
 
 
+RECEIPT_COLUMNS = (
+    "session_no",
+    "phone",
+    "phone_key",
+    "result",
+    "receipt_code",
+    "receipt_desc",
+    "receipt_time",
+    "cost_count",
+    "user_id",
+    "country_code",
+)
+
+
 def receipt_rows(
-    targets: Sequence[PollTarget], receipts: Iterable[Receipt], *, now: datetime
+    targets: Sequence[PollTarget], receipts: Iterable[Receipt]
 ) -> list[dict[str, Any]]:
-    """One row per (session, phone digits), the winning version when an answer repeats a phone.
+    """One row (:data:`RECEIPT_COLUMNS`) per (session, phone digits), the winning version when
+    an answer repeats a phone.
 
     The stored ``phone`` is the tracked spelling when the receipt matches a tracked phone.
     """
-    by_session = {t.session_no: t for t in targets}
+    asked = {t.session_no for t in targets}
     tracked_spelling = {
         (t.session_no, phone_key(phone)): phone for t in targets for phone in t.phones
     }
     candidates: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for receipt in receipts:
-        target = by_session.get(receipt.session_no)
         key = phone_key(receipt.phone)
-        if target is None or not key:
+        if receipt.session_no not in asked or not key:
             continue
         candidates[(receipt.session_no, key)].append(
             {
-                "account_id": target.account_id,
                 "session_no": receipt.session_no,
                 "phone": tracked_spelling.get((receipt.session_no, key), receipt.phone),
                 "phone_key": key,
@@ -254,38 +268,46 @@ def receipt_rows(
                 "cost_count": receipt.cost_count,
                 "user_id": receipt.user_id,
                 "country_code": receipt.country_code,
-                "first_seen_at": now,
-                "updated_at": now,
             }
         )
-    return [pick_latest_by(rows, _version) for rows in candidates.values()]
+    return [
+        rows[0] if len(rows) == 1 else pick_latest_by(rows, _version)
+        for rows in candidates.values()
+    ]
 
 
 def _version(row: Mapping[str, Any]) -> ReceiptVersion:
     return ReceiptVersion(result=row["result"], receipt_time=row["receipt_time"])
 
 
-def upsert_receipts(session: Session, rows: Sequence[dict[str, Any]]) -> int:
-    """Write receipts in one ``INSERT … ON CONFLICT DO UPDATE`` statement per call.
+@functools.cache
+def _upsert_statement(dialect: str) -> Any:
+    """The receipts upsert, built once per dialect (its text never changes).
 
-    Rows must be unique per (account, session, phone_key) (see :func:`receipt_rows`):
-    PostgreSQL refuses to update one row twice in one statement. The conflict update only
-    applies when the incoming receipt wins under the domain rule, so two pollers racing on
-    the same phone (or a backfill) can never put a stale or non-final receipt over a final one.
+    On PostgreSQL it reads every row from one JSON document (:func:`worker.db.json_rows`): one
+    round trip for a whole answer instead of one per receipt (see README "Performance"). The
+    account and time, the same for every row of an answer, travel once, as parameters.
     """
-    if not rows:
-        return 0
-    statement = upsert_insert(session, R)
-    params: list[dict[str, Any]] | None = list(rows)
-    if _is_pg(session):
-        # One statement reading every row from arrays: one round trip for the whole answer
-        # instead of one per receipt (which dominated the profile, see README "Performance").
-        columns = list(rows[0])
-        source = unnest_rows(rows, {name: R.c[name].type for name in columns})
-        statement = statement.from_select(columns, source)
-        params = None
+    statement: Any
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        source = json_rows({name: R.c[name].type for name in RECEIPT_COLUMNS}).subquery()
+        now = sa.bindparam("now", type_=R.c.updated_at.type)
+        select = sa.select(
+            sa.bindparam("account_id", type_=R.c.account_id.type),
+            *(source.c[name] for name in RECEIPT_COLUMNS),
+            now,
+            now,
+        )
+        columns = ["account_id", *RECEIPT_COLUMNS, "first_seen_at", "updated_at"]
+        statement = pg_insert(R).from_select(columns, select)
+    else:
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        statement = sqlite_insert(R)
     excluded = statement.excluded
-    statement = statement.on_conflict_do_update(
+    return statement.on_conflict_do_update(
         index_elements=["account_id", "session_no", "phone_key"],
         set_={
             "phone": excluded.phone,
@@ -300,10 +322,28 @@ def upsert_receipts(session: Session, rows: Sequence[dict[str, Any]]) -> int:
         },
         where=_receipt_guard(R.c, excluded),
     )
-    if params is None:
-        session.execute(statement)
+
+
+def upsert_receipts(
+    session: Session, rows: Sequence[Mapping[str, Any]], *, account_id: int, now: datetime
+) -> int:
+    """Write the receipts of one account, seen at ``now``, in one ``INSERT … ON CONFLICT DO
+    UPDATE`` statement.
+
+    Rows (see :func:`receipt_rows`) must be unique per (session, phone_key): PostgreSQL refuses
+    to update one row twice in one statement. The conflict update only applies when the
+    incoming receipt wins under the domain rule, so two pollers racing on the same phone (or a
+    backfill) can never put a stale or non-final receipt over a final one.
+    """
+    if not rows:
+        return 0
+    dialect = session.get_bind().dialect.name
+    statement = _upsert_statement(dialect)
+    if dialect == "postgresql":
+        session.execute(statement, {"account_id": account_id, "now": now, **json_document(rows)})
     else:
-        session.connection().execute(statement, params)
+        common = {"account_id": account_id, "first_seen_at": now, "updated_at": now}
+        session.connection().execute(statement, [{**row, **common} for row in rows])
     return len(rows)
 
 
@@ -335,21 +375,21 @@ def _update_many(
     rows: Sequence[Mapping[str, Any]],
     types: Mapping[str, Any],
     values: Callable[[Mapping[str, Any]], dict[str, Any]],
-    *,
-    set_based: bool = True,
 ) -> None:
     """``UPDATE sms_sessions`` row by row values, matched on ``id``.
 
-    On PostgreSQL one ``UPDATE … FROM unnest(…)`` statement; elsewhere (or with
-    ``set_based=False``, for types arrays cannot carry) an executemany. ``values`` builds the
-    SET clause from the per-row columns it is given.
+    On PostgreSQL one ``UPDATE … FROM json_to_recordset(…)`` statement; elsewhere an
+    executemany. ``values`` builds the SET clause from the per-row columns it is given.
     """
     if not rows:
         return
-    if set_based and _is_pg(session):
-        source = unnest_rows(rows, types).subquery("rows")
+    if _is_pg(session):
+        source = json_rows(types).subquery("rows")
         columns = {name: source.c[name] for name in types}
-        session.execute(sa.update(S).where(S.c.id == columns["id"]).values(**values(columns)))
+        session.execute(
+            sa.update(S).where(S.c.id == columns["id"]).values(**values(columns)),
+            json_document(rows),
+        )
         return
     params = {name: sa.bindparam(f"b_{name}", type_=type_) for name, type_ in types.items()}
     statement = sa.update(S).where(S.c.id == params["id"]).values(**values(params))
@@ -377,8 +417,8 @@ def record_answer(
     if not targets:
         return PollOutcome(receipts_written=0, resolved=(), rescheduled=0)
     account_id = targets[0].account_id
-    rows = receipt_rows(targets, receipts, now=now)
-    written = upsert_receipts(session, rows)
+    rows = receipt_rows(targets, receipts)
+    written = upsert_receipts(session, rows, account_id=account_id, now=now)
     answered = answered_results(rows)
     # Sessions the answer alone settles need no read-back (most of them, on a first poll).
     settled = {
@@ -561,7 +601,6 @@ def escalate_due(
         [{"id": e.id, "detail": e.detail()} for e in escalations],
         {"id": sa.BigInteger(), "detail": S.c.escalation_detail.type},
         lambda row: {"escalation_detail": row["detail"]},
-        set_based=False,  # a cold path, and JSON does not travel in arrays without casts
     )
     if outbox:
         from worker.webhooks import escalation_payload

@@ -3,7 +3,7 @@ Celery task, CLI, CSV) and the idempotent bulk write."""
 
 from __future__ import annotations
 
-import json
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -12,9 +12,10 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from worker.db import unnest_rows, upsert_insert
+from worker.db import json_document, json_rows, upsert_insert
 from worker.domain import SessionState, phone_key
 from worker.models import sessions_table
 from worker.schedule import PollPolicy
@@ -302,35 +303,43 @@ def _insert_new_pg(
     session: Session, chunk: Sequence[TrackRequest], *, policy: PollPolicy, now: datetime
 ) -> set[tuple[int, str]]:
     """PostgreSQL: insert the new sessions of a chunk with one ``INSERT … SELECT FROM
-    unnest(…) ON CONFLICT DO NOTHING``, whose text never changes (so it is compiled once)
-    however many rows it carries; returns the keys it inserted."""
+    json_to_recordset(…) ON CONFLICT DO NOTHING``, whose text never changes (it is built and
+    compiled once) however many rows it carries; returns the keys it inserted."""
+    rows = [
+        {
+            "account_id": r.account_id,
+            "session_no": r.session_no,
+            "phones": r.phones,
+            "user_ref": r.user_ref,
+            "sent_at": r.sent_at,
+            "next_poll_at": policy.first_poll_at(r.sent_at),
+        }
+        for r in chunk
+    ]
+    params = {"now": now, **json_document(rows)}
+    return {
+        (row.account_id, row.session_no) for row in session.execute(_insert_new_statement(), params)
+    }
+
+
+@functools.cache
+def _insert_new_statement() -> Any:
     table = sessions_table
-    source = unnest_rows(
-        [
-            {
-                "account_id": r.account_id,
-                "session_no": r.session_no,
-                "phones": json.dumps(list(r.phones)),
-                "user_ref": r.user_ref,
-                "sent_at": r.sent_at,
-                "next_poll_at": policy.first_poll_at(r.sent_at),
-            }
-            for r in chunk
-        ],
+    source = json_rows(
         {
             "account_id": sa.BigInteger(),
             "session_no": sa.Text(),
-            "phones": sa.Text(),
+            "phones": JSONB(),
             "user_ref": sa.Text(),
             "sent_at": table.c.sent_at.type,
             "next_poll_at": table.c.next_poll_at.type,
-        },
+        }
     ).subquery("new")
-    now_value = sa.literal(now, table.c.created_at.type)
+    now_value = sa.bindparam("now", type_=table.c.created_at.type)
     select = sa.select(
         source.c.account_id,
         source.c.session_no,
-        sa.cast(source.c.phones, JSONB),
+        source.c.phones,
         source.c.user_ref,
         source.c.sent_at,
         source.c.next_poll_at,
@@ -351,13 +360,12 @@ def _insert_new_pg(
         "created_at",
         "updated_at",
     ]
-    insert = (
-        upsert_insert(session, table)
+    return (
+        pg_insert(table)
         .from_select(columns, select)
         .on_conflict_do_nothing(index_elements=["account_id", "session_no"])
         .returning(table.c.account_id, table.c.session_no)
     )
-    return {(row.account_id, row.session_no) for row in session.execute(insert)}
 
 
 def _merge_existing(

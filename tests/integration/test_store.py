@@ -130,7 +130,9 @@ def test_bulk_track_with_a_bad_row_records_nothing() -> None:
     assert set(_sessions()) == {"kept"}
 
 
-def test_bulk_track_is_one_transaction(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bulk_track_is_one_transaction(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     """A failure in the middle of writing (here: the database refusing the second chunk)
     leaves nothing of the call behind."""
     from worker import tracking
@@ -139,17 +141,21 @@ def test_bulk_track_is_one_transaction(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tracking, "PG_CHUNK", 2)
     requests = [TrackRequest(account_id=1, session_no=f"s{i}", sent_at=T0) for i in range(5)]
     calls = {"n": 0}
-    original = tracking.upsert_insert
 
-    def failing(session: Any, table: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("database went away")
-        return original(session, table)
+    def refuse_second_insert(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.lstrip().startswith("INSERT INTO sms_sessions"):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("database went away")
 
-    monkeypatch.setattr(tracking, "upsert_insert", failing)
+    engine = db.get_engine()
+    sa.event.listen(engine, "before_cursor_execute", refuse_second_insert)
+    request.addfinalizer(
+        lambda: sa.event.remove(engine, "before_cursor_execute", refuse_second_insert)
+    )
     with pytest.raises(RuntimeError), db.session_scope() as session:
         track_requests(session, requests, policy=POLICY, now=T0)
+    assert calls["n"] == 2, "the second chunk was refused"
     assert _sessions() == {}
 
 
@@ -337,12 +343,17 @@ def test_sql_upsert_guard_agrees_with_the_pure_rule(old: Result, new: Result, wh
     ]
     with db.session_scope() as session:
         store.upsert_receipts(
-            session, store.receipt_rows(targets, [_receipt("s", "1234567", old, base)], now=base)
+            session,
+            store.receipt_rows(targets, [_receipt("s", "1234567", old, base)]),
+            account_id=1,
+            now=base,
         )
     with db.session_scope() as session:
         store.upsert_receipts(
             session,
-            store.receipt_rows(targets, [_receipt("s", "1234567", new, new_time)], now=base),
+            store.receipt_rows(targets, [_receipt("s", "1234567", new, new_time)]),
+            account_id=1,
+            now=base,
         )
     expected_replaced = should_replace(
         ReceiptVersion(result=old, receipt_time=base),
