@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -327,13 +328,25 @@ def _show(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _storable(text: str) -> str:
+    """``text`` with what no database column can hold replaced by U+FFFD: NUL (PostgreSQL
+    refuses it in text) and lone surrogates (a JSON ``\\ud800`` escape decodes to one, and it
+    has no UTF-8 form). One such character must not make a whole answer unwritable."""
+    if text.isascii() and "\x00" not in text:
+        return text
+    return _UNSTORABLE.sub("\ufffd", text)
+
+
 def _phone(value: Any) -> str:
     # Some products send numbers without a prefix as JSON numbers; the digits are what count.
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return str(value)
     if not isinstance(value, str):
         raise ValueError(f"Phone: expected a string, got {_show(value)}")
-    phone = value.strip()
+    phone = _storable(value.strip())
     if not phone:
         raise ValueError("Phone: empty")
     return phone
@@ -345,7 +358,7 @@ def _text(entry: Mapping[str, Any], field: str) -> str | None:
     if value is None:
         return None
     if isinstance(value, str):
-        return value.strip()
+        return _storable(value.strip())
     if isinstance(value, int | float) and not isinstance(value, bool):
         return _number_text(value, field)
     raise ValueError(f"{field}: expected a string, got {_show(value)}")

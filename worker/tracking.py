@@ -160,6 +160,14 @@ def parse_user_ref(value: Any) -> str | None:
         raise ValueError(f"user_ref must be a string, got {type(value).__name__}")
     if len(value) > MAX_USER_REF_LENGTH:
         raise ValueError(f"user_ref is longer than {MAX_USER_REF_LENGTH} characters")
+    # Refused here, with the row named, rather than by the database for the whole call.
+    if "\x00" in value:
+        raise ValueError("user_ref contains a NUL character, which cannot be stored")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("user_ref is not valid Unicode (it holds a lone surrogate)") from None
     return value
 
 

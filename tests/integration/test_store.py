@@ -4,6 +4,7 @@ both), with an injected clock."""
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from worker import db, store
-from worker.client import Receipt
+from worker.client import Receipt, parse_receipts
 from worker.domain import FINAL_RESULTS, ReceiptVersion, Result, should_replace
 from worker.models import receipts_table, sessions_table
 from worker.schedule import PollPolicy
@@ -261,6 +262,32 @@ def _poll_with(session_no: str, receipts: list[Receipt], now: datetime) -> store
     claim = _claim(1, now)
     assert claim is not None
     return _answer(_start(claim, now), receipts, now)
+
+
+def test_an_answer_with_text_no_column_can_hold_is_written_whole() -> None:
+    """NUL and lone surrogates from a hostile API are replaced by the parser, so the other
+    receipts of the answer are not lost with the odd one (PostgreSQL refuses both in text)."""
+    _track(
+        {"account_id": 1, "session_no": "odd", "phones": ["85255311111"]},
+        {"account_id": 1, "session_no": "fine", "phones": ["85255311112"]},
+    )
+    now = T0 + POLICY.first_delay
+    payload = json.loads(
+        '{"Data": ['
+        '{"SessionNo": "odd", "ReceiptSet": [{"Phone": "85255311111", "ReceiptResult": "Fail",'
+        ' "ReceiptDesc": "bad\\u0000byte \\ud800", "UserId": "\\udfff"}]},'
+        '{"SessionNo": "fine", "ReceiptSet": [{"Phone": "85255311112",'
+        ' "ReceiptResult": "Success"}]}]}'
+    )
+    batch = parse_receipts(payload, ["odd", "fine"])
+    claim = _claim(1, now)
+    assert claim is not None
+    outcome = _answer(_start(claim, now), list(batch.receipts), now)
+    assert sorted(outcome.resolved) == ["fine", "odd"]
+    receipts = _receipts()
+    assert receipts[("odd", "85255311111")]["receipt_desc"] == "bad\ufffdbyte \ufffd"
+    assert receipts[("odd", "85255311111")]["user_id"] == "\ufffd"
+    assert receipts[("fine", "85255311112")]["result"] == "Success"
 
 
 def test_resolution_with_tracked_phones_matches_on_digits() -> None:

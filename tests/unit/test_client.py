@@ -1045,6 +1045,8 @@ _scalars = (
     | st.floats()
     | st.text(max_size=12)
     | st.sampled_from(["Success", "发送成功", "1700000000", "0", "", "nan", "-1", "1e999"])
+    # What no database column can hold: NUL, and the lone surrogates a JSON escape decodes to.
+    | st.sampled_from(["a\x00b", "\x00", "\ud800", "x\udfffy", "+852\x005531"])
 )
 _json = st.recursive(
     _scalars,
@@ -1085,4 +1087,34 @@ def test_parse_receipts_only_ever_raises_malformed(payload: Any) -> None:
         assert receipt.result in set(Result)
         assert receipt.receipt_time is None or receipt.receipt_time.tzinfo is UTC
         assert receipt.cost_count is None or receipt.cost_count >= 0
+        for text in (receipt.phone, receipt.receipt_code, receipt.receipt_desc):
+            assert _storable_in_postgresql(text)
+        for optional in (receipt.user_id, receipt.country_code):
+            assert optional is None or _storable_in_postgresql(optional)
     assert all(isinstance(p, str) and len(p) < 400 for p in batch.problems)
+
+
+def _storable_in_postgresql(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
+@pytest.mark.parametrize(
+    ("raw", "stored"),
+    [
+        ("Delivered\x00", "Delivered\ufffd"),
+        ("bad \ud800 half", "bad \ufffd half"),
+        ("\udfff", "\ufffd"),
+        ("送达", "送达"),
+        ("plain", "plain"),
+    ],
+)
+def test_text_no_database_can_hold_is_replaced_not_refused(raw: str, stored: str) -> None:
+    """One odd character from the API must not make a whole answer unwritable."""
+    entry = {"Phone": "85255311111", "ReceiptResult": "Success", "ReceiptDesc": raw}
+    batch = parse_receipts({"Data": [{"SessionNo": "s1", "ReceiptSet": [entry]}]}, ["s1"])
+    assert [r.receipt_desc for r in batch.receipts] == [stored]
+    assert batch.problems == ()

@@ -275,7 +275,11 @@ def test_user_ref_accepted(value: Any, expected: str | None) -> None:
     assert parse_user_ref(value) == expected
 
 
-@pytest.mark.parametrize("value", ["x" * (MAX_USER_REF_LENGTH + 1), 42, ["ref"], True])
+@pytest.mark.parametrize(
+    "value",
+    # NUL and a lone surrogate: no database column can hold them.
+    ["x" * (MAX_USER_REF_LENGTH + 1), 42, ["ref"], True, "order\x001", "order-\ud800"],
+)
 def test_user_ref_refused_naming_the_field(value: Any) -> None:
     with pytest.raises(ValueError, match="user_ref"):
         parse_user_ref(value)
