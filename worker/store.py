@@ -125,28 +125,51 @@ def claim_batch(
     polling a session that has been claimed again since.
     """
     token = secrets.token_hex(16)
+    params = {
+        "account": account_id,
+        "now": now,
+        "limit": limit,
+        "token": token,
+        "lease_until": lease_until,
+    }
+    statement = _claim_statement(session.get_bind().dialect.name)
+    ids = tuple(sorted(session.scalars(statement, params)))
+    if not ids:
+        return None
+    return Claim(account_id=account_id, token=token, session_ids=ids)
+
+
+@functools.cache
+def _claim_statement(dialect: str) -> Any:
+    """:func:`claim_batch`'s statement, built once per dialect: its text never changes."""
+    now = sa.bindparam("now", type_=S.c.updated_at.type)
     due = (
         sa.select(S.c.id)
         # Exactly the partial index's columns and order: the planner then walks the index
         # and stops after ``limit`` rows. An extra filter here (sent_at before the cutoff)
         # made it underestimate the due rows and read and sort all of them instead, so the
         # cutoff is left to start_poll, and the tick escalates before it claims.
-        .where(S.c.state == PENDING, S.c.account_id == account_id, S.c.next_poll_at <= now)
+        .where(
+            S.c.state == PENDING,
+            S.c.account_id == sa.bindparam("account", type_=S.c.account_id.type),
+            S.c.next_poll_at <= now,
+        )
         .order_by(S.c.next_poll_at)
-        .limit(limit)
+        .limit(sa.bindparam("limit", type_=sa.Integer()))
     )
-    if _is_pg(session):
+    if dialect == "postgresql":
         due = due.with_for_update(skip_locked=True)
-    statement = (
+    return (
         sa.update(S)
         .where(S.c.id.in_(due.scalar_subquery()))
-        .values(claim_token=token, claimed_at=now, next_poll_at=lease_until, updated_at=now)
+        .values(
+            claim_token=sa.bindparam("token", type_=sa.Text()),
+            claimed_at=now,
+            next_poll_at=sa.bindparam("lease_until", type_=S.c.next_poll_at.type),
+            updated_at=now,
+        )
         .returning(S.c.id)
     )
-    ids = tuple(sorted(session.scalars(statement)))
-    if not ids:
-        return None
-    return Claim(account_id=account_id, token=token, session_ids=ids)
 
 
 def start_poll(
@@ -161,28 +184,55 @@ def start_poll(
     held until ``busy_until`` (the longest a poll can be in flight, plus ``interval_min``), so
     a slow poll is never overtaken by a second one and a crashed poll loses nothing.
     """
-    statement = (
+    params = {
+        "ids": list(claim.session_ids),
+        "token": claim.token,
+        "cutoff_sent_after": now - policy.cutoff,
+        "first_poll_sent_before": now - policy.first_delay,
+        "answered_before": now - policy.interval_min,
+        "now": now,
+        "busy_until": busy_until,
+    }
+    rows = session.execute(_start_poll_statement(session.get_bind().dialect.name), params)
+    targets = [PollTarget.from_row(row, now) for row in rows]
+    targets.sort(key=lambda t: t.id)
+    return targets
+
+
+@functools.cache
+def _start_poll_statement(dialect: str) -> Any:
+    """:func:`start_poll`'s statement, built once per dialect: its text never changes."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import ARRAY
+
+        # One array parameter rather than an IN list of 100 parameters rendered per call.
+        in_claim = S.c.id == sa.any_(sa.bindparam("ids", type_=ARRAY(sa.BigInteger())))
+    else:
+        in_claim = S.c.id.in_(sa.bindparam("ids", expanding=True))
+    timestamp = S.c.updated_at.type
+    now = sa.bindparam("now", type_=timestamp)
+    return (
         sa.update(S)
         .where(
-            S.c.id.in_(claim.session_ids),
-            S.c.claim_token == claim.token,
+            in_claim,
+            S.c.claim_token == sa.bindparam("token", type_=sa.Text()),
             S.c.state == PENDING,
-            S.c.sent_at > now - policy.cutoff,
-            S.c.sent_at <= now - policy.first_delay,
-            sa.or_(S.c.last_polled_at.is_(None), S.c.last_polled_at <= now - policy.interval_min),
+            S.c.sent_at > sa.bindparam("cutoff_sent_after", type_=timestamp),
+            S.c.sent_at <= sa.bindparam("first_poll_sent_before", type_=timestamp),
+            sa.or_(
+                S.c.last_polled_at.is_(None),
+                S.c.last_polled_at <= sa.bindparam("answered_before", type_=timestamp),
+            ),
         )
         .values(
             claim_token=None,
             last_polled_at=now,
             poll_count=S.c.poll_count + 1,
-            next_poll_at=busy_until,
+            next_poll_at=sa.bindparam("busy_until", type_=timestamp),
             updated_at=now,
         )
         .returning(S.c.id, S.c.account_id, S.c.session_no, S.c.phones, S.c.sent_at)
     )
-    targets = [PollTarget.from_row(row, now) for row in session.execute(statement)]
-    targets.sort(key=lambda t: t.id)
-    return targets
 
 
 def escalated_targets(
