@@ -47,6 +47,9 @@ POOL_SIZE: Final = 10
 # 9999-12-31T23:59:59Z: the last instant ``datetime`` can hold.
 _MAX_TIMESTAMP: Final = 253_402_300_799
 
+# The largest sms_receipts.cost_count can hold (a PostgreSQL integer).
+_MAX_COST_COUNT: Final = 2**31 - 1
+
 _RETRY_AFTER_STATUSES: Final = frozenset({429, 503})
 
 
@@ -425,6 +428,9 @@ def _count(value: Any) -> int | None:
         number = int(number)
     if number < 0:
         raise ValueError(f"CostCount: negative: {_show(value)}")
+    if number > _MAX_COST_COUNT:
+        # The column is a 32-bit integer: a larger count would make the whole answer unwritable.
+        raise ValueError(f"CostCount: out of range: {_show(value)}")
     return number
 
 

@@ -66,7 +66,14 @@ def phone_key(phone: str) -> str:
     Uspeedo takes ``(852)55311111`` and may report ``85255311111`` or ``+852 5531 1111``; an
     international ``00`` prefix is the same number as ``+``.
     """
-    digits = _NON_DIGITS.sub("", phone)
+    # Most phones arrive as bare digits or +digits: skip the regex for them (it was a visible
+    # share of a poll, with three phone keys per receipt).
+    if phone.isdecimal():
+        digits = phone
+    elif phone[:1] == "+" and phone[1:].isdecimal():
+        digits = phone[1:]
+    else:
+        digits = _NON_DIGITS.sub("", phone)
     if digits.startswith("00"):
         digits = digits[2:]
     return digits

@@ -833,13 +833,26 @@ def test_bad_receipt_time_names_the_field(raw: Any) -> None:
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [(3, 3), ("3", 3), (3.0, 3), (0, 0), (None, None), (_ABSENT, None), ("", None)],
+    [
+        (3, 3),
+        ("3", 3),
+        (3.0, 3),
+        (0, 0),
+        (None, None),
+        (_ABSENT, None),
+        ("", None),
+        (2**31 - 1, 2**31 - 1),
+    ],
 )
 def test_cost_count_forms(raw: Any, expected: int | None) -> None:
     assert parse_one(CostCount=raw).cost_count == expected
 
 
-@pytest.mark.parametrize("raw", ["x", 2.5, -1, True, [1], "1.5", float("nan")])
+@pytest.mark.parametrize(
+    # Beyond 2**31 - 1 the database column could not hold it, and the answer would not write.
+    "raw",
+    ["x", 2.5, -1, True, [1], "1.5", float("nan"), 2**31, 10**30, "1e12"],
+)
 def test_bad_cost_count_names_the_field(raw: Any) -> None:
     with pytest.raises(ValueError, match="CostCount"):
         parse_one(CostCount=raw)
@@ -1086,7 +1099,7 @@ def test_parse_receipts_only_ever_raises_malformed(payload: Any) -> None:
         assert receipt.phone
         assert receipt.result in set(Result)
         assert receipt.receipt_time is None or receipt.receipt_time.tzinfo is UTC
-        assert receipt.cost_count is None or receipt.cost_count >= 0
+        assert receipt.cost_count is None or 0 <= receipt.cost_count < 2**31
         for text in (receipt.phone, receipt.receipt_code, receipt.receipt_desc):
             assert _storable_in_postgresql(text)
         for optional in (receipt.user_id, receipt.country_code):

@@ -4,6 +4,7 @@ final, how phones match, which receipt version wins, when a session is resolved.
 from __future__ import annotations
 
 import itertools
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -139,6 +140,14 @@ def test_phone_key_is_the_digits_without_an_international_00(phone: str) -> None
     expected = digits[2:] if digits.startswith("00") else digits
     assert phone_key(phone) == expected
     assert phone_key("+" + expected) == phone_key("00" + expected) == expected
+
+
+@given(st.text(max_size=25) | st.from_regex(r"\+?[0-9\u0660-\u0669\u00b2]{0,20}", fullmatch=True))
+def test_phone_key_fast_paths_agree_with_the_regex(phone: str) -> None:
+    """Bare digits and +digits skip the regex; any text gives what the regex alone gives
+    (Unicode digits included: ``isdecimal`` and ``\\d`` both mean category Nd)."""
+    digits = re.sub(r"\D", "", phone)
+    assert phone_key(phone) == (digits[2:] if digits.startswith("00") else digits)
 
 
 # --- should_replace: every (old, new, time order) --------------------------------------------
