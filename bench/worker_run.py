@@ -198,16 +198,17 @@ class CpuProbe:
         self.seconds = time.monotonic() - self.started
 
     def by_role(self) -> dict[str, Any]:
-        used: Counter[str] = Counter()
+        used: dict[str, float] = defaultdict(float)
         for pid, value in self.last_by_pid.items():
             used[self.roles[pid]] += value - self.start_by_pid.get(pid, 0.0)
+        ranked = sorted(used.items(), key=lambda item: item[1], reverse=True)
         cores = os.cpu_count() or 1
         return {
             "wall_s": round(self.seconds, 2),
             "cores": cores,
-            "cpu_s": {role: round(value, 2) for role, value in used.most_common()},
+            "cpu_s": {role: round(value, 2) for role, value in ranked},
             "share_of_machine": {
-                role: round(value / (self.seconds * cores), 3) for role, value in used.most_common()
+                role: round(value / (self.seconds * cores), 3) for role, value in ranked
             }
             if self.seconds
             else {},
