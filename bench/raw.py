@@ -15,23 +15,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bench.env import BenchDatabase, log
+from worker.store import RECEIPT_COLUMNS
 
 TABLE = "bench_raw_receipts"
-COLUMNS = (
-    "account_id",
-    "session_no",
-    "phone",
-    "phone_key",
-    "result",
-    "receipt_code",
-    "receipt_desc",
-    "receipt_time",
-    "cost_count",
-    "user_id",
-    "country_code",
-    "first_seen_at",
-    "updated_at",
-)
+# The columns the worker writes, in its order (make_rows below follows it).
+COLUMNS = ("account_id", *RECEIPT_COLUMNS, "first_seen_at", "updated_at")
 _FINALS = "('Success', 'Fail', 'SubmitFail')"
 
 DDL = f"""
