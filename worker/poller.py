@@ -16,7 +16,7 @@ from typing import TypeVar
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
-from worker import store
+from worker import store, webhooks
 from worker.client import (
     ApiError,
     MalformedResponse,
@@ -45,6 +45,7 @@ class TickReport:
     escalated: int
     claims: int
     sessions_claimed: int
+    webhooks_due: bool = False  # with an outbox: some delivery is waiting for an attempt
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -113,7 +114,13 @@ def tick(
             claimed += len(claim.session_ids)
             if len(claim.session_ids) < batch_size:
                 break
-    return TickReport(escalated=escalated, claims=claims, sessions_claimed=claimed)
+    webhooks_due = False
+    if outbox:
+        with session_factory() as session:
+            webhooks_due = webhooks.deliveries_due(session, now=clock())
+    return TickReport(
+        escalated=escalated, claims=claims, sessions_claimed=claimed, webhooks_due=webhooks_due
+    )
 
 
 def log_escalation(escalation: store.Escalation, *, show_phones: bool = False) -> None:

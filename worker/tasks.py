@@ -72,7 +72,7 @@ def tick() -> dict[str, int]:
         show_phones=settings.log_phones,
         outbox=settings.escalation_webhook_url is not None,
     )
-    if settings.escalation_webhook_url:
+    if report.webhooks_due:
         # Delivery runs as its own task so that a slow receiver never delays the clock.
         deliver_webhooks.apply_async()
     if report.escalated or report.claims:

@@ -143,6 +143,15 @@ def deliver_due(
     return DeliveryReport(delivered=delivered, failed=failed)
 
 
+def deliveries_due(session: Session, *, now: datetime) -> bool:
+    """Whether any webhook waits for a delivery attempt (one probe of the outbox's partial
+    index), so that the clock queues a delivery task only when there is work for it."""
+    due = sa.select(OUTBOX.c.id).where(
+        OUTBOX.c.delivered_at.is_(None), OUTBOX.c.next_attempt_at <= now
+    )
+    return bool(session.execute(sa.select(due.exists())).scalar())
+
+
 def _claim_one(session_factory: SessionFactory, now: datetime, lease: timedelta) -> Any:
     with session_factory() as session:
         due = (

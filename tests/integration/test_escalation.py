@@ -482,6 +482,13 @@ def test_a_webhook_is_retried_with_backoff_until_a_2xx_and_never_sent_again() ->
                 timeout=5,
             )
 
+        def due(at: datetime) -> bool:
+            """What the clock asks before it queues a delivery task."""
+            with db.session_scope() as session:
+                return webhooks.deliveries_due(session, now=at)
+
+        assert not due(CUTOFF_AT - MICROSECOND) and due(CUTOFF_AT)
+
         # 1. The receiver is down (its port refuses connections).
         assert deliver(CUTOFF_AT) == webhooks.DeliveryReport(delivered=0, failed=1)
         row = _outbox()[delivery_id]
@@ -490,6 +497,8 @@ def test_a_webhook_is_retried_with_backoff_until_a_2xx_and_never_sent_again() ->
         assert "ConnectionError" in row["last_error"]
         assert row["next_attempt_at"] == CUTOFF_AT + RETRY_BASE
         # Not tried again before the backoff has passed.
+        assert not due(CUTOFF_AT + RETRY_BASE - MICROSECOND)
+        assert due(CUTOFF_AT + RETRY_BASE)
         assert deliver(CUTOFF_AT + RETRY_BASE - MICROSECOND).failed == 0
         assert receiver.hits() == []
 
@@ -517,6 +526,7 @@ def test_a_webhook_is_retried_with_backoff_until_a_2xx_and_never_sent_again() ->
 
         # 4. Delivered means done, however late the next deliverer runs.
         for later in (third, third + RETRY_CAP, third + timedelta(days=365)):
+            assert not due(later)
             assert deliver(later) == webhooks.DeliveryReport(delivered=0, failed=0)
 
         hits = receiver.hits()
