@@ -83,7 +83,9 @@ FULL = Scale(
     profile_seconds=20.0,
     claim_pending=20_000,
     claim_history=(100_000, 2_000_000),
-    claim_rounds=3,
+    # The best of five rounds: a round's mean moves by about 0.1 ms from run to run (measured),
+    # which is 6% of a 1.7 ms claim.
+    claim_rounds=5,
 )
 QUICK = Scale(
     raw_rows=20_000,
@@ -102,7 +104,7 @@ QUICK = Scale(
     profile_seconds=6.0,
     claim_pending=2_000,
     claim_history=(20_000, 100_000),
-    claim_rounds=2,
+    claim_rounds=5,
 )
 
 
