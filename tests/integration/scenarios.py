@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.domain import phone_key
+from worker.simulator import SCENARIOS
 
 FINAL = {"Success", "Fail", "SubmitFail"}
 
@@ -51,18 +52,8 @@ def plan(count: int, accounts: int, seed: int = 1) -> list[Planned]:
     """Sessions of every kind: the scenarios, some tracked without phones, a tracked phone the
     API never reports, phones spelled as Uspeedo takes them."""
     rng = random.Random(seed)
-    kinds = [
-        "quick_success",
-        "slow_final",
-        "late_failure",
-        "unknow_forever",
-        "never",
-        "submit_fail",
-        "silent_phone",
-        "respelled",
-        "stale_unknow",
-        "chinese",
-    ]
+    # Every scenario the simulator plays; poison is placed at fixed positions below instead.
+    kinds = [scenario for scenario in SCENARIOS if scenario != "poison"]
     planned = []
     for i in range(count):
         scenario = "poison" if i in (7, count // 2) else kinds[i % len(kinds)]
