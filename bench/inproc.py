@@ -29,9 +29,10 @@ from bench.env import (
     register,
 )
 from worker import db, poller, store
-from worker.client import UspeedoClient, parse_receipts
+from worker.client import UspeedoClient
 from worker.config import get_settings
 from worker.db import session_scope
+from worker.receipts import parse_receipts
 from worker.simulator import Simulator
 from worker.store import Claim
 

@@ -4,22 +4,56 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from worker.errors import (
+    AckError,
+    ApiError,
+    CredentialsError,
+    MalformedResponse,
+    ParameterError,
+    PollWindowClosed,
+    ReceiptsError,
+    ServerError,
+    SessionNotFound,
+    SettingsError,
+    TrackError,
+    TransportError,
+    UspeedoError,
+)
+
 if TYPE_CHECKING:
     from worker.api import acknowledge, track, track_many
-    from worker.tracking import TrackError, TrackResult
+    from worker.tracking import TrackResult
 
-__all__ = ["TrackError", "TrackResult", "acknowledge", "track", "track_many"]
+__all__ = [
+    "AckError",
+    "ApiError",
+    "CredentialsError",
+    "MalformedResponse",
+    "ParameterError",
+    "PollWindowClosed",
+    "ReceiptsError",
+    "ServerError",
+    "SessionNotFound",
+    "SettingsError",
+    "TrackError",
+    "TrackResult",
+    "TransportError",
+    "UspeedoError",
+    "acknowledge",
+    "track",
+    "track_many",
+]
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so that `import worker.celery` in a worker does not pull the sender API's imports
-    # and `import worker` stays cheap for senders.
+    # and `import worker` stays cheap for senders (the errors module imports nothing).
     if name in ("track", "track_many", "acknowledge"):
         from worker import api
 
         return getattr(api, name)
-    if name in ("TrackError", "TrackResult"):
+    if name == "TrackResult":
         from worker import tracking
 
-        return getattr(tracking, name)
+        return tracking.TrackResult
     raise AttributeError(f"module 'worker' has no attribute {name!r}")

@@ -21,7 +21,7 @@ def track(
     user_ref: str | None = None,
 ) -> TrackResult:
     """Record one session to poll. Tracking it again merges (phones are added), never
-    duplicates. Raises :class:`worker.tracking.TrackError` naming the bad field."""
+    duplicates. Raises :class:`worker.TrackError` naming the bad field."""
     return track_many(
         [
             {
@@ -40,7 +40,7 @@ def acknowledge(
     session_nos: Sequence[str], *, note: str | None = None, account_id: int | None = None
 ) -> list[tuple[int, str]]:
     """Mark escalations as handled; they stop counting as alerts. All or none: raises
-    :class:`worker.store.AckError` naming each SessionNo that is unknown or not escalated."""
+    :class:`worker.AckError` naming each SessionNo that is unknown or not escalated."""
     with session_scope() as session:
         return store.acknowledge(
             session, list(session_nos), now=datetime.now(UTC), note=note, account_id=account_id

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import click
 
-from worker.config import Settings, SettingsError, get_settings
+from worker.config import Settings, get_settings
+from worker.errors import SettingsError
 
 if TYPE_CHECKING:
     from worker.tracking import TrackRequest
@@ -75,7 +76,8 @@ def _csv_rows(handle: TextIO) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def _csv_requests(handle: TextIO) -> list[TrackRequest]:
     """Validated row by row, so that each error names the row's own line in the file."""
-    from worker.tracking import TrackError, parse_requests
+    from worker.errors import TrackError
+    from worker.tracking import parse_requests
 
     now = datetime.now(UTC)
     requests: list[TrackRequest] = []
@@ -115,7 +117,7 @@ def track(
     All rows are recorded, or none if any is invalid; the error names each bad row and field.
     """
     from worker.api import track_many
-    from worker.tracking import TrackError
+    from worker.errors import TrackError
 
     _settings()
     rows: list[dict[str, Any]] | list[TrackRequest]
@@ -256,11 +258,12 @@ def _iso(value: datetime | None) -> str:
 def status(session_no: str, account_id: int | None, as_json: bool) -> None:
     """A session's state and every phone's receipt."""
     from worker import reports
+    from worker.errors import SessionNotFound
 
     _settings()
     try:
         found = reports.session_status(session_no, account_id=account_id)
-    except reports.NotFound as exc:
+    except SessionNotFound as exc:
         _fail(str(exc), code=1)
     if as_json:
         click.echo(json.dumps(found, default=_json_default, indent=2))
@@ -295,7 +298,7 @@ def stale(as_json: bool, as_csv: bool, fail: bool) -> None:
 def ack(session_nos: tuple[str, ...], note: str | None, account_id: int | None) -> None:
     """Mark escalations as handled; they stop counting as alerts (all or none)."""
     from worker.api import acknowledge
-    from worker.store import AckError
+    from worker.errors import AckError
 
     _settings()
     try:

@@ -1,4 +1,5 @@
-"""The Uspeedo API client: signed requests, bounded retries, typed errors and receipt parsing.
+"""The Uspeedo API client: signed requests and bounded retries (errors are in ``worker.errors``,
+receipt parsing in ``worker.receipts``).
 
 Retrying happens here, one level above urllib3: Uspeedo rejects a replayed nonce and a stale
 timestamp, so every attempt must be signed afresh, which urllib3's ``Retry`` cannot do (it
@@ -15,427 +16,38 @@ import json
 import logging
 import math
 import random
-import re
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from typing import Any, Final, NoReturn, Self, TypeVar
 
 import requests
 from requests.adapters import HTTPAdapter
 
-from worker.domain import Result, normalize_result
+from worker.errors import (
+    ApiError,
+    MalformedResponse,
+    PollWindowClosed,
+    TransportError,
+    UspeedoError,
+    api_error,
+    describe,
+    show,
+)
+from worker.receipts import RECEIPT_ACTION, ReceiptBatch, parse_receipts
 from worker.signing import new_nonce, signature
 
 log = logging.getLogger(__name__)
 
-RECEIPT_ACTION: Final = "GetUSMSSendReceipt"
 MAX_SESSIONS_PER_CALL: Final = 100
 REQUEST_UUID_HEADER: Final = "X-Speedo-Request-Uuid"
-
-RET_INVALID_PARAMETER: Final = 215392
-RET_MISSING_PARAMETER: Final = 215397
-RET_BAD_CREDENTIALS: Final = 215398
-RET_SERVER_ERROR: Final = 215400
 
 # One worker child polls with a handful of threads at most; a pool this size keeps their
 # connections alive without letting one process open an unbounded number of sockets.
 POOL_SIZE: Final = 10
 
-# 9999-12-31T23:59:59Z: the last instant ``datetime`` can hold.
-_MAX_TIMESTAMP: Final = 253_402_300_799
-
-# The largest sms_receipts.cost_count can hold (a PostgreSQL integer).
-_MAX_COST_COUNT: Final = 2**31 - 1
-
 _RETRY_AFTER_STATUSES: Final = frozenset({429, 503})
-
-
-# --------------------------------------------------------------------------------------------
-# Errors
-
-
-class UspeedoError(Exception):
-    """Base of every error the client raises.
-
-    ``retryable`` tells the caller whether polling again later may succeed; the client has
-    already spent its own attempts by the time it raises.
-    """
-
-    retryable: bool = False
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        request_uuid: str | None = None,
-        retryable: bool | None = None,
-        action: str | None = None,
-        http_status: int | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.request_uuid = request_uuid
-        self.action = action
-        self.http_status = http_status
-        if retryable is not None:
-            self.retryable = retryable
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # The keyword-only attributes would be lost by Exception's default pickling (which
-        # replays only ``args``); Celery pickles exceptions that escape a task.
-        return (_rebuild_error, (type(self), self.args, dict(self.__dict__)))
-
-
-def _rebuild_error(
-    cls: type[UspeedoError], args: tuple[Any, ...], state: dict[str, Any]
-) -> UspeedoError:
-    error = cls.__new__(cls)
-    Exception.__init__(error, *args)
-    error.__dict__.update(state)
-    return error
-
-
-class TransportError(UspeedoError):
-    """The request did not produce a usable HTTP answer: connection error, timeout, HTTP error."""
-
-    retryable = True
-
-
-class MalformedResponse(UspeedoError):
-    """The answer was not the JSON object the API documents."""
-
-    retryable = True
-
-
-class PollWindowClosed(UspeedoError):
-    """The deadline passed before any attempt could start."""
-
-    retryable = False
-
-
-class ApiError(UspeedoError):
-    """The API answered with a non-zero RetCode."""
-
-    retryable = False
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        ret_code: int = 0,
-        api_message: str = "",
-        request_uuid: str | None = None,
-        retryable: bool | None = None,
-        action: str | None = None,
-        http_status: int | None = None,
-    ) -> None:
-        super().__init__(
-            message,
-            request_uuid=request_uuid,
-            retryable=retryable,
-            action=action,
-            http_status=http_status,
-        )
-        self.ret_code = ret_code
-        self.api_message = api_message
-
-
-class CredentialsError(ApiError):
-    """Invalid or expired AccessKey (or a clock skewed beyond five minutes)."""
-
-    retryable = False
-
-
-class ParameterError(ApiError):
-    """The request itself is wrong; sending it again cannot help."""
-
-    retryable = False
-
-
-class ServerError(ApiError):
-    """Uspeedo's own failure; worth another try."""
-
-    retryable = True
-
-
-_API_ERRORS: Final[dict[int, type[ApiError]]] = {
-    RET_BAD_CREDENTIALS: CredentialsError,
-    RET_INVALID_PARAMETER: ParameterError,
-    RET_MISSING_PARAMETER: ParameterError,
-    RET_SERVER_ERROR: ServerError,
-}
-
-
-def api_error(
-    ret_code: int,
-    message: str,
-    request_uuid: str | None,
-    *,
-    action: str | None = None,
-    http_status: int | None = None,
-) -> ApiError:
-    """The ApiError subclass for a RetCode; unknown codes give a plain, non-retryable ApiError."""
-    cls = _API_ERRORS.get(ret_code, ApiError)
-    return cls(
-        _describe(action, f"RetCode {ret_code} {message!r}", request_uuid, http_status),
-        ret_code=ret_code,
-        api_message=message,
-        request_uuid=request_uuid,
-        action=action,
-        http_status=http_status,
-    )
-
-
-def _describe(
-    action: str | None, reason: str, request_uuid: str | None, http_status: int | None = None
-) -> str:
-    parts = [f"{action or 'Uspeedo call'}: {reason}"]
-    if http_status is not None and f"HTTP {http_status}" not in reason:
-        parts.append(f"HTTP {http_status}")
-    parts.append(f"request uuid {request_uuid}" if request_uuid else "no request uuid")
-    return "; ".join(parts)
-
-
-# --------------------------------------------------------------------------------------------
-# Receipts
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Receipt:
-    """One phone's receipt as reported by GetUSMSSendReceipt."""
-
-    session_no: str  # the SessionNo the receipt was reported under
-    phone: str  # as Uspeedo spelled it, stripped; match on domain.phone_key()
-    result: Result  # normalized to Uspeedo's spelling (Chinese aliases mapped)
-    receipt_code: str  # operator status code; "" when absent
-    receipt_desc: str  # human description of the code; "" when absent
-    receipt_time: datetime | None  # UTC; None when absent or 0 (not yet reported)
-    cost_count: int | None  # billed message parts
-    user_id: str | None  # the sender's own reference, when it gave one
-    country_code: str | None  # carried by some responses only
-
-    @classmethod
-    def from_payload(cls, session_no: str, entry: Mapping[str, Any]) -> Receipt:
-        """Parse one ``ReceiptSet`` element; ValueError names the field that is wrong."""
-        if not isinstance(entry, Mapping):
-            raise ValueError(f"receipt is not an object: {_show(entry)}")
-        raw_result = entry.get("ReceiptResult")
-        if not isinstance(raw_result, str):
-            raise ValueError(f"ReceiptResult: expected a string, got {_show(raw_result)}")
-        try:
-            result = normalize_result(raw_result)
-        except ValueError as exc:
-            raise ValueError(f"ReceiptResult: {exc}") from None
-        return cls(
-            session_no=session_no,
-            phone=_phone(entry.get("Phone")),
-            result=result,
-            receipt_code=_text(entry, "ReceiptCode") or "",
-            receipt_desc=_text(entry, "ReceiptDesc") or "",
-            receipt_time=_timestamp(entry.get("ReceiptTime")),
-            cost_count=_count(entry.get("CostCount")),
-            user_id=_text(entry, "UserId") or None,
-            country_code=_text(entry, "CountryCode") or None,
-        )
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ReceiptBatch:
-    """The receipts of one call, and what had to be skipped to get them."""
-
-    receipts: tuple[Receipt, ...]
-    problems: tuple[str, ...]  # one line per skipped entry or receipt, naming where it was
-    request_uuid: str | None
-    # The problems that belong to an asked session, as (SessionNo, problem): kept on that
-    # session's row as its last_error.
-    session_problems: tuple[tuple[str, str], ...] = ()
-
-
-def parse_receipts(
-    payload: Any, asked: Collection[str], request_uuid: str | None = None
-) -> ReceiptBatch:
-    """Receipts from the decoded body of a RetCode-0 GetUSMSSendReceipt response.
-
-    Only the overall shape is fatal (``MalformedResponse``): the body not an object or ``Data``
-    not a list. One bad entry or receipt is skipped and described in ``problems`` so that one
-    odd phone cannot hold back the receipts of the other 99 sessions.
-    """
-    if not isinstance(payload, Mapping):
-        raise MalformedResponse(
-            _describe(RECEIPT_ACTION, f"body is not an object: {_show(payload)}", request_uuid),
-            request_uuid=request_uuid,
-            action=RECEIPT_ACTION,
-        )
-    data = payload.get("Data")
-    if data is None:
-        # Nothing known yet for any of the sessions; the API may omit the field then.
-        return ReceiptBatch(receipts=(), problems=(), request_uuid=request_uuid)
-    if not isinstance(data, list):
-        raise MalformedResponse(
-            _describe(RECEIPT_ACTION, f"Data is not a list: {_show(data)}", request_uuid),
-            request_uuid=request_uuid,
-            action=RECEIPT_ACTION,
-        )
-
-    wanted = frozenset(asked)
-    receipts: list[Receipt] = []
-    problems: list[str] = []
-    session_problems: list[tuple[str, str]] = []
-    for index, entry in enumerate(data):
-        where = f"Data[{index}]"
-        if not isinstance(entry, Mapping):
-            problems.append(f"{where}: not an object: {_show(entry)}")
-            continue
-        session_no = entry.get("SessionNo")
-        if not isinstance(session_no, str) or not session_no:
-            problems.append(f"{where}: SessionNo: expected a string, got {_show(session_no)}")
-            continue
-        where = f"{where} (SessionNo {session_no!r})"
-        if session_no not in wanted:
-            # Never attribute receipts to a session we did not ask about: it may belong to
-            # another account, and storing it would invent a session.
-            problems.append(f"{where}: SessionNo was not asked for")
-            continue
-        receipt_set = entry.get("ReceiptSet")
-        if receipt_set is None:
-            # Go's omitempty drops empty arrays: no receipt yet.
-            continue
-        if not isinstance(receipt_set, list):
-            problem = f"{where}: ReceiptSet: expected a list, got {_show(receipt_set)}"
-            problems.append(problem)
-            session_problems.append((session_no, problem))
-            continue
-        for position, raw in enumerate(receipt_set):
-            try:
-                receipts.append(Receipt.from_payload(session_no, raw))
-            except ValueError as exc:
-                problem = f"{where} ReceiptSet[{position}]: {exc}"
-                problems.append(problem)
-                session_problems.append((session_no, problem))
-    return ReceiptBatch(
-        receipts=tuple(receipts),
-        problems=tuple(problems),
-        request_uuid=request_uuid,
-        session_problems=tuple(session_problems),
-    )
-
-
-def _show(value: Any, limit: int = 80) -> str:
-    """A short repr for error messages: payload values can be arbitrarily large."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int beyond sys.get_int_max_str_digits()
-        text = f"<{type(value).__name__} too large to show>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-
-
-def _storable(text: str) -> str:
-    """``text`` with what no database column can hold replaced by U+FFFD: NUL (PostgreSQL
-    refuses it in text) and lone surrogates (a JSON ``\\ud800`` escape decodes to one, and it
-    has no UTF-8 form). One such character must not make a whole answer unwritable."""
-    if text.isascii() and "\x00" not in text:
-        return text
-    return _UNSTORABLE.sub("\ufffd", text)
-
-
-def _phone(value: Any) -> str:
-    # Some products send numbers without a prefix as JSON numbers; the digits are what count.
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return str(value)
-    if not isinstance(value, str):
-        raise ValueError(f"Phone: expected a string, got {_show(value)}")
-    phone = _storable(value.strip())
-    if not phone:
-        raise ValueError("Phone: empty")
-    return phone
-
-
-def _text(entry: Mapping[str, Any], field: str) -> str | None:
-    """An optional string field; numbers are accepted (ReceiptCode is sometimes sent as 0)."""
-    value = entry.get(field)
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return _storable(value.strip())
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return _number_text(value, field)
-    raise ValueError(f"{field}: expected a string, got {_show(value)}")
-
-
-def _number_text(value: float, field: str) -> str:
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"{field}: expected a string, got {_show(value)}")
-        if value.is_integer():
-            value = int(value)
-    try:
-        return str(value)
-    except ValueError:  # too many digits to print
-        raise ValueError(f"{field}: number too large: {_show(value)}") from None
-
-
-def _number(value: Any, field: str) -> int | float:
-    """A JSON number, or a string holding one (some Uspeedo products quote numbers)."""
-    if isinstance(value, bool):  # bool is an int subclass, and never a count or a time
-        raise ValueError(f"{field}: expected a number, got {_show(value)}")
-    if isinstance(value, int | float):
-        number: int | float = value
-    elif isinstance(value, str):
-        text = value.strip()
-        try:
-            number = int(text)
-        except ValueError:
-            try:
-                number = float(text)
-            except ValueError:
-                raise ValueError(f"{field}: not a number: {_show(value)}") from None
-    else:
-        raise ValueError(f"{field}: expected a number, got {_show(value)}")
-    if isinstance(number, float) and not math.isfinite(number):
-        raise ValueError(f"{field}: not a finite number: {_show(value)}")
-    return number
-
-
-def _timestamp(value: Any) -> datetime | None:
-    if value is None or value == "":
-        return None
-    seconds = _number(value, "ReceiptTime")
-    if seconds == 0:  # the API's "not reported yet"
-        return None
-    if seconds < 0:
-        raise ValueError(f"ReceiptTime: negative: {_show(value)}")
-    if seconds > _MAX_TIMESTAMP:
-        # Most likely milliseconds; refusing is safer than guessing the unit.
-        raise ValueError(f"ReceiptTime: out of range: {_show(value)}")
-    try:
-        return datetime.fromtimestamp(seconds, tz=UTC)
-    except (OverflowError, OSError, ValueError):
-        raise ValueError(f"ReceiptTime: out of range: {_show(value)}") from None
-
-
-def _count(value: Any) -> int | None:
-    if value is None or value == "":
-        return None
-    number = _number(value, "CostCount")
-    if isinstance(number, float):
-        if not number.is_integer():
-            raise ValueError(f"CostCount: not a whole number: {_show(value)}")
-        number = int(number)
-    if number < 0:
-        raise ValueError(f"CostCount: negative: {_show(value)}")
-    if number > _MAX_COST_COUNT:
-        # The column is a 32-bit integer: a larger count would make the whole answer unwritable.
-        raise ValueError(f"CostCount: out of range: {_show(value)}")
-    return number
-
-
-# --------------------------------------------------------------------------------------------
-# The client
 
 
 class _Secret:
@@ -583,7 +195,7 @@ class UspeedoClient:
             if deadline is not None and self._clock() >= deadline:
                 if last_error is None:
                     raise PollWindowClosed(
-                        _describe(action, "deadline passed before the first attempt", None),
+                        describe(action, "deadline passed before the first attempt", None),
                         action=action,
                     )
                 raise last_error
@@ -641,13 +253,13 @@ class UspeedoClient:
             requests.exceptions.ContentDecodingError,
         ) as exc:
             raise TransportError(
-                _describe(action, f"{type(exc).__name__}: {_exception_text(exc)}", None),
+                describe(action, f"{type(exc).__name__}: {_exception_text(exc)}", None),
                 action=action,
             ) from exc
         except requests.RequestException as exc:
             # Invalid URL, schema and the like: no later attempt will fix them.
             raise TransportError(
-                _describe(action, f"{type(exc).__name__}: {_exception_text(exc)}", None),
+                describe(action, f"{type(exc).__name__}: {_exception_text(exc)}", None),
                 action=action,
                 retryable=False,
             ) from exc
@@ -657,7 +269,7 @@ class UspeedoClient:
         uuid = _request_uuid(response)
         if status == 429 or status >= 500:
             raise TransportError(
-                _describe(action, f"HTTP {status}", uuid),
+                describe(action, f"HTTP {status}", uuid),
                 request_uuid=uuid,
                 action=action,
                 http_status=status,
@@ -670,7 +282,7 @@ class UspeedoClient:
                 # 215398) is better reported as that, so callers can tell bad keys apart.
                 self._raise_api_error(action, body or {}, ret_code, uuid, status)
             raise TransportError(
-                _describe(action, f"HTTP {status}", uuid),
+                describe(action, f"HTTP {status}", uuid),
                 request_uuid=uuid,
                 action=action,
                 http_status=status,
@@ -678,7 +290,7 @@ class UspeedoClient:
             )
         if body is None:
             raise MalformedResponse(
-                _describe(
+                describe(
                     action,
                     f"body is not a JSON object ({len(response.content)} bytes)",
                     uuid,
@@ -691,7 +303,7 @@ class UspeedoClient:
         ret_code = body.get("RetCode")
         if not isinstance(ret_code, int) or isinstance(ret_code, bool):
             raise MalformedResponse(
-                _describe(action, f"RetCode missing or not an integer: {_show(ret_code)}", uuid),
+                describe(action, f"RetCode missing or not an integer: {show(ret_code)}", uuid),
                 request_uuid=uuid,
                 action=action,
                 http_status=status,
@@ -709,7 +321,7 @@ class UspeedoClient:
         status: int | None,
     ) -> NoReturn:
         message = body.get("Message")
-        text = message if isinstance(message, str) else ("" if message is None else _show(message))
+        text = message if isinstance(message, str) else ("" if message is None else show(message))
         raise api_error(ret_code, text[:500], uuid, action=action, http_status=status)
 
     def _retry_after(self, response: requests.Response) -> float | None:

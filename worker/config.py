@@ -21,6 +21,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.errors import SettingsError
 from worker.schedule import PollPolicy
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
@@ -220,10 +221,6 @@ class Settings(BaseSettings):
             interval_max=self.poll_interval_max,
             cutoff=self.cutoff,
         )
-
-
-class SettingsError(Exception):
-    """Invalid settings, with one line per problem naming the environment variable."""
 
 
 def load_settings(**overrides: Any) -> Settings:

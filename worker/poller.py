@@ -17,16 +17,16 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from worker import store, webhooks
-from worker.client import (
+from worker.client import UspeedoClient
+from worker.errors import (
     ApiError,
     MalformedResponse,
     ParameterError,
     PollWindowClosed,
-    ReceiptBatch,
-    UspeedoClient,
     UspeedoError,
 )
 from worker.logs import mask_phone
+from worker.receipts import ReceiptBatch
 from worker.schedule import PollPolicy
 from worker.store import Claim, PollTarget
 

@@ -9,14 +9,11 @@ from typing import Any, TextIO
 import sqlalchemy as sa
 
 from worker.db import session_scope
+from worker.errors import SessionNotFound
 from worker.models import receipts_table, sessions_table, stale_sessions_view
 
 S = sessions_table
 R = receipts_table
-
-
-class NotFound(LookupError):
-    pass
 
 
 def session_status(session_no: str, *, account_id: int | None = None) -> dict[str, Any]:
@@ -26,10 +23,10 @@ def session_status(session_no: str, *, account_id: int | None = None) -> dict[st
     with session_scope() as session:
         rows = list(session.execute(query).mappings())
         if not rows:
-            raise NotFound(f"session {session_no!r} is not tracked")
+            raise SessionNotFound(f"session {session_no!r} is not tracked")
         if len(rows) > 1:
             accounts = ", ".join(str(r["account_id"]) for r in rows)
-            raise NotFound(
+            raise SessionNotFound(
                 f"session {session_no!r} exists in accounts {accounts}: add --account-id"
             )
         found = dict(rows[0])

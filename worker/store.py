@@ -18,7 +18,6 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker.client import Receipt
 from worker.db import json_document, json_rows, upsert_insert
 from worker.domain import (
     FINAL_RESULTS,
@@ -30,6 +29,7 @@ from worker.domain import (
     settled_by_answer,
     unresolved_phones,
 )
+from worker.errors import AckError
 from worker.models import (
     UTCDateTime,
     api_calls_table,
@@ -38,6 +38,7 @@ from worker.models import (
     receipts_table,
     sessions_table,
 )
+from worker.receipts import Receipt
 from worker.schedule import PollPolicy
 
 S = sessions_table
@@ -688,10 +689,6 @@ def escalate_due(
 
 
 # --- operators and observers ------------------------------------------------------------
-
-
-class AckError(LookupError):
-    """Sessions that cannot be acknowledged; the message names each and why."""
 
 
 def acknowledge(

@@ -16,8 +16,9 @@ from worker.celery import app
 from worker.client import UspeedoClient
 from worker.config import Settings, get_settings
 from worker.db import session_scope
+from worker.errors import TrackError
 from worker.store import Claim
-from worker.tracking import TrackError, parse_requests, track_requests
+from worker.tracking import parse_requests, track_requests
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from worker.db import json_document, json_rows, upsert_insert
 from worker.domain import SessionState, phone_key
+from worker.errors import TrackError
 from worker.models import sessions_table
 from worker.schedule import PollPolicy
 
@@ -33,22 +34,6 @@ PG_CHUNK = 10_000
 
 _SESSION_NO = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
 _PHONE = re.compile(r"\+?[0-9()\- ]+")
-
-
-class TrackError(ValueError):
-    """Input that cannot be tracked; the message names every bad row and field, and says that
-    nothing was recorded."""
-
-    def __init__(self, problems: Sequence[str], *, valid_rows: int = 0) -> None:
-        self.problems = list(problems)
-        self.valid_rows = valid_rows
-        noun = "problem" if len(problems) == 1 else "problems"
-        tail = (
-            f"; nothing was recorded (the {valid_rows} valid row(s) were not recorded either)"
-            if valid_rows
-            else "; nothing was recorded"
-        )
-        super().__init__(f"{len(problems)} {noun}: " + "; ".join(self.problems) + tail)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -21,9 +21,9 @@ from worker import db, poller, track, track_many
 from worker.cli import main
 from worker.client import UspeedoClient
 from worker.config import get_settings
+from worker.errors import TrackError
 from worker.models import sessions_table
 from worker.simulator import Simulator
-from worker.tracking import TrackError
 
 
 def _snapshot() -> list[tuple[Any, ...]]:

@@ -41,9 +41,10 @@ from tests.conftest import REDIS_URL, Configure
 from tests.integration.harness import flush_redis, processes, wait_for
 from worker import db, poller, store, track_many, webhooks
 from worker.cli import main
-from worker.client import Receipt, ReceiptBatch, UspeedoClient
+from worker.client import UspeedoClient
 from worker.domain import Result
 from worker.models import heartbeats_table, outbox_table, receipts_table, sessions_table
+from worker.receipts import Receipt, ReceiptBatch
 from worker.schedule import PollPolicy
 from worker.simulator import Simulator
 from worker.tracking import parse_requests, track_requests

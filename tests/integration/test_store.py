@@ -13,11 +13,12 @@ import pytest
 import sqlalchemy as sa
 
 from worker import db, store
-from worker.client import Receipt, parse_receipts
 from worker.domain import FINAL_RESULTS, ReceiptVersion, Result, should_replace
+from worker.errors import TrackError
 from worker.models import receipts_table, sessions_table
+from worker.receipts import Receipt, parse_receipts
 from worker.schedule import PollPolicy
-from worker.tracking import TrackError, TrackRequest, parse_requests, track_requests
+from worker.tracking import TrackRequest, parse_requests, track_requests
 
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 POLICY = PollPolicy(

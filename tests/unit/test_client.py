@@ -23,21 +23,20 @@ import responses
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker.client import (
+from worker.client import UspeedoClient
+from worker.domain import Result
+from worker.errors import (
     ApiError,
     CredentialsError,
     MalformedResponse,
     ParameterError,
     PollWindowClosed,
-    Receipt,
     ServerError,
     TransportError,
-    UspeedoClient,
     UspeedoError,
     api_error,
-    parse_receipts,
 )
-from worker.domain import Result
+from worker.receipts import Receipt, parse_receipts
 from worker.signing import canonical
 
 URL = "https://api.test.invalid/api"

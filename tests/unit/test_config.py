@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 from worker.config import (
     DEFAULT_API_URL,
     Settings,
-    SettingsError,
     is_loopback_url,
     load_settings,
     parse_duration,
 )
+from worker.errors import SettingsError
 
 DB_VAR, DB_ATTR = "RECEIPTS_DATABASE_URL", "database_url"
 WEBHOOK_VAR, WEBHOOK_ATTR = "RECEIPTS_ESCALATION_WEBHOOK_URL", "escalation_webhook_url"

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from worker.errors import TrackError
 from worker.tracking import (
     MAX_SESSION_NO_LENGTH,
     MAX_USER_REF_LENGTH,
-    TrackError,
     TrackRequest,
     parse_account_id,
     parse_phones,
