@@ -106,7 +106,7 @@ def _mask_phones(logger: logging.Logger, **_: Any) -> None:
 def _after_fork(**_: Any) -> None:
     """Each pool child builds its own engine and HTTP session (NOTES.md: never share pooled
     connections across fork)."""
-    from worker import db, tasks
+    from worker import db, runtime
 
     db.reset_engine()
-    tasks.reset_client()
+    runtime.reset()

@@ -314,11 +314,17 @@ def ack(session_nos: tuple[str, ...], note: str | None, account_id: int | None) 
 def repoll(session_nos: tuple[str, ...], account_id: int | None) -> None:
     """Poll escalated sessions once more now (after the cutoff, on purpose): late receipts are
     recorded and a session that now qualifies becomes resolved, keeping escalated_at."""
-    from worker.tasks import repoll as run_repoll
+    from worker import poller, runtime
 
     settings = _settings()
     _require_api(settings)
-    report = run_repoll(list(session_nos), account_id)
+    # In this process, not through the broker: an operator waits for the answer.
+    report = poller.repoll_escalated(
+        list(session_nos),
+        account_id=account_id,
+        batch_size=settings.batch_size,
+        **runtime.poll_dependencies(settings),
+    )
     if not report.polled:
         _fail("none of these sessions is escalated", code=1)
     click.echo(

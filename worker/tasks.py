@@ -1,20 +1,17 @@
-"""Celery tasks: thin wrappers that parse arguments and call the plain functions."""
+"""Celery tasks: thin wrappers that parse arguments and call the plain functions (the process
+resources they run with are in ``worker.runtime``)."""
 
 from __future__ import annotations
 
 import logging
-import os
-import random
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-import requests
 from celery.exceptions import Reject
 
-from worker import poller, webhooks
+from worker import poller, runtime, webhooks
 from worker.celery import app
-from worker.client import UspeedoClient
-from worker.config import Settings, get_settings
+from worker.config import get_settings
 from worker.db import session_scope
 from worker.errors import TrackError
 from worker.store import Claim
@@ -22,48 +19,13 @@ from worker.tracking import parse_requests, track_requests
 
 log = logging.getLogger(__name__)
 
-_client: UspeedoClient | None = None
-_client_pid: int | None = None
-_rng = random.Random()
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def get_client() -> UspeedoClient:
-    """The process's API client (one pooled HTTP session per process, built after fork)."""
-    global _client, _client_pid  # noqa: PLW0603 - the per-process singleton
-    if _client is None or _client_pid != os.getpid():
-        settings = get_settings()
-        problem = settings.missing_api_credentials()
-        if problem:
-            raise RuntimeError(problem)
-        _client = UspeedoClient(
-            api_url=settings.api_url,
-            access_key_id=settings.access_key_id or "",
-            access_key_secret=(
-                settings.access_key_secret.get_secret_value() if settings.access_key_secret else ""
-            ),
-            connect_timeout=settings.api_connect_timeout.total_seconds(),
-            read_timeout=settings.api_read_timeout.total_seconds(),
-            max_attempts=settings.api_max_attempts,
-        )
-        _client_pid = os.getpid()
-    return _client
-
-
-def reset_client() -> None:
-    global _client, _client_pid  # noqa: PLW0603
-    _client = _client_pid = None
-
 
 @app.task(name="receipts.tick", ignore_result=True)
 def tick() -> dict[str, int]:
     settings = get_settings()
     report = poller.tick(
         session_factory=session_scope,
-        clock=utcnow,
+        clock=runtime.utcnow,
         policy=settings.poll_policy(),
         dispatch=_dispatch,
         lease=settings.lease,
@@ -94,27 +56,16 @@ def deliver_webhooks() -> dict[str, int]:
     secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
     report = webhooks.deliver_due(
         session_factory=session_scope,
-        http=_webhook_http(),
+        http=runtime.webhook_http(),
         url=settings.escalation_webhook_url,
         secret=secret,
-        now=utcnow,
+        now=runtime.utcnow,
         lease=settings.webhook_timeout * 2 + settings.tick,
         retry_base=settings.tick,
         retry_cap=max(settings.tick, timedelta(minutes=15)),
         timeout=settings.webhook_timeout.total_seconds(),
     )
     return {"delivered": report.delivered, "failed": report.failed}
-
-
-_http: requests.Session | None = None
-_http_pid: int | None = None
-
-
-def _webhook_http() -> requests.Session:
-    global _http, _http_pid
-    if _http is None or _http_pid != os.getpid():
-        _http, _http_pid = requests.Session(), os.getpid()
-    return _http
 
 
 def _dispatch(claim: Claim) -> None:
@@ -131,31 +82,10 @@ def _dispatch(claim: Claim) -> None:
 def poll(account_id: Any, session_ids: Any, token: Any) -> dict[str, int]:
     claim = _parse_claim(account_id, session_ids, token)
     settings = get_settings()
-    report = poller.poll(claim, **_poll_dependencies(settings), in_flight=settings.poll_in_flight)
-    return {"polled": report.polled, "resolved": report.resolved, "failed": report.failed}
-
-
-def repoll(session_nos: list[str], account_id: int | None) -> poller.PollReport:
-    """An operator's repoll of escalated sessions (``receipts repoll``), run in-process."""
-    settings = get_settings()
-    return poller.repoll_escalated(
-        session_nos,
-        account_id=account_id,
-        batch_size=settings.batch_size,
-        **_poll_dependencies(settings),
+    report = poller.poll(
+        claim, **runtime.poll_dependencies(settings), in_flight=settings.poll_in_flight
     )
-
-
-def _poll_dependencies(settings: Settings) -> dict[str, Any]:
-    """What every poll runs with in a worker process."""
-    return {
-        "session_factory": session_scope,
-        "client": get_client(),
-        "clock": utcnow,
-        "policy": settings.poll_policy(),
-        "rng": _rng,
-        "budget": settings.poll_budget,
-    }
+    return {"polled": report.polled, "resolved": report.resolved, "failed": report.failed}
 
 
 def _parse_claim(account_id: Any, session_ids: Any, token: Any) -> Claim:
@@ -184,7 +114,7 @@ def track(
 ) -> dict[str, int]:
     """Track one session on behalf of a service that only shares the broker."""
     settings = get_settings()
-    now = utcnow()
+    now = runtime.utcnow()
     raw = {
         "session_no": session_no,
         "account_id": account_id,

@@ -1,0 +1,79 @@
+"""The resources one worker process holds: the Uspeedo API client, the webhook HTTP session, the
+random source of poll jitter and the clock.
+
+Each is built lazily, once per process, and built again in a child after ``fork()`` (Celery's
+prefork pool): pooled connections must never be shared between processes. Celery tasks and the
+``receipts repoll`` command take them from here; tests pass their own to the plain functions.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from datetime import UTC, datetime
+from typing import Any
+
+import requests
+
+from worker.client import UspeedoClient
+from worker.config import Settings, get_settings
+from worker.db import session_scope
+
+_client: UspeedoClient | None = None
+_client_pid: int | None = None
+_http: requests.Session | None = None
+_http_pid: int | None = None
+# Poll jitter only (not cryptography); one per process is enough.
+rng = random.Random()
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def api_client() -> UspeedoClient:
+    """The process's API client (one pooled HTTP session per process, built after fork)."""
+    global _client, _client_pid  # noqa: PLW0603 - the per-process singleton
+    if _client is None or _client_pid != os.getpid():
+        settings = get_settings()
+        problem = settings.missing_api_credentials()
+        if problem:
+            raise RuntimeError(problem)
+        _client = UspeedoClient(
+            api_url=settings.api_url,
+            access_key_id=settings.access_key_id or "",
+            access_key_secret=(
+                settings.access_key_secret.get_secret_value() if settings.access_key_secret else ""
+            ),
+            connect_timeout=settings.api_connect_timeout.total_seconds(),
+            read_timeout=settings.api_read_timeout.total_seconds(),
+            max_attempts=settings.api_max_attempts,
+        )
+        _client_pid = os.getpid()
+    return _client
+
+
+def webhook_http() -> requests.Session:
+    """The process's HTTP session for webhook deliveries."""
+    global _http, _http_pid
+    if _http is None or _http_pid != os.getpid():
+        _http, _http_pid = requests.Session(), os.getpid()
+    return _http
+
+
+def reset() -> None:
+    """Forget the process's HTTP resources (in a child after fork, or when settings change)."""
+    global _client, _client_pid, _http, _http_pid  # noqa: PLW0603
+    _client = _client_pid = _http = _http_pid = None
+
+
+def poll_dependencies(settings: Settings) -> dict[str, Any]:
+    """What every poll runs with in this process (see :func:`worker.poller.poll`)."""
+    return {
+        "session_factory": session_scope,
+        "client": api_client(),
+        "clock": utcnow,
+        "policy": settings.poll_policy(),
+        "rng": rng,
+        "budget": settings.poll_budget,
+    }
