@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -49,3 +50,36 @@ def test_mypy_is_clean() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _worker_modules() -> dict[str, Path]:
+    """Every module of the package, by dotted name (the migrations ship as a package of their
+    own and are Alembic's scripts, not modules to import)."""
+    package = ROOT / "worker"
+    modules = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        modules[".".join(parts)] = path
+    return modules
+
+
+def test_importing_any_module_creates_nothing(tmp_path: Path) -> None:
+    """No folder or file appears where a module is imported (the embedded broker's folders are
+    made when a worker or beat starts, inside RECEIPTS_BROKER_DIR)."""
+    names = [n for n in _worker_modules() if n != "worker.__main__"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECEIPTS_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
+    result = subprocess.run(
+        [sys.executable, "-c", code, *names],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

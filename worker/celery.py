@@ -23,7 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    beat_init,
+    worker_init,
+    worker_process_init,
+)
 
 from worker.config import Settings, get_settings
 
@@ -37,19 +43,36 @@ TASK_TIME_LIMIT = 300
 TASK_SOFT_TIME_LIMIT = 240
 
 
+# The embedded broker's subfolders inside RECEIPTS_BROKER_DIR: messages, processed messages, and
+# kombu's exchange tables (which it would otherwise write to ./control).
+BROKER_SUBFOLDERS = ("queue", "processed", "control")
+
+
 def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
-    """The broker URL and transport options; no URL means the embedded filesystem broker."""
+    """The broker URL and transport options; no URL means the embedded filesystem broker.
+
+    Creates nothing: importing the app must not leave folders behind (see
+    :func:`make_broker_folders`, run when a worker or beat starts).
+    """
     if settings.broker_url:
         return settings.broker_url, {"visibility_timeout": 3600}
     folder = Path(settings.broker_dir).resolve()
-    for sub in ("queue", "processed"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
     return "filesystem://", {
         "data_folder_in": str(folder / "queue"),
         "data_folder_out": str(folder / "queue"),
         "processed_folder": str(folder / "processed"),
+        "control_folder": str(folder / "control"),
         "store_processed": False,
     }
+
+
+def make_broker_folders(settings: Settings) -> None:
+    """Create the embedded broker's folders (nothing to do for a real broker)."""
+    if settings.broker_url:
+        return
+    folder = Path(settings.broker_dir).resolve()
+    for sub in BROKER_SUBFOLDERS:
+        (folder / sub).mkdir(parents=True, exist_ok=True)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -110,3 +133,11 @@ def _after_fork(**_: Any) -> None:
 
     db.reset_engine()
     runtime.reset()
+
+
+@worker_init.connect
+@beat_init.connect
+def _broker_folders(**_: Any) -> None:
+    """The embedded broker's folders, made when a worker or beat starts (however started:
+    ``receipts run``, ``receipts worker``, ``celery -A worker.celery worker``)."""
+    make_broker_folders(get_settings())

@@ -156,3 +156,8 @@ def test_receipts_run_on_the_embedded_defaults(configure: Configure, tmp_path: P
     assert results["submit_fail-2"] == "SubmitFail"
     assert results["slow_final-1"] == "Success"
     assert "never-3" not in results
+    # The embedded broker keeps all its folders inside RECEIPTS_BROKER_DIR (kombu's exchange
+    # tables included, which it would otherwise write to ./control).
+    assert not (tmp_path / "control").exists()
+    broker = tmp_path / "receipts-broker"
+    assert sorted(p.name for p in broker.iterdir()) == ["control", "processed", "queue"]
