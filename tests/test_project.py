@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -63,6 +64,49 @@ def _worker_modules() -> dict[str, Path]:
             parts.pop()
         modules[".".join(parts)] = path
     return modules
+
+
+def _imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The package's modules that ``name`` imports anywhere in its text (at the top, inside
+    functions, or only for type checking: each is a dependency of the design)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from worker import store` imports the submodule; `from worker import track`
+            # the package itself.
+            targets = [
+                f"{node.module}.{alias.name}"
+                if f"{node.module}.{alias.name}" in known
+                else node.module
+                for alias in node.names
+            ]
+        else:
+            continue
+        found.update(t for t in targets if t in known and t != name)
+    return found
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    modules = _worker_modules()
+    known = set(modules)
+    graph = {name: _imports(name, path, known) for name, path in modules.items()}
+    cycles: list[list[str]] = []
+
+    def visit(node: str, trail: list[str], done: set[str]) -> None:
+        for target in sorted(graph[node]):
+            if target in trail:
+                cycles.append([*trail[trail.index(target) :], target])
+            elif target not in done:
+                visit(target, [*trail, target], done)
+        done.add(node)
+
+    finished: set[str] = set()
+    for name in sorted(graph):
+        if name not in finished:
+            visit(name, [name], finished)
+    assert not cycles, "\n".join(" -> ".join(cycle) for cycle in cycles)
 
 
 def test_importing_any_module_creates_nothing(tmp_path: Path) -> None:

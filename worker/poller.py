@@ -84,7 +84,10 @@ def tick(
     escalated = 0
     while True:
         with session_factory() as session:
-            escalations = store.escalate_due(session, now=clock(), policy=policy, outbox=outbox)
+            now = clock()
+            escalations = store.escalate_due(session, now=now, policy=policy)
+            if outbox:
+                webhooks.queue_escalations(session, escalations, now=now)
         for escalation in escalations:
             log_escalation(escalation, show_phones=show_phones)
         escalated += len(escalations)

@@ -12,7 +12,7 @@ import secrets
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -34,7 +34,6 @@ from worker.models import (
     UTCDateTime,
     api_calls_table,
     heartbeats_table,
-    outbox_table,
     receipts_table,
     sessions_table,
 )
@@ -582,14 +581,14 @@ def escalate_due(
     now: datetime,
     policy: PollPolicy,
     limit: int = ESCALATION_BATCH,
-    outbox: bool = False,
 ) -> list[Escalation]:
     """Escalate pending sessions whose cutoff has passed, at most ``limit`` per call.
 
     The state change is one conditional UPDATE, so a session is escalated exactly once however
-    many ticks run it at the same time; the caller logs and alerts from the returned rows only.
-    With ``outbox``, each escalation's webhook delivery is queued in the same transaction, so
-    an escalation can never exist without its delivery, nor the other way round.
+    many ticks run it at the same time; the caller logs and alerts from the returned rows only,
+    and queues their webhooks (:func:`worker.webhooks.queue_escalations`) in the same
+    transaction, so that an escalation never exists without its delivery, nor the other way
+    round.
     """
     due = (
         sa.select(S.c.id)
@@ -653,38 +652,6 @@ def escalate_due(
         {"id": sa.BigInteger(), "detail": S.c.escalation_detail.type},
         lambda row: {"escalation_detail": row["detail"]},
     )
-    if outbox:
-        from worker.webhooks import escalation_payload
-
-        payloads = [escalation_payload(e) for e in escalations]
-        # A session escalated a second time gets a delivery id of its own: receivers
-        # deduplicate on it, and the unique id must not fail the tick (stopping every poll).
-        taken = set(
-            session.scalars(
-                sa.select(outbox_table.c.delivery_id).where(
-                    outbox_table.c.delivery_id.in_([p["delivery_id"] for p in payloads])
-                )
-            )
-        )
-        for payload in payloads:
-            if payload["delivery_id"] in taken:
-                payload["delivery_id"] += f"-{now.astimezone(UTC):%Y%m%dT%H%M%S%fZ}"
-        session.connection().execute(
-            sa.insert(outbox_table),
-            [
-                {
-                    "delivery_id": payload["delivery_id"],
-                    "event": "session.escalated",
-                    "account_id": e.account_id,
-                    "session_no": e.session_no,
-                    "payload": payload,
-                    "attempts": 0,
-                    "next_attempt_at": now,
-                    "created_at": now,
-                }
-                for e, payload in zip(escalations, payloads, strict=True)
-            ],
-        )
     return escalations
 
 

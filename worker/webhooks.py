@@ -1,5 +1,5 @@
-"""Escalation webhooks: the payload, its signature, and at-least-once delivery from the
-``escalation_outbox`` table.
+"""Escalation webhooks: the ``escalation_outbox`` table this module owns (queued in the
+transaction that escalates), the payload, its signature, and at-least-once delivery.
 
 Payload (``Content-Type: application/json``)::
 
@@ -20,10 +20,10 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import requests
@@ -64,6 +64,44 @@ def escalation_payload(escalation: Escalation) -> dict[str, Any]:
         "unresolved_phones": phones,
         "text": text,
     }
+
+
+def queue_escalations(
+    session: Session, escalations: Sequence[Escalation], *, now: datetime
+) -> None:
+    """Queue one webhook delivery per escalation in the caller's transaction (the one that
+    escalated them), due at once."""
+    if not escalations:
+        return
+    payloads = [escalation_payload(e) for e in escalations]
+    # A session escalated a second time gets a delivery id of its own: receivers deduplicate
+    # on it, and the unique id must not fail the tick (stopping every poll).
+    taken = set(
+        session.scalars(
+            sa.select(OUTBOX.c.delivery_id).where(
+                OUTBOX.c.delivery_id.in_([p["delivery_id"] for p in payloads])
+            )
+        )
+    )
+    for payload in payloads:
+        if payload["delivery_id"] in taken:
+            payload["delivery_id"] += f"-{now.astimezone(UTC):%Y%m%dT%H%M%S%fZ}"
+    session.connection().execute(
+        sa.insert(OUTBOX),
+        [
+            {
+                "delivery_id": payload["delivery_id"],
+                "event": "session.escalated",
+                "account_id": e.account_id,
+                "session_no": e.session_no,
+                "payload": payload,
+                "attempts": 0,
+                "next_attempt_at": now,
+                "created_at": now,
+            }
+            for e, payload in zip(escalations, payloads, strict=True)
+        ],
+    )
 
 
 def sign(body: bytes, secret: str) -> str:

@@ -259,7 +259,9 @@ def _poll(
 
 def _escalate(now: datetime, policy: PollPolicy = POLICY) -> list[store.Escalation]:
     with db.session_scope() as session:
-        return store.escalate_due(session, now=now, policy=policy, outbox=True)
+        escalations = store.escalate_due(session, now=now, policy=policy)
+        webhooks.queue_escalations(session, escalations, now=now)
+        return escalations
 
 
 def _sessions() -> dict[str, dict[str, Any]]:
