@@ -127,8 +127,8 @@ def _mask_phones(logger: logging.Logger, **_: Any) -> None:
 
 @worker_process_init.connect
 def _after_fork(**_: Any) -> None:
-    """Each pool child builds its own engine and HTTP session (NOTES.md: never share pooled
-    connections across fork)."""
+    """Each pool child builds its own engine and HTTP session: pooled connections must never
+    be shared across fork."""
     from worker import db, runtime
 
     db.reset_engine()

@@ -91,7 +91,7 @@ def _check_http_url(name: str, value: str) -> str:
 
 
 class Settings(BaseSettings):
-    """Every setting of CONTRACT.md; durations accept seconds or forms like ``5m``."""
+    """Every setting of README "Settings"; durations accept seconds or forms like ``5m``."""
 
     model_config = SettingsConfigDict(env_prefix="RECEIPTS_", extra="ignore", frozen=True)
 

@@ -25,8 +25,8 @@ _sessionmaker: sessionmaker[Session] | None = None
 
 
 def normalize_url(url: str) -> str:
-    """Use psycopg 3 for PostgreSQL URLs that name no driver (NOTES.md: psycopg2 loses ON
-    CONFLICT batching)."""
+    """Use psycopg 3 for PostgreSQL URLs that name no driver (with psycopg2, SQLAlchemy turns
+    off its batching of ``INSERT … ON CONFLICT``: about 7x slower upserts)."""
     parsed = make_url(url)
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")

@@ -29,7 +29,8 @@ MIN_PHONE_DIGITS, MAX_PHONE_DIGITS = 5, 20
 FUTURE_TOLERANCE = timedelta(minutes=5)
 # Enough rows per statement to amortise round trips, few enough for SQLite's bound-parameter cap.
 CHUNK = 2_000
-# PostgreSQL takes each column as one array parameter, so chunks can be larger.
+# PostgreSQL takes a whole chunk as one JSON document (worker.db.json_rows), so chunks can be
+# larger.
 PG_CHUNK = 10_000
 
 _SESSION_NO = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces

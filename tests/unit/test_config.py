@@ -1,4 +1,4 @@
-"""Settings from RECEIPTS_* variables (CONTRACT.md, "Settings"): defaults, durations, and errors
+"""Settings from RECEIPTS_* variables (README, "Settings"): defaults, durations, and errors
 that name the variable and never show a secret. Each test starts from an environment without any
 RECEIPTS_* variable (RECEIPTS_TEST_* excepted) and calls load_settings() directly."""
 

@@ -1,4 +1,4 @@
-"""Rules of the domain (CONTRACT.md, "Rules of the domain") as pure functions: which results are
+"""Rules of the domain (README, "Tables") as pure functions: which results are
 final, how phones match, which receipt version wins, when a session is resolved."""
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 SECOND = timedelta(seconds=1)
 
 # Spelled out here rather than taken from the module, so the test checks the contract itself.
-CONTRACT_FINAL = frozenset({"Success", "Fail", "SubmitFail"})
+DOCUMENTED_FINAL = frozenset({"Success", "Fail", "SubmitFail"})
 ALL_RESULTS = ["Success", "Fail", "Unknow", "SubmitFail"]
-FINALS = sorted(CONTRACT_FINAL)
+FINALS = sorted(DOCUMENTED_FINAL)
 
 
 # --- Result and is_final ---------------------------------------------------------------------
@@ -39,13 +39,13 @@ FINALS = sorted(CONTRACT_FINAL)
 
 def test_result_values_are_uspeedo_spellings() -> None:
     assert sorted(r.value for r in Result) == sorted(ALL_RESULTS)
-    assert {r.value for r in FINAL_RESULTS} == CONTRACT_FINAL
+    assert {r.value for r in FINAL_RESULTS} == DOCUMENTED_FINAL
 
 
 @pytest.mark.parametrize("result", ALL_RESULTS)
 def test_is_final_follows_the_contract(result: str) -> None:
-    assert is_final(result) is (result in CONTRACT_FINAL)
-    assert is_final(Result(result)) is (result in CONTRACT_FINAL)
+    assert is_final(result) is (result in DOCUMENTED_FINAL)
+    assert is_final(Result(result)) is (result in DOCUMENTED_FINAL)
 
 
 @pytest.mark.parametrize("raw", ["", "success", "unknown", "Delivered"])
@@ -167,11 +167,11 @@ def _times(order: str) -> tuple[datetime | None, datetime | None]:
 
 
 def _contract_says_replace(old: str, new: str, order: str) -> bool:
-    """The rule of CONTRACT.md: a final receipt is never overwritten by a non-final one, nor by an
+    """The documented rule: a final receipt is never overwritten by a non-final one, nor by an
     older one. Beyond it, the module's documented choices: a final receipt replaces a non-final
     one whatever their times; between two of the same kind, anything not known to be older
     (equal or unknown times) is the later observation and wins."""
-    old_final, new_final = old in CONTRACT_FINAL, new in CONTRACT_FINAL
+    old_final, new_final = old in DOCUMENTED_FINAL, new in DOCUMENTED_FINAL
     if old_final != new_final:
         return new_final
     return order != "older"
@@ -417,9 +417,9 @@ def test_duplicate_tracked_phone_keys_count_once() -> None:
 )
 def test_is_resolved_matches_the_contract_rule(results: dict[str, str], tracked: list[str]) -> None:
     if tracked:
-        expected = all(results.get(k) in CONTRACT_FINAL for k in tracked)
+        expected = all(results.get(k) in DOCUMENTED_FINAL for k in tracked)
     else:
-        expected = bool(results) and all(r in CONTRACT_FINAL for r in results.values())
+        expected = bool(results) and all(r in DOCUMENTED_FINAL for r in results.values())
     assert is_resolved(tracked, results) is expected
     # Consistent with unresolved_phones: resolved exactly when nothing is unresolved (with phones).
     if tracked:
