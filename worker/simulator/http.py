@@ -7,6 +7,8 @@ the service's.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import json
 import socket
 import socketserver
 import sys
@@ -104,16 +106,16 @@ class _Handler(BaseHTTPRequestHandler):
             # Header names are case-insensitive; lowercase them once for plain dict lookups.
             headers = {name.lower(): value for name, value in self.headers.items()}
             content_type = headers.get("content-type", "")
-            self._send(service._handle_api(content_type, headers, raw))
+            self._send(service.handle_api(content_type, headers, raw))
         else:
-            self._send(service._handle_control("POST", path, raw, self.client_address[0]))
+            self._send(_control(service, "POST", path, raw, self.client_address[0]))
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/api":
             self._send(json_reply(405, {"error": "the API takes POST"}))
             return
-        self._send(self.server.service._handle_control("GET", path, b"", self.client_address[0]))
+        self._send(_control(self.server.service, "GET", path, b"", self.client_address[0]))
 
     def _read_body(self) -> bytes | None:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -139,6 +141,76 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(reply.body)
+
+
+# --- control endpoints: each calls one public method of the service
+
+_ControlAction = Callable[[FakeUspeedo, bytes], Any]
+
+
+def _register(service: FakeUspeedo, raw: bytes) -> dict[str, Any]:
+    sessions = _control_body(raw).get("sessions")
+    if not isinstance(sessions, list):
+        raise ValueError('body must be {"sessions": [...]}')
+    service.register(sessions)
+    return {"registered": len(sessions)}
+
+
+def _set_faults(service: FakeUspeedo, raw: bytes) -> dict[str, Any]:
+    service.set_faults(**_control_body(raw))
+    return {"faults": service.faults()}
+
+
+def _reset(service: FakeUspeedo, _raw: bytes) -> dict[str, Any]:
+    service.reset()
+    return {"reset": True}
+
+
+_CONTROL_ROUTES: dict[str, tuple[str, _ControlAction]] = {
+    "/_sim/sessions": ("POST", _register),
+    "/_sim/faults": ("POST", _set_faults),
+    "/_sim/calls": ("GET", lambda service, _: {"calls": service.calls()}),
+    "/_sim/truth": ("GET", lambda service, _: service.truth()),
+    "/_sim/reset": ("POST", _reset),
+}
+
+
+def _control(service: FakeUspeedo, method: str, path: str, raw: bytes, client_host: str) -> Reply:
+    if not _is_loopback(client_host):
+        return json_reply(403, {"error": "control endpoints answer loopback clients only"})
+    route = _CONTROL_ROUTES.get(path)
+    if route is None:
+        return json_reply(404, {"error": f"no such path: {path}"})
+    allowed, action = route
+    if method != allowed:
+        return json_reply(405, {"error": f"{path} takes {allowed}"})
+    try:
+        return json_reply(200, action(service, raw))
+    except ValueError as exc:
+        return json_reply(400, {"error": str(exc)})
+
+
+def _control_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError as exc:
+        raise ValueError(f"body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    return body
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+# --- the simulator a test or the CLI runs
 
 
 class Simulator:

@@ -7,7 +7,6 @@ this service and sends back the reply it returns.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import random
 import re
@@ -48,7 +47,6 @@ from worker.simulator.wire import (
     dumps,
     error,
     is_number,
-    json_reply,
 )
 
 MAX_SESSIONS_PER_CALL = 100
@@ -80,16 +78,6 @@ def _positive_int(value: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     return None
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
 
 
 @dataclass(slots=True)
@@ -168,6 +156,11 @@ class FakeUspeedo:
         with self._lock:
             self._faults = clean
 
+    def faults(self) -> dict[str, float]:
+        """The fault probabilities and parameters in force."""
+        with self._lock:
+            return dict(self._faults)
+
     def calls(self) -> list[dict[str, Any]]:
         with self._lock:
             return [{**call, "session_nos": list(call["session_nos"])} for call in self._calls]
@@ -230,7 +223,8 @@ class FakeUspeedo:
 
     # the API
 
-    def _handle_api(self, content_type: str, headers: Mapping[str, str], raw: bytes) -> Reply:
+    def handle_api(self, content_type: str, headers: Mapping[str, str], raw: bytes) -> Reply:
+        """The reply to one ``POST /api``; ``headers`` has lowercase names."""
         received = self._clock()
         body, parse_error = _parse_body(content_type, raw)
         raw_action = body.get("Action") if body is not None else None
@@ -419,46 +413,6 @@ class FakeUspeedo:
             if session_no not in self._sessions and session_no not in exclude:
                 return session_no
 
-    # control over HTTP
-
-    def _handle_control(self, method: str, path: str, raw: bytes, client_host: str) -> Reply:
-        if not _is_loopback(client_host):
-            return json_reply(403, {"error": "control endpoints answer loopback clients only"})
-        routes: dict[str, tuple[str, Callable[[bytes], Any]]] = {
-            "/_sim/sessions": ("POST", self._control_sessions),
-            "/_sim/faults": ("POST", self._control_faults),
-            "/_sim/calls": ("GET", lambda _: {"calls": self.calls()}),
-            "/_sim/truth": ("GET", lambda _: self.truth()),
-            "/_sim/reset": ("POST", self._control_reset),
-        }
-        route = routes.get(path)
-        if route is None:
-            return json_reply(404, {"error": f"no such path: {path}"})
-        allowed, handler = route
-        if method != allowed:
-            return json_reply(405, {"error": f"{path} takes {allowed}"})
-        try:
-            return json_reply(200, handler(raw))
-        except ValueError as exc:
-            return json_reply(400, {"error": str(exc)})
-
-    def _control_sessions(self, raw: bytes) -> dict[str, Any]:
-        sessions = _control_body(raw).get("sessions")
-        if not isinstance(sessions, list):
-            raise ValueError('body must be {"sessions": [...]}')
-        self.register(sessions)
-        return {"registered": len(sessions)}
-
-    def _control_faults(self, raw: bytes) -> dict[str, Any]:
-        faults = _control_body(raw)
-        self.set_faults(**faults)
-        with self._lock:
-            return {"faults": dict(self._faults)}
-
-    def _control_reset(self, _raw: bytes) -> dict[str, Any]:
-        self.reset()
-        return {"reset": True}
-
 
 def _signed(body: Mapping[str, Any], secret: str, sent: str) -> bool:
     try:
@@ -484,16 +438,6 @@ def _parse_body(content_type: str, raw: bytes) -> tuple[dict[str, Any] | None, s
     if not isinstance(body, dict):
         return None, "Invalid parameter: body is not a JSON object"
     return body, ""
-
-
-def _control_body(raw: bytes) -> dict[str, Any]:
-    try:
-        body = json.loads(raw or b"{}")
-    except ValueError as exc:
-        raise ValueError(f"body is not JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise ValueError("body must be a JSON object")
-    return body
 
 
 def _targets(tasks: Any) -> list[tuple[str, str]] | None:
