@@ -1,10 +1,10 @@
 """A fake of the Uspeedo SMS API, served over real HTTP on loopback for tests, demos and benchmarks.
 
-It speaks ``POST /api`` as CONTRACT.md describes the real service (signed requests, nonce replay
-protection, ``GetUSMSSendReceipt`` and ``SendBatchUSMSMessage``), plays scripted delivery
-*scenarios* for registered sessions, injects faults on demand, records every call, and tells the
-truth about what each session will eventually report, so that a test can compare what the worker
-stored with what it should have stored.
+It speaks ``POST /api`` as the real service does (requests signed as ``worker/signing.py`` signs
+them, nonce replay protection, ``GetUSMSSendReceipt`` and ``SendBatchUSMSMessage``), plays
+scripted delivery *scenarios* for registered sessions, injects faults on demand, records every
+call, and tells the truth about what each session will eventually report, so that a test can
+compare what the worker stored with what it should have stored.
 
 Control endpoints (no auth, loopback clients only): ``POST /_sim/sessions``, ``POST /_sim/faults``,
 ``GET /_sim/calls``, ``GET /_sim/truth``, ``POST /_sim/reset``; each has a direct method on
