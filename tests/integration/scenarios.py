@@ -16,7 +16,7 @@ FINAL = {"Success", "Fail", "SubmitFail"}
 
 
 # Visible result per phone at ``t`` steps after sending, for each scenario (None: no receipt).
-# Mirrors the scenario list in worker/simulator.py's docstring, written out by hand.
+# Mirrors the scenario plans in worker/simulator/scenarios.py, written out by hand.
 def visible(scenario: str, phone_index: int, phone_count: int, t: float) -> str | None:
     if t < 1 or scenario in ("never", "poison"):
         return None
