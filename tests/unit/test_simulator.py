@@ -40,7 +40,7 @@ class FakeClock:
 
 
 class Api:
-    """Signs requests the way CONTRACT.md describes, with the simulator's (fake) time."""
+    """Signs requests the way worker/signing.py describes, with the simulator's (fake) time."""
 
     def __init__(self, sim: Simulator, clock: FakeClock, http: requests.Session) -> None:
         self.sim = sim
