@@ -14,8 +14,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from tests.conftest import REDIS_URL, Configure
-from tests.integration.harness import Processes, flush_redis, processes, wait_for
+from tests.conftest import Configure
+from tests.integration.harness import Processes, processes, wait_for
 from tests.integration.scenarios import Planned, answered_calls, expected_outcome
 from worker import db, track_many
 from worker.domain import phone_key
@@ -40,7 +40,8 @@ LATENCY = 0.3
 
 def run_plan(
     configure: Configure,
-    pg: str,
+    database_url: str,
+    broker_url: str,
     tmp_path: Path,
     sim: Simulator,
     planned: list[Planned],
@@ -52,15 +53,16 @@ def run_plan(
     settled: Callable[[], bool] | None = None,
     timeout: float = 60,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, dict[str, Any]]]]:
-    """Register ``planned`` with the simulator, track it, run real workers and beats until no
-    session is pending, and return the sessions and receipts as stored. ``during(group,
-    elapsed)`` is called while waiting, to inject faults into the running processes; the
-    processes keep running until ``settled()`` (e.g. webhooks delivered) holds too."""
-    flush_redis(REDIS_URL)
+    """Register ``planned`` with the simulator, track it, run real workers and beats on
+    ``database_url`` (migrated, empty) and ``broker_url`` (an empty Redis db) until no session
+    is pending, and return the sessions and receipts as stored. The test process reads the
+    same database. ``during(group, elapsed)`` is called while waiting, to inject faults into
+    the running processes; the processes keep running until ``settled()`` (e.g. webhooks
+    delivered) holds too."""
     env = {
         **TIMINGS,
-        "RECEIPTS_DATABASE_URL": pg,
-        "RECEIPTS_BROKER_URL": REDIS_URL,
+        "RECEIPTS_DATABASE_URL": database_url,
+        "RECEIPTS_BROKER_URL": broker_url,
         "RECEIPTS_API_URL": sim.url,
         "RECEIPTS_ACCESS_KEY_ID": "demo",
         "RECEIPTS_ACCESS_KEY_SECRET": "demo-secret",
