@@ -3,7 +3,8 @@ db of the run's own, settings from the environment, and the project's own simula
 
 Every fixture that reaches a server connects only when a test asks for it, so the unit tests run
 with no server at all. The shared servers are used only through databases and a Redis db this
-run makes or takes for itself.
+run makes or takes for itself; tests/support/untouched.py proves after each run that they were
+neither restarted nor flushed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from worker import db
 from worker.config import get_settings
 from worker.migrate import upgrade
 from worker.simulator import Simulator
+
+pytest_plugins = ["tests.support.untouched"]
 
 # Timings scaled to seconds, as the contract allows; tests override what they need.
 FAST_TIMINGS = {
