@@ -50,7 +50,7 @@ def postgres_started(url: str) -> str | None:
 def redis_state(url: str, *, plant: bool) -> tuple[str | None, str | None]:
     """(run_id, canary) of the Redis server at ``url``; ``plant`` sets the canary if absent."""
     client = redis.Redis.from_url(
-        with_db(url, CANARY_DB), socket_connect_timeout=2, socket_timeout=5
+        with_db(url, CANARY_DB), socket_connect_timeout=2, socket_timeout=5, decode_responses=True
     )
     try:
         run_id = str(client.info("server")["run_id"])
@@ -61,7 +61,7 @@ def redis_state(url: str, *, plant: bool) -> tuple[str | None, str | None]:
         return None, None
     finally:
         client.close()
-    return run_id, None if canary is None else canary.decode()
+    return run_id, None if canary is None else str(canary)
 
 
 def snapshot(pg_url: str, redis_url: str, *, plant: bool = False) -> Snapshot:
