@@ -1,7 +1,8 @@
 """``python -m bench [--quick] [--json] [--sessions N] [--no-profile]``
 
 Runs every phase in one process against a fresh ``receipts_bench_<random>`` database (dropped at
-the end), Redis db 14 (flushed before and after) and the simulator on loopback; prints a table
+the end), a Redis db of its own (``BENCH_REDIS_URL``, else an empty db taken for the run; emptied
+key by key before and after) and the simulator on loopback; prints a table
 of every figure with its target, writes ``bench/results/latest.json``, and with ``--json``
 prints that JSON on stdout (the table then goes to stderr). Exit status 1 if a phase failed or
 a target was missed.
@@ -168,12 +169,12 @@ def run(scale: Scale, *, profile: bool, mode: str) -> dict[str, Any]:
     with (
         tempfile.TemporaryDirectory(prefix="receipts-bench-") as tmp,
         bench_database() as database,
-        scratch_redis(),
+        scratch_redis() as broker_url,
         Simulator(step=1.0, seed=1) as sim,
     ):
         folder = Path(tmp)
         log(f"database {database.name}, simulator {sim.url}, logs in {folder}")
-        configure_process(timings_env(database, sim))
+        configure_process(timings_env(database, sim, broker_url))
         results["machine"] = machine_info(database)
         results["machine"]["cpu_busy_before"] = cpu_busy()
 
@@ -204,7 +205,9 @@ def run(scale: Scale, *, profile: bool, mode: str) -> dict[str, Any]:
             timeout=max(90.0, scale.worker_sessions / 100),
         )
         _phase(
-            results, "worker", lambda: worker_run.run(database, sim, main_config, folder / "main")
+            results,
+            "worker",
+            lambda: worker_run.run(database, sim, broker_url, main_config, folder / "main"),
         )
 
         small = worker_run.RunConfig(
@@ -215,7 +218,9 @@ def run(scale: Scale, *, profile: bool, mode: str) -> dict[str, Any]:
             timeout=90,
         )
         _phase(
-            results, "memory_small", lambda: worker_run.run(database, sim, small, folder / "small")
+            results,
+            "memory_small",
+            lambda: worker_run.run(database, sim, broker_url, small, folder / "small"),
         )
         if py_spy:
             profile_path = folder / "large" / "py-spy.txt"
@@ -230,7 +235,9 @@ def run(scale: Scale, *, profile: bool, mode: str) -> dict[str, Any]:
             profile_seconds=scale.profile_seconds,
         )
         _phase(
-            results, "memory_large", lambda: worker_run.run(database, sim, large, folder / "large")
+            results,
+            "memory_large",
+            lambda: worker_run.run(database, sim, broker_url, large, folder / "large"),
         )
         if profile_path is not None and profile_path.exists():
             results["profile"] = {

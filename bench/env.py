@@ -1,5 +1,6 @@
 """Scratch resources shared by the benchmark phases: a fresh PostgreSQL database (created,
-migrated, dropped), a flushed Redis db, in-process settings, bulk session loading, logging."""
+migrated, dropped), a Redis db of its own (taken empty, emptied between runs, given back),
+in-process settings, bulk session loading, logging."""
 
 from __future__ import annotations
 
@@ -17,15 +18,18 @@ from importlib import metadata
 from typing import Any
 
 import psycopg
-import redis
 
+from tests.support import redis_db
 from worker import db
 from worker.config import get_settings
 from worker.migrate import upgrade
 from worker.simulator import Simulator
 
 ADMIN_CONNINFO = os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+# A Redis db to use as the benchmark's own; unset, an empty db of this server is taken for the
+# run, as the tests do (tests/support/redis_db.py), so neither ever empties the other's.
+REDIS_URL_GIVEN = os.environ.get("BENCH_REDIS_URL") or None
+REDIS_SERVER_URL = "redis://127.0.0.1:6379/0"
 TABLES = (
     "sms_receipts",
     "sms_sessions",
@@ -146,21 +150,24 @@ def _drop(name: str) -> None:
 
 
 @contextlib.contextmanager
-def scratch_redis(url: str = REDIS_URL) -> Iterator[str]:
-    """The Redis db the worker runs use, flushed before and after."""
-    flush_redis(url)
+def scratch_redis() -> Iterator[str]:
+    """The URL of the Redis db the worker runs use: ``BENCH_REDIS_URL``, else an empty db taken
+    for the benchmark. Emptied (its own keys only, never FLUSHDB) before and after."""
+    if REDIS_URL_GIVEN is not None:
+        taken = redis_db.Claim(REDIS_URL_GIVEN, token=None)
+    else:
+        taken = redis_db.claim(REDIS_SERVER_URL)
     try:
-        yield url
+        taken.empty()
+        log(f"Redis db {taken.url}")
+        yield taken.url
     finally:
-        flush_redis(url)
+        taken.release()
 
 
-def flush_redis(url: str = REDIS_URL) -> None:
-    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10)
-    try:
-        client.flushdb()
-    finally:
-        client.close()
+def empty_redis(url: str) -> None:
+    """Delete the keys of the benchmark's own Redis db (between worker runs)."""
+    redis_db.empty(url)
 
 
 # --- history ---------------------------------------------------------------------------------
@@ -205,7 +212,7 @@ def seed_history(database: BenchDatabase, sessions: int) -> dict[str, Any]:
 # --- settings ------------------------------------------------------------------------------
 
 
-def timings_env(database: BenchDatabase, sim: Simulator) -> dict[str, str]:
+def timings_env(database: BenchDatabase, sim: Simulator, broker_url: str) -> dict[str, str]:
     """Settings for the worker, beat and in-process runs: scaled timings, loopback simulator.
 
     Every session resolves on its first poll (quick_success), so the intervals only matter
@@ -214,7 +221,7 @@ def timings_env(database: BenchDatabase, sim: Simulator) -> dict[str, str]:
     """
     return {
         "RECEIPTS_DATABASE_URL": database.url,
-        "RECEIPTS_BROKER_URL": REDIS_URL,
+        "RECEIPTS_BROKER_URL": broker_url,
         "RECEIPTS_API_URL": sim.url,
         "RECEIPTS_ACCESS_KEY_ID": ACCESS_KEY_ID,
         "RECEIPTS_ACCESS_KEY_SECRET": ACCESS_KEY_SECRET,

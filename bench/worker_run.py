@@ -28,7 +28,7 @@ from bench.env import (
     SEED_PREFIX,
     BenchDatabase,
     copy_sessions,
-    flush_redis,
+    empty_redis,
     log,
     make_sessions,
     register,
@@ -339,9 +339,11 @@ def _stop_profiler(profiler: subprocess.Popen[bytes] | None, config: RunConfig) 
         log(f"py-spy exited {profiler.returncode}: {profiler.stderr.read().decode()[-500:]}")
 
 
-def run(database: BenchDatabase, sim: Simulator, config: RunConfig, folder: Path) -> dict[str, Any]:
+def run(
+    database: BenchDatabase, sim: Simulator, broker_url: str, config: RunConfig, folder: Path
+) -> dict[str, Any]:
     database.reset()
-    flush_redis()
+    empty_redis(broker_url)
     sim.reset()
     folder.mkdir(parents=True, exist_ok=True)
     sessions = make_sessions(
@@ -352,7 +354,7 @@ def run(database: BenchDatabase, sim: Simulator, config: RunConfig, folder: Path
     copy_sessions(database, sessions, sent_at=datetime.fromtimestamp(sent_at, UTC))
     log(f"{config.label}: {config.sessions:,} due sessions x {config.phones} phones loaded")
 
-    group = Processes(timings_env(database, sim), folder)
+    group = Processes(timings_env(database, sim, broker_url), folder)
     profiler: subprocess.Popen[bytes] | None = None
     try:
         started = time.monotonic()

@@ -1,5 +1,11 @@
-"""Shared fixtures: real PostgreSQL and SQLite databases built by the real migrations, settings
-from the environment, and the project's own simulator."""
+"""Shared fixtures: real PostgreSQL and SQLite databases built by the real migrations, a Redis
+db of the run's own, settings from the environment, and the project's own simulator.
+
+Every fixture that reaches a server connects only when a test asks for it, so the unit tests run
+with no server at all. The shared servers are used only through databases and a Redis db this
+run makes or takes for itself; tests/support/untouched.py proves after each run that they were
+neither restarted nor flushed.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +17,14 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from tests.support import redis_db
+from tests.support.shared import PG_ADMIN_URL, REDIS_SERVER_URL, REDIS_URL_GIVEN
 from worker import db
 from worker.config import get_settings
 from worker.migrate import upgrade
 from worker.simulator import Simulator
 
-PG_ADMIN_URL = os.environ.get(
-    "RECEIPTS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
-REDIS_URL = os.environ.get("RECEIPTS_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+pytest_plugins = ["tests.support.untouched"]
 
 # Timings scaled to seconds, as the contract allows; tests override what they need.
 FAST_TIMINGS = {
@@ -67,7 +72,7 @@ TABLES = (
 )
 
 
-def _truncate(url: str) -> None:
+def truncate(url: str) -> None:
     engine = db.create_engine(url, poolclass=sa.pool.NullPool)
     with engine.begin() as connection:
         if engine.dialect.name == "postgresql":
@@ -108,7 +113,7 @@ def database(request: pytest.FixtureRequest, configure: Configure) -> Iterator[s
         url = request.getfixturevalue("pg_database")
     else:
         url = request.getfixturevalue("sqlite_database")
-    _truncate(url)
+    truncate(url)
     configure(RECEIPTS_DATABASE_URL=url)
     yield url
     db.reset_engine()
@@ -117,10 +122,32 @@ def database(request: pytest.FixtureRequest, configure: Configure) -> Iterator[s
 @pytest.fixture
 def pg(configure: Configure, pg_database: str) -> Iterator[str]:
     """PostgreSQL only (for what SQLite cannot show: SKIP LOCKED, many processes)."""
-    _truncate(pg_database)
+    truncate(pg_database)
     configure(RECEIPTS_DATABASE_URL=pg_database)
     yield pg_database
     db.reset_engine()
+
+
+@pytest.fixture(scope="session")
+def redis_claim() -> Iterator[redis_db.Claim]:
+    """This run's own db on the shared Redis: an empty one taken for the run (never 0 or 15),
+    or the one ``RECEIPTS_TEST_REDIS_URL`` names. Given back empty at the end."""
+    if REDIS_URL_GIVEN is not None:
+        claim = redis_db.Claim(REDIS_URL_GIVEN, token=None)
+    else:
+        claim = redis_db.claim(REDIS_SERVER_URL)
+    try:
+        yield claim
+    finally:
+        claim.release()
+
+
+@pytest.fixture
+def redis_url(redis_claim: redis_db.Claim) -> Iterator[str]:
+    """The URL of this run's Redis db, emptied (only its own keys) before and after the test."""
+    redis_claim.empty()
+    yield redis_claim.url
+    redis_claim.empty()
 
 
 @pytest.fixture

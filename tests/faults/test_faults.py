@@ -3,8 +3,9 @@ restarted, PostgreSQL restarted, two beats with several workers. After each run,
 must have ended in the right state with the right receipts (compared with what the simulator
 answered), no rule of the poll schedule broken, and no webhook delivered twice.
 
-Each case is bounded (the run waits at most 90 s). They restart the machine's own Redis and
-PostgreSQL with the commands from CONTRACT.md.
+Each case is bounded (the run waits at most 90 s). The servers the faults hit are the suite's
+own (tests/support/servers.py): a PostgreSQL cluster for the module, a redis-server per test,
+on free ports of 127.0.0.1. The machine's shared servers are never touched.
 """
 
 from __future__ import annotations
@@ -15,21 +16,24 @@ import random
 import signal
 import subprocess
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import sqlalchemy as sa
 
-from tests.conftest import REDIS_URL, Configure
+from tests.conftest import Configure, truncate
 from tests.integration.e2e import check, run_plan
-from tests.integration.harness import Processes, wait_for
+from tests.integration.harness import Processes
 from tests.integration.scenarios import Planned, plan
+from tests.support.servers import PrivatePostgres, PrivateRedis
 from worker import db
+from worker.migrate import upgrade
 from worker.models import sessions_table
 from worker.simulator import Simulator
 
@@ -83,6 +87,32 @@ def receiver() -> Iterator[Receiver]:
         yield r
 
 
+@pytest.fixture(scope="module")
+def private_postgres() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL cluster of the module's own, migrated to head (initdb takes a second or
+    two, so the tests share it and each starts from emptied tables)."""
+    with PrivatePostgres() as server:
+        upgrade(server.url())
+        yield server
+
+
+@pytest.fixture
+def private_pg(configure: Configure, private_postgres: PrivatePostgres) -> Iterator[str]:
+    """The private cluster's database, emptied; the test process reads it too."""
+    url = private_postgres.url()
+    truncate(url)
+    configure(RECEIPTS_DATABASE_URL=url)
+    yield url
+    db.reset_engine()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    """A redis-server of the test's own: the broker its workers and beats use."""
+    with PrivateRedis() as server:
+        yield server
+
+
 def _durable_plan(count: int, seed: int) -> list[Planned]:
     """Every kind except ``stale_unknow``: its Success is visible for two steps only, so a
     poll that saw it and was then killed cannot be made good by a later poll; the API itself
@@ -93,6 +123,7 @@ def _durable_plan(count: int, seed: int) -> list[Planned]:
 def _run_and_check(
     configure: Configure,
     pg: str,
+    broker: PrivateRedis,
     tmp_path: Path,
     receiver: Receiver,
     planned: list[Planned],
@@ -119,6 +150,7 @@ def _run_and_check(
         sessions, receipts = run_plan(
             configure,
             pg,
+            broker.url(),
             tmp_path,
             sim,
             planned,
@@ -143,7 +175,11 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
 
 
 def test_workers_killed_mid_batch_repeatedly(
-    configure: Configure, pg: str, tmp_path: Path, receiver: Receiver
+    configure: Configure,
+    private_pg: str,
+    private_redis: PrivateRedis,
+    tmp_path: Path,
+    receiver: Receiver,
 ) -> None:
     """SIGKILL a whole worker (main process and pool children, mid-batch) every 1.5 s for the
     first 7 s, starting a fresh one each time; then let the run finish."""
@@ -158,117 +194,117 @@ def test_workers_killed_mid_batch_repeatedly(
             kills.append(elapsed)
             group.worker(f"w-replacement-{len(kills)}")
 
-    _run_and_check(configure, pg, tmp_path, receiver, _durable_plan(150, seed=7), during)
+    _run_and_check(
+        configure,
+        private_pg,
+        private_redis,
+        tmp_path,
+        receiver,
+        _durable_plan(150, seed=7),
+        during,
+    )
     assert len(kills) >= 3
 
 
-def _redis_command(*args: str) -> None:
-    subprocess.run(
-        ["redis-cli", "-h", "127.0.0.1", "-p", "6379", *args],
-        check=False,
-        capture_output=True,
-        timeout=10,
-    )
-
-
-def _start_redis() -> None:
-    os.makedirs("/var/lib/redis", exist_ok=True)
-    os.makedirs("/var/log/redis", exist_ok=True)
-    subprocess.run(
-        [
-            "redis-server",
-            "--daemonize",
-            "yes",
-            "--bind",
-            "127.0.0.1",
-            "-::1",
-            "--port",
-            "6379",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            "/var/lib/redis",
-            "--logfile",
-            "/var/log/redis/ci.log",
-        ],
-        check=True,
-        timeout=10,
-    )
-    wait_for(lambda: redis.Redis.from_url(REDIS_URL).ping(), timeout=15)
-
-
 def test_redis_emptied_and_restarted_mid_run(
-    configure: Configure, pg: str, tmp_path: Path, receiver: Receiver
+    configure: Configure,
+    private_pg: str,
+    private_redis: PrivateRedis,
+    tmp_path: Path,
+    receiver: Receiver,
 ) -> None:
     """FLUSHALL at 2 s (every queued poll and tick vanishes), then a restart of Redis with its
-    data gone at 4 s. The database holds the schedule, so claims come back after their lease."""
+    data gone at 4 s, on the same port. The database holds the schedule, so claims come back
+    after their lease."""
     done: list[str] = []
+    run_ids: list[str] = []
 
     def during(group: Processes, elapsed: float) -> None:
         if elapsed > 2 and "flush" not in done:
-            _redis_command("FLUSHALL")
+            private_redis.flushall()
             done.append("flush")
         if elapsed > 4 and "restart" not in done:
-            _redis_command("SHUTDOWN", "NOSAVE")
-            wait_for(_redis_down, timeout=10)
-            _start_redis()
+            run_ids.append(_run_id(private_redis))
+            private_redis.restart()
+            run_ids.append(_run_id(private_redis))
             done.append("restart")
 
-    try:
-        _run_and_check(configure, pg, tmp_path, receiver, _durable_plan(150, seed=8), during)
-    finally:
-        if not _redis_up():
-            _start_redis()
-    assert done == ["flush", "restart"]
-
-
-def _redis_up() -> bool:
-    try:
-        return bool(redis.Redis.from_url(REDIS_URL, socket_timeout=1).ping())
-    except redis.RedisError:
-        return False
-
-
-def _redis_down() -> bool:
-    return not _redis_up()
-
-
-def _pg_ctl(action: str) -> None:
-    version = sorted(os.listdir("/etc/postgresql"))[-1]
-    subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action],
-        check=True,
-        capture_output=True,
-        timeout=60,
+    _run_and_check(
+        configure,
+        private_pg,
+        private_redis,
+        tmp_path,
+        receiver,
+        _durable_plan(150, seed=8),
+        during,
     )
+    assert done == ["flush", "restart"]
+    assert run_ids[0] != run_ids[1], "the private Redis was really restarted"
+
+
+def _run_id(server: PrivateRedis) -> str:
+    client = server.client()
+    try:
+        return str(client.info("server")["run_id"])
+    finally:
+        client.close()
+
+
+def _started_at(url: str) -> datetime:
+    engine = db.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            started: datetime = connection.scalar(sa.text("SELECT pg_postmaster_start_time()"))
+            return started
+    finally:
+        engine.dispose()
 
 
 def test_postgres_restarted_mid_run(
-    configure: Configure, pg: str, tmp_path: Path, receiver: Receiver
+    configure: Configure,
+    private_pg: str,
+    private_postgres: PrivatePostgres,
+    private_redis: PrivateRedis,
+    tmp_path: Path,
+    receiver: Receiver,
 ) -> None:
     """A fast restart of PostgreSQL at 3 s: every pooled connection breaks. Workers must
     reconnect on their own; answers in hand are written once the database is back."""
     done: list[float] = []
+    before = _started_at(private_pg)
 
     def during(group: Processes, elapsed: float) -> None:
         if elapsed > 3 and not done:
-            _pg_ctl("restart")
-            done.append(elapsed)
+            started = time.monotonic()
+            private_postgres.restart()
+            done.append(time.monotonic() - started)
 
-    _run_and_check(configure, pg, tmp_path, receiver, _durable_plan(150, seed=9), during)
+    _run_and_check(
+        configure,
+        private_pg,
+        private_redis,
+        tmp_path,
+        receiver,
+        _durable_plan(150, seed=9),
+        during,
+    )
     assert done
+    assert _started_at(private_pg) != before, "the private PostgreSQL was really restarted"
 
 
 def test_two_beats_and_four_workers(
-    configure: Configure, pg: str, tmp_path: Path, receiver: Receiver
+    configure: Configure,
+    private_pg: str,
+    private_redis: PrivateRedis,
+    tmp_path: Path,
+    receiver: Receiver,
 ) -> None:
     """A second beat started by mistake doubles every tick; four workers claim side by side.
     Still no session polled twice inside the interval and no webhook sent twice."""
     _run_and_check(
         configure,
-        pg,
+        private_pg,
+        private_redis,
         tmp_path,
         receiver,
         plan(200, accounts=3, seed=10),

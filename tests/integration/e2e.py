@@ -14,12 +14,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from tests.conftest import REDIS_URL, Configure
-from tests.integration.harness import Processes, flush_redis, processes, wait_for
+from tests.conftest import Configure
+from tests.integration.harness import Processes, processes, wait_for
 from tests.integration.scenarios import Planned, answered_calls, expected_outcome
 from worker import db, track_many
 from worker.domain import phone_key
-from worker.models import receipts_table, sessions_table
+from worker.models import heartbeats_table, receipts_table, sessions_table
 from worker.simulator import Simulator
 
 STEP = 1.0  # seconds per simulator step
@@ -38,9 +38,18 @@ TIMINGS = {
 LATENCY = 0.3
 
 
+def _ticked() -> bool:
+    with db.session_scope() as session:
+        beat = session.scalar(
+            sa.select(heartbeats_table.c.beat_at).where(heartbeats_table.c.name == "tick")
+        )
+    return beat is not None
+
+
 def run_plan(
     configure: Configure,
-    pg: str,
+    database_url: str,
+    broker_url: str,
     tmp_path: Path,
     sim: Simulator,
     planned: list[Planned],
@@ -52,49 +61,54 @@ def run_plan(
     settled: Callable[[], bool] | None = None,
     timeout: float = 60,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, dict[str, Any]]]]:
-    """Register ``planned`` with the simulator, track it, run real workers and beats until no
-    session is pending, and return the sessions and receipts as stored. ``during(group,
-    elapsed)`` is called while waiting, to inject faults into the running processes; the
-    processes keep running until ``settled()`` (e.g. webhooks delivered) holds too."""
-    flush_redis(REDIS_URL)
+    """Start real workers and beats on ``database_url`` (migrated, empty) and ``broker_url``
+    (an empty Redis db); once the clock ticks, register ``planned`` with the simulator and
+    track it; wait until no session is pending, and return the sessions and receipts as
+    stored. The test process reads the same database. ``during(group, elapsed)`` is called
+    while waiting (``elapsed`` counts from the sending), to inject faults into the running
+    processes; the processes keep running until ``settled()`` (e.g. webhooks delivered)
+    holds too."""
     env = {
         **TIMINGS,
-        "RECEIPTS_DATABASE_URL": pg,
-        "RECEIPTS_BROKER_URL": REDIS_URL,
+        "RECEIPTS_DATABASE_URL": database_url,
+        "RECEIPTS_BROKER_URL": broker_url,
         "RECEIPTS_API_URL": sim.url,
         "RECEIPTS_ACCESS_KEY_ID": "demo",
         "RECEIPTS_ACCESS_KEY_SECRET": "demo-secret",
         **(env_extra or {}),
     }
     configure(**env)
-    now = time.time()
-    for p in planned:
-        p.sent_at = now
-    sim.register(
-        {
-            "account_id": p.account_id,
-            "session_no": p.session_no,
-            "phones": p.sim_phones,
-            "scenario": p.scenario,
-            "sent_at": p.sent_at,
-        }
-        for p in planned
-    )
-
-    track_many(
-        {
-            "account_id": p.account_id,
-            "session_no": p.session_no,
-            "phones": p.tracked_phones,
-            "sent_at": datetime.fromtimestamp(p.sent_at, UTC),
-        }
-        for p in planned
-    )
     with processes(env, tmp_path) as group:
         for n in range(workers):
             group.worker(f"w{n + 1}")
         for n in range(beats):
             group.beat(f"beat{n + 1}")
+        # Sent once a worker has run the beat's first tick: the schedule is measured from a
+        # running clock, not from the seconds the processes take to boot on a loaded machine
+        # (which would let every first poll miss what a scenario shows only early on).
+        wait_for(_ticked, timeout=60, describe=group.logs)
+        now = time.time()
+        for p in planned:
+            p.sent_at = now
+        sim.register(
+            {
+                "account_id": p.account_id,
+                "session_no": p.session_no,
+                "phones": p.sim_phones,
+                "scenario": p.scenario,
+                "sent_at": p.sent_at,
+            }
+            for p in planned
+        )
+        track_many(
+            {
+                "account_id": p.account_id,
+                "session_no": p.session_no,
+                "phones": p.tracked_phones,
+                "sent_at": datetime.fromtimestamp(p.sent_at, UTC),
+            }
+            for p in planned
+        )
 
         def pending() -> int:
             try:

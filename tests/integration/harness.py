@@ -12,14 +12,6 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-import redis
-
-
-def flush_redis(url: str) -> None:
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
-
 
 class Processes:
     """Subprocesses of ``python -m worker.cli ...`` sharing one environment and log folder."""

@@ -112,9 +112,9 @@ def test_one_refused_session_does_not_block_the_other_99(configure: Configure) -
 @pytest.fixture
 def recorded(configure: Configure, sqlite_database: str) -> None:
     """SQLite (fast enough for hundreds of examples) with one session already recorded."""
-    from tests.conftest import _truncate
+    from tests.conftest import truncate
 
-    _truncate(sqlite_database)
+    truncate(sqlite_database)
     configure(RECEIPTS_DATABASE_URL=sqlite_database)
     track("KEPT", 7, phones=["(852)55311111"], sent_at=datetime.now(UTC) - timedelta(hours=1))
 

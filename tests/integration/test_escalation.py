@@ -16,8 +16,6 @@ import itertools
 import json
 import random
 import shutil
-import socket
-import subprocess
 import threading
 import time
 from collections import Counter, defaultdict
@@ -31,14 +29,14 @@ from types import TracebackType
 from typing import Any
 
 import pytest
-import redis
 import requests
 import sqlalchemy as sa
 from click.testing import CliRunner
 from click.testing import Result as CliResult
 
-from tests.conftest import REDIS_URL, Configure
-from tests.integration.harness import flush_redis, processes, wait_for
+from tests.conftest import Configure
+from tests.integration.harness import processes, wait_for
+from tests.support.servers import PrivateRedis
 from worker import db, poller, store, track_many, webhooks
 from worker.cli import main
 from worker.client import UspeedoClient
@@ -931,60 +929,16 @@ PROCESS_TIMINGS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _answers_ping(url: str) -> bool:
-    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        client.close()
-
-
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[str]:
-    """A Redis server of this test's own. Other test runs may share the one on 6379 at the
-    same time: their workers would take this test's tasks (and their beats tick this test's
-    worker), and their flushes would empty its queues. Falls back to the shared server when
-    no redis-server binary is installed."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        flush_redis(REDIS_URL)
-        yield REDIS_URL
+def broker(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A Redis server of this test's own (tests/support/servers.py), so that no other run's
+    workers take this test's tasks nor its beats tick this test's worker. Falls back to this
+    run's db of the shared server when no redis-server binary is installed."""
+    if shutil.which("redis-server") is None:
+        yield request.getfixturevalue("redis_url")
         return
-    for _ in range(3):  # the free port may be taken again before Redis binds it
-        port = _free_port()
-        server = subprocess.Popen(
-            [
-                binary,
-                *("--bind", "127.0.0.1", "--port", str(port)),
-                *("--save", "", "--appendonly", "no", "--dir", str(tmp_path)),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        url = f"redis://127.0.0.1:{port}/0"
-        deadline = time.monotonic() + 10
-        while server.poll() is None and not _answers_ping(url) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if server.poll() is None and _answers_ping(url):
-            break
-        server.kill()
-        server.wait(5)
-    else:
-        pytest.fail("could not start a private redis-server")
-    try:
-        yield url
-    finally:
-        server.terminate()
-        server.wait(10)
+    with PrivateRedis() as server:
+        yield server.url()
 
 
 def _process_env(pg: str, broker: str, api_url: str, **extra: str) -> dict[str, str]:

@@ -13,8 +13,8 @@ import pytest
 import sqlalchemy as sa
 from celery import Celery
 
-from tests.conftest import FAST_TIMINGS, REDIS_URL, Configure
-from tests.integration.harness import flush_redis, processes, wait_for
+from tests.conftest import FAST_TIMINGS, Configure
+from tests.integration.harness import processes, wait_for
 from worker import db
 from worker.models import receipts_table, sessions_table
 from worker.simulator import Simulator
@@ -30,12 +30,13 @@ def _sessions() -> dict[str, dict[str, object]]:
 
 @pytest.mark.postgres
 @pytest.mark.redis
-def test_track_task_sent_by_another_codebase(configure: Configure, pg: str, tmp_path: Path) -> None:
-    flush_redis(REDIS_URL)
+def test_track_task_sent_by_another_codebase(
+    configure: Configure, pg: str, redis_url: str, tmp_path: Path
+) -> None:
     env = {
         **FAST_TIMINGS,
         "RECEIPTS_DATABASE_URL": pg,
-        "RECEIPTS_BROKER_URL": REDIS_URL,
+        "RECEIPTS_BROKER_URL": redis_url,
         "RECEIPTS_API_URL": "http://127.0.0.1:9/api",
         "RECEIPTS_ACCESS_KEY_ID": "demo",
         "RECEIPTS_ACCESS_KEY_SECRET": "demo-secret",
@@ -44,7 +45,7 @@ def test_track_task_sent_by_another_codebase(configure: Configure, pg: str, tmp_
         "RECEIPTS_CUTOFF": "12h",
     }
     configure(**env)
-    sender = Celery("someone-else", broker=REDIS_URL)
+    sender = Celery("someone-else", broker=redis_url)
     with processes(env, tmp_path) as group:
         group.worker()
         sender.send_task(
