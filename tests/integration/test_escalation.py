@@ -458,7 +458,7 @@ def test_a_session_escalated_a_second_time_is_a_new_alert_with_its_own_webhook()
     first = _outbox()
 
     later = cutoff_at + timedelta(hours=1)
-    _track({"account_id": 1, "session_no": "AGAIN", "phones": [P2]}, now=later)
+    _track({"account_id": 1, "session_no": "AGAIN", "phones": [P2], "sent_at": t0}, now=later)
     assert _sessions()["AGAIN"]["state"] == "pending"
     claims: list[store.Claim] = []
     report = poller.tick(
