@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,12 @@ from worker.reports import STALE_CSV_COLUMNS
 
 COMMANDS = ("migrate", "track", "run", "worker", "beat", "status", "stale", "simulate")
 PHONES = "(852)55311111,(852)55311112"
-SENT_AT = "2026-11-27T10:00:00+08:00"
-SENT_AT_UTC = datetime(2026, 11, 27, 2, 0, tzinfo=UTC)
+# Hours before the real time, whatever the date: `track` refuses a sent_at in its clock's future,
+# and `stale` (the view, on the database's clock) finds such a session's poll long overdue.
+SENT_AT_UTC = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
+SENT_AT = SENT_AT_UTC.astimezone(timezone(timedelta(hours=8))).isoformat()  # a sender at +08:00
+NAIVE_SENT_AT = SENT_AT_UTC.replace(tzinfo=None).isoformat()
+FUTURE_SENT_AT = (SENT_AT_UTC + timedelta(days=1)).isoformat()
 FIRST_POLL_DELAY = timedelta(seconds=1)  # RECEIPTS_FIRST_POLL_DELAY in conftest's FAST_TIMINGS
 CSV_HEADER = "account_id,session_no,phones,sent_at\n"
 
@@ -180,9 +184,9 @@ def test_track_csv_records_every_row(tmp_path: Path) -> None:
     path.write_text(
         CSV_HEADER
         + f'7,C1,"{PHONES}",{SENT_AT}\n'
-        + "7,C2,,2026-11-27T01:00:00Z\n"
+        + f"7,C2,,{SENT_AT_UTC - timedelta(hours=1):%Y-%m-%dT%H:%M:%S}Z\n"
         + "8,C3,(852)55311113,\n"
-        + "8,C1,,2026-11-27T01:30:00+00:00\n",
+        + f"8,C1,,{(SENT_AT_UTC - timedelta(minutes=30)).isoformat()}\n",
         encoding="utf-8",
     )
     before = datetime.now(UTC)
@@ -194,10 +198,10 @@ def test_track_csv_records_every_row(tmp_path: Path) -> None:
     assert sessions[(7, "C1")]["phones"] == ["(852)55311111", "(852)55311112"]
     assert sessions[(7, "C1")]["sent_at"] == SENT_AT_UTC
     assert sessions[(7, "C2")]["phones"] == []
-    assert sessions[(7, "C2")]["sent_at"] == datetime(2026, 11, 27, 1, 0, tzinfo=UTC)
+    assert sessions[(7, "C2")]["sent_at"] == SENT_AT_UTC - timedelta(hours=1)
     assert sessions[(8, "C3")]["phones"] == ["(852)55311113"]
     assert before <= sessions[(8, "C3")]["sent_at"] <= after
-    assert sessions[(8, "C1")]["sent_at"] == datetime(2026, 11, 27, 1, 30, tzinfo=UTC)
+    assert sessions[(8, "C1")]["sent_at"] == SENT_AT_UTC - timedelta(minutes=30)
     for row in sessions.values():
         assert row["state"] == "pending"
         assert row["next_poll_at"] == row["sent_at"] + FIRST_POLL_DELAY
@@ -222,7 +226,7 @@ def test_track_csv_with_a_byte_order_mark(tmp_path: Path) -> None:
     [
         ("0,B1,,", "account_id"),
         ("7,B1,(852)5531x111,", "phone"),
-        ("7,B1,,2026-11-27T01:00:00", "sent_at"),
+        (f"7,B1,,{NAIVE_SENT_AT}", "sent_at"),
         ("7,B1,,,surplus", "extra"),
         ("7,,,", "session_no"),
     ],
@@ -332,8 +336,8 @@ def test_track_csv_and_arguments_together_is_a_usage_error(tmp_path: Path) -> No
         (("--account-id", "7", "X" * 200), "session_no"),
         (("--account-id", "7", "S 1"), "session_no"),
         (("--account-id", "7", "--sent-at", "yesterday", "S1"), "sent_at"),
-        (("--account-id", "7", "--sent-at", "2026-11-27T10:00:00", "S1"), "sent_at"),
-        (("--account-id", "7", "--sent-at", "2099-01-01T00:00:00Z", "S1"), "sent_at"),
+        (("--account-id", "7", "--sent-at", NAIVE_SENT_AT, "S1"), "sent_at"),
+        (("--account-id", "7", "--sent-at", FUTURE_SENT_AT, "S1"), "sent_at"),
         (("--account-id", "7", "--phones", "(852)55311111,,", "S1"), "phones"),
         (("--account-id", "7", "--phones", "call me", "S1"), "phones"),
         (("--account-id", "7"), "SESSION_NO"),
@@ -404,7 +408,7 @@ def _insert_receipt(session_no: str, phone: str, result: str, *, account_id: int
                 result=result,
                 receipt_code="DELIVRD",
                 receipt_desc="delivered",
-                receipt_time=datetime(2026, 11, 27, 2, 0, 5, tzinfo=UTC),
+                receipt_time=SENT_AT_UTC + timedelta(seconds=5),
                 cost_count=1,
                 user_id="u-1",
                 first_seen_at=now,
@@ -431,8 +435,8 @@ def test_status_shows_state_phones_and_receipts() -> None:
     assert found["account_id"] == 7
     assert found["session_no"] == "S1"
     assert found["phones"] == ["(852)55311111", "(852)55311112"]
-    assert found["sent_at"] == "2026-11-27T02:00:00+00:00"
-    assert found["next_poll_at"] == "2026-11-27T02:00:01+00:00"
+    assert found["sent_at"] == SENT_AT_UTC.isoformat()
+    assert found["next_poll_at"] == (SENT_AT_UTC + FIRST_POLL_DELAY).isoformat()
     assert "id" not in found
     assert "claim_token" not in found
     assert found["receipts"] == [
@@ -444,7 +448,7 @@ def test_status_shows_state_phones_and_receipts() -> None:
             "result": "Success",
             "receipt_code": "DELIVRD",
             "receipt_desc": "delivered",
-            "receipt_time": "2026-11-27T02:00:05+00:00",
+            "receipt_time": (SENT_AT_UTC + timedelta(seconds=5)).isoformat(),
             "cost_count": 1,
             "user_id": "u-1",
             "country_code": None,
@@ -521,7 +525,7 @@ def test_stale_lists_escalated_sessions_and_fails_on_them() -> None:
     assert row["phones"] == detail
     assert row["poll_count"] == 3
     assert row["next_poll_at"] is None
-    assert row["sent_at"] == "2026-11-27T02:00:00+00:00"
+    assert row["sent_at"] == SENT_AT_UTC.isoformat()
     assert row["escalated_at"]
 
     lines = list(csv.DictReader(io.StringIO(_ok(_invoke("stale", "--csv")).stdout)))
@@ -556,7 +560,7 @@ def test_stale_lists_overdue_sessions_without_failing() -> None:
 
     rows = json.loads(_ok(_invoke("stale", "--json")).stdout)
     assert [(r["kind"], r["session_no"], r["phones"]) for r in rows] == [("overdue", "OLD", [])]
-    assert rows[0]["next_poll_at"] == "2026-11-27T02:00:01+00:00"
+    assert rows[0]["next_poll_at"] == (SENT_AT_UTC + FIRST_POLL_DELAY).isoformat()
 
     table = _ok(_invoke("stale", "--fail")).output
     assert "overdue" in table

@@ -41,12 +41,20 @@ from worker import db, poller, store, track_many, webhooks
 from worker.cli import main
 from worker.client import UspeedoClient
 from worker.domain import Result
-from worker.models import heartbeats_table, outbox_table, receipts_table, sessions_table
+from worker.models import (
+    UTCDateTime,
+    heartbeats_table,
+    outbox_table,
+    receipts_table,
+    sessions_table,
+)
 from worker.receipts import Receipt, ReceiptBatch
 from worker.schedule import PollPolicy
 from worker.simulator import Simulator
 from worker.tracking import parse_requests, track_requests
 
+# A fixed instant for the tests that no real clock sees. The views compare with the database's
+# own clock: a test that reads them takes its T0 from _anchored() instead.
 T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 POLICY = PollPolicy(
     first_delay=timedelta(minutes=5),
@@ -203,6 +211,20 @@ def expected_signature(body: bytes, secret: str = SECRET) -> str:
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+
+def _db_now() -> datetime:
+    """The database's clock, the one the ``stale_sessions`` view compares with."""
+    with db.session_scope() as session:
+        now = session.scalar(sa.select(sa.func.current_timestamp(type_=UTCDateTime())))
+    assert now is not None
+    return now
+
+
+def _anchored(now_at: timedelta) -> datetime:
+    """A T0 for a test whose instants meet the views: T0 + ``now_at`` is the database's time
+    now (to the second), so the test's "now" is the view's now whatever today's date."""
+    return _db_now().replace(microsecond=0) - now_at
 
 
 def _track(*rows: dict[str, Any], now: datetime = T0, policy: PollPolicy = POLICY) -> None:
@@ -405,8 +427,11 @@ def test_a_session_escalated_a_second_time_is_a_new_alert_with_its_own_webhook()
     escalated again at the next tick. That escalation must not break the tick (it would stop
     every poll), and it is a new alert: unacknowledged, with its own delivery id, since
     receivers deduplicate on the delivery id."""
-    _track({"account_id": 1, "session_no": "AGAIN", "phones": [P1]})
-    polled = CUTOFF_AT - timedelta(seconds=1)
+    # The second escalation happens now, for the view: its tick's heartbeat is fresh.
+    t0 = _anchored(POLICY.cutoff + timedelta(hours=1))
+    cutoff_at = t0 + POLICY.cutoff
+    _track({"account_id": 1, "session_no": "AGAIN", "phones": [P1], "sent_at": t0}, now=t0)
+    polled = cutoff_at - timedelta(seconds=1)
     with db.session_scope() as session:
         claim = store.claim_batch(
             session, account_id=1, now=polled, policy=POLICY, lease_until=polled + LEASE, limit=1
@@ -416,10 +441,10 @@ def test_a_session_escalated_a_second_time_is_a_new_alert_with_its_own_webhook()
         targets = store.start_poll(
             session, claim=claim, now=polled, policy=POLICY, busy_until=polled + IN_FLIGHT
         )
-    assert len(_escalate(CUTOFF_AT)) == 1
+    assert len(_escalate(cutoff_at)) == 1
     with db.session_scope() as session:
-        store.acknowledge(session, ["AGAIN"], now=CUTOFF_AT, note="first")
-    answered = CUTOFF_AT + timedelta(seconds=1)
+        store.acknowledge(session, ["AGAIN"], now=cutoff_at, note="first")
+    answered = cutoff_at + timedelta(seconds=1)
     with db.session_scope() as session:
         store.record_answer(
             session,
@@ -433,8 +458,8 @@ def test_a_session_escalated_a_second_time_is_a_new_alert_with_its_own_webhook()
     assert _sessions()["AGAIN"]["state"] == "resolved"
     first = _outbox()
 
-    later = CUTOFF_AT + timedelta(hours=1)
-    _track({"account_id": 1, "session_no": "AGAIN", "phones": [P2]}, now=later)
+    later = cutoff_at + timedelta(hours=1)
+    _track({"account_id": 1, "session_no": "AGAIN", "phones": [P2], "sent_at": t0}, now=later)
     assert _sessions()["AGAIN"]["state"] == "pending"
     claims: list[store.Claim] = []
     report = poller.tick(
@@ -709,17 +734,20 @@ class AnswerArrivesLate(UspeedoClient):
 
 @pytest.mark.usefixtures("database")
 def test_late_receipts_resolve_an_escalated_session_and_keep_its_escalation() -> None:
-    _track({"account_id": 1, "session_no": "LATE", "phones": [P1, P2]})
-    clock = Clock(CUTOFF_AT - timedelta(seconds=1))
+    # Escalated now, for the view (it is read while the poll is in flight, and after).
+    t0 = _anchored(POLICY.cutoff)
+    cutoff_at = t0 + POLICY.cutoff
+    _track({"account_id": 1, "session_no": "LATE", "phones": [P1, P2], "sent_at": t0}, now=t0)
+    clock = Clock(cutoff_at - timedelta(seconds=1))
     escalated: list[store.Escalation] = []
     stale_in_flight: list[tuple[str, int | None, str | None]] = []
 
     def tick_meanwhile() -> None:
         # A tick escalates the session while its poll is in flight; the answer is recorded
         # one second after the cutoff.
-        escalated.extend(_escalate(CUTOFF_AT))
+        escalated.extend(_escalate(cutoff_at))
         stale_in_flight.extend(_stale())
-        clock.at = CUTOFF_AT + timedelta(seconds=1)
+        clock.at = cutoff_at + timedelta(seconds=1)
 
     with Simulator(step=1.0, clock=clock.unix) as sim:
         sim.register(
@@ -729,7 +757,7 @@ def test_late_receipts_resolve_an_escalated_session_and_keep_its_escalation() ->
                     "session_no": "LATE",
                     "phones": [P1, P2],
                     "scenario": "quick_success",
-                    "sent_at": T0.timestamp(),
+                    "sent_at": t0.timestamp(),
                 }
             ]
         )
@@ -769,8 +797,8 @@ def test_late_receipts_resolve_an_escalated_session_and_keep_its_escalation() ->
     assert report.polled == 1 and report.resolved == 1
     row = _sessions()["LATE"]
     assert row["state"] == "resolved"
-    assert row["escalated_at"] == CUTOFF_AT, "the escalation stays on record"
-    assert row["resolved_at"] == CUTOFF_AT + timedelta(seconds=1)
+    assert row["escalated_at"] == cutoff_at, "the escalation stays on record"
+    assert row["resolved_at"] == cutoff_at + timedelta(seconds=1)
     assert row["next_poll_at"] is None
     assert row["poll_count"] == 1
     with db.session_scope() as session:
