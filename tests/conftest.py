@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from tests.support import redis_db
+from tests.support.databases import FAST_TIMINGS, Configure, pg_url, truncate
 from tests.support.shared import PG_ADMIN_URL, REDIS_SERVER_URL, REDIS_URL_GIVEN
 from worker import db
 from worker.config import get_settings
@@ -25,19 +26,6 @@ from worker.migrate import upgrade
 from worker.simulator import Simulator
 
 pytest_plugins = ["tests.support.untouched"]
-
-# Timings scaled to seconds, as the contract allows; tests override what they need.
-FAST_TIMINGS = {
-    "RECEIPTS_FIRST_POLL_DELAY": "1",
-    "RECEIPTS_POLL_INTERVAL_MIN": "1",
-    "RECEIPTS_POLL_INTERVAL_MAX": "2",
-    "RECEIPTS_CUTOFF": "10",
-    "RECEIPTS_TICK": "0.5",
-}
-
-
-def _pg_url(database: str) -> str:
-    return sa.engine.make_url(PG_ADMIN_URL).set(database=database).render_as_string(False)
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +35,7 @@ def pg_database() -> Iterator[str]:
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
     with admin.connect() as connection:
         connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = _pg_url(name)
+    url = pg_url(name)
     upgrade(url)
     yield url
     db.reset_engine()
@@ -61,29 +49,6 @@ def sqlite_database(tmp_path_factory: pytest.TempPathFactory) -> str:
     url = f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'receipts.db'}"
     upgrade(url)
     return url
-
-
-TABLES = (
-    "sms_receipts",
-    "sms_sessions",
-    "escalation_outbox",
-    "receipts_heartbeats",
-    "api_call_counts",
-)
-
-
-def truncate(url: str) -> None:
-    engine = db.create_engine(url, poolclass=sa.pool.NullPool)
-    with engine.begin() as connection:
-        if engine.dialect.name == "postgresql":
-            connection.execute(sa.text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
-        else:
-            for table in TABLES:
-                connection.execute(sa.text(f"DELETE FROM {table}"))
-    engine.dispose()
-
-
-Configure = Callable[..., None]
 
 
 @pytest.fixture

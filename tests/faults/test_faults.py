@@ -10,27 +10,25 @@ on free ports of 127.0.0.1. The machine's shared servers are never touched.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
 import subprocess
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import Configure, truncate
-from tests.integration.e2e import check, run_plan
-from tests.integration.harness import Processes
-from tests.integration.scenarios import Planned, plan
+from tests.support.databases import Configure, truncate
+from tests.support.e2e import check, run_plan
+from tests.support.processes import Processes
+from tests.support.receiver import Receiver
+from tests.support.scenarios import Planned, plan
 from tests.support.servers import PrivatePostgres, PrivateRedis
 from worker import db
 from worker.migrate import upgrade
@@ -43,42 +41,6 @@ STEP = 1.0
 # A longer cutoff than the plain end-to-end run: every fault below happens early enough that
 # a poll lost to it (held for poll budget + timeouts + interval = 6 s) is retried in time.
 TIMINGS = {"RECEIPTS_CUTOFF": "16"}
-
-
-class Receiver:
-    """A webhook receiver on loopback that answers 200 and remembers every delivery."""
-
-    def __init__(self) -> None:
-        self.deliveries: list[dict[str, Any]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                outer.deliveries.append(
-                    {"id": self.headers.get("X-Receipts-Delivery"), "body": json.loads(body)}
-                )
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    def __enter__(self) -> Receiver:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -144,7 +106,7 @@ def _run_and_check(
                     )
                 )
             )
-        return {d["body"]["session_no"] for d in receiver.deliveries} >= escalated
+        return {h.payload["session_no"] for h in receiver.hits()} >= escalated
 
     with Simulator(step=STEP, seed=5) as sim:
         sessions, receipts = run_plan(
@@ -163,9 +125,9 @@ def _run_and_check(
         )
         check(planned, sim, sessions, receipts, env_extra=env)
         escalated = {n for n, row in sessions.items() if row["state"] == "escalated"}
-        counts = Counter(d["id"] for d in receiver.deliveries)
+        counts = Counter(h.delivery_id for h in receiver.hits())
         assert max(counts.values(), default=1) == 1, [k for k, v in counts.items() if v > 1]
-        assert {d["body"]["session_no"] for d in receiver.deliveries} == escalated
+        assert {h.payload["session_no"] for h in receiver.hits()} == escalated
     return sim, sessions
 
 

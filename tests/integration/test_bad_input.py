@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import Configure
+from tests.support.databases import Configure
 from worker import db, poller, track, track_many
 from worker.cli import main
 from worker.client import UspeedoClient
@@ -112,7 +112,7 @@ def test_one_refused_session_does_not_block_the_other_99(configure: Configure) -
 @pytest.fixture
 def recorded(configure: Configure, sqlite_database: str) -> None:
     """SQLite (fast enough for hundreds of examples) with one session already recorded."""
-    from tests.conftest import truncate
+    from tests.support.databases import truncate
 
     truncate(sqlite_database)
     configure(RECEIPTS_DATABASE_URL=sqlite_database)

@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from click.testing import CliRunner, Result
+from click.testing import Result
 
-from tests.conftest import Configure
+from tests.support.cli import invoke, ok
+from tests.support.databases import Configure
 from worker import db
-from worker.cli import main
 from worker.models import receipts_table, sessions_table
 from worker.reports import STALE_CSV_COLUMNS
 
@@ -33,16 +33,6 @@ FIRST_POLL_DELAY = timedelta(seconds=1)  # RECEIPTS_FIRST_POLL_DELAY in conftest
 CSV_HEADER = "account_id,session_no,phones,sent_at\n"
 
 
-def _invoke(*args: str, stdin: str | None = None) -> Result:
-    # Wide enough that rich never wraps or elides a table cell.
-    return CliRunner().invoke(main, list(args), input=stdin, env={"COLUMNS": "250"})
-
-
-def _ok(result: Result) -> Result:
-    assert result.exit_code == 0, (result.output, result.exception)
-    return result
-
-
 def _sessions() -> dict[tuple[int, str], dict[str, Any]]:
     with db.session_scope() as session:
         rows = session.execute(sa.select(sessions_table)).mappings()
@@ -50,7 +40,7 @@ def _sessions() -> dict[tuple[int, str], dict[str, Any]]:
 
 
 def _track(*args: str, stdin: str | None = None) -> Result:
-    return _ok(_invoke("track", *args, stdin=stdin))
+    return ok(invoke("track", *args, stdin=stdin))
 
 
 def _escalate(session_no: str, phones: list[dict[str, Any]], *, account_id: int = 7) -> None:
@@ -75,7 +65,7 @@ def _escalate(session_no: str, phones: list[dict[str, Any]], *, account_id: int 
 
 
 def test_help_lists_every_command() -> None:
-    result = _ok(_invoke("--help"))
+    result = ok(invoke("--help"))
     listed = {
         line.split()[0] for line in result.output.split("Commands:")[1].splitlines() if line.strip()
     }
@@ -84,7 +74,7 @@ def test_help_lists_every_command() -> None:
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_each_command_has_help(command: str) -> None:
-    result = _ok(_invoke(command, "--help"))
+    result = ok(invoke(command, "--help"))
     assert f"Usage: main {command}" in result.output or f"{command} [OPTIONS]" in result.output
 
 
@@ -98,7 +88,7 @@ def test_migrate_creates_the_tables_on_a_fresh_sqlite_file_and_can_run_again(
     url = f"sqlite:///{path}"
     configure(RECEIPTS_DATABASE_URL=url)
     for _ in range(2):
-        assert "newest schema" in _ok(_invoke("migrate")).output
+        assert "newest schema" in ok(invoke("migrate")).output
         engine = db.create_engine(url, poolclass=sa.pool.NullPool)
         tables = set(sa.inspect(engine).get_table_names())
         with engine.connect() as connection:
@@ -172,7 +162,7 @@ def test_track_reads_session_nos_from_stdin() -> None:
 
 @pytest.mark.usefixtures("database")
 def test_track_from_stdin_with_nothing_is_a_usage_error() -> None:
-    result = _invoke("track", "--account-id", "7", "-", stdin="\n\n")
+    result = invoke("track", "--account-id", "7", "-", stdin="\n\n")
     assert result.exit_code == 2
     assert "SESSION_NO" in result.stderr
     assert _sessions() == {}
@@ -246,7 +236,7 @@ def test_track_csv_with_a_bad_row_records_nothing(tmp_path: Path, bad_row: str, 
         + "7,G1,,\n",
         encoding="utf-8",
     )
-    result = _invoke("track", "--csv", str(path))
+    result = invoke("track", "--csv", str(path))
     assert result.exit_code == 2, result.output
     assert "CSV line 3" in result.stderr
     assert field in result.stderr
@@ -261,7 +251,7 @@ def test_track_csv_with_a_bad_row_records_nothing(tmp_path: Path, bad_row: str, 
 def test_track_csv_names_every_bad_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.csv"
     path.write_text(CSV_HEADER + "0,B1,,\n7,B2,,\n7,B3,12,\n", encoding="utf-8")
-    result = _invoke("track", "--csv", str(path))
+    result = invoke("track", "--csv", str(path))
     assert result.exit_code == 2
     assert "2 problems" in result.stderr
     assert "CSV line 2 (session_no 'B1'): account_id" in result.stderr
@@ -274,7 +264,7 @@ def test_track_csv_names_every_bad_line(tmp_path: Path) -> None:
 def test_track_csv_line_numbers_count_blank_lines(tmp_path: Path) -> None:
     path = tmp_path / "gaps.csv"
     path.write_text(CSV_HEADER + "7,A,,\n\n7,B,,\n\n0,C,,\n", encoding="utf-8")
-    result = _invoke("track", "--csv", str(path))
+    result = invoke("track", "--csv", str(path))
     assert result.exit_code == 2
     assert "CSV line 6 (session_no 'C'): account_id" in result.stderr
     assert "the 2 valid row(s) were not recorded either" in result.stderr
@@ -309,7 +299,7 @@ def test_track_csv_with_a_bad_header_is_a_usage_error(
 ) -> None:
     path = tmp_path / "header.csv"
     path.write_text(content, encoding="utf-8")
-    result = _invoke("track", "--csv", str(path))
+    result = invoke("track", "--csv", str(path))
     assert result.exit_code == 2, result.output
     assert message in result.stderr
     assert _sessions() == {}
@@ -319,7 +309,7 @@ def test_track_csv_with_a_bad_header_is_a_usage_error(
 def test_track_csv_and_arguments_together_is_a_usage_error(tmp_path: Path) -> None:
     path = tmp_path / "s.csv"
     path.write_text(CSV_HEADER + "7,C1,,\n", encoding="utf-8")
-    result = _invoke("track", "--csv", str(path), "S1")
+    result = invoke("track", "--csv", str(path), "S1")
     assert result.exit_code == 2
     assert "--csv" in result.stderr
     assert _sessions() == {}
@@ -358,7 +348,7 @@ def test_track_csv_and_arguments_together_is_a_usage_error(tmp_path: Path) -> No
     ],
 )
 def test_track_refuses_bad_input(args: tuple[str, ...], field: str) -> None:
-    result = _invoke("track", *args)
+    result = invoke("track", *args)
     assert result.exit_code == 2, result.output
     assert field in result.stderr
     assert result.stdout == ""
@@ -367,7 +357,7 @@ def test_track_refuses_bad_input(args: tuple[str, ...], field: str) -> None:
 
 @pytest.mark.usefixtures("database")
 def test_track_names_the_bad_argument_among_good_ones() -> None:
-    result = _invoke("track", "--account-id", "7", "S1", "X" * 200, "S3")
+    result = invoke("track", "--account-id", "7", "S1", "X" * 200, "S3")
     assert result.exit_code == 2
     assert "SESSION_NO 2" in result.stderr
     assert "200 characters" in result.stderr
@@ -385,7 +375,7 @@ def test_bad_settings_are_reported_naming_the_variable(
     configure: Configure, args: tuple[str, ...]
 ) -> None:
     configure(RECEIPTS_POLL_INTERVAL_MIN="10", RECEIPTS_POLL_INTERVAL_MAX="5")
-    result = _invoke(*args)
+    result = invoke(*args)
     assert result.exit_code == 2, result.output
     assert "RECEIPTS_POLL_INTERVAL_MIN" in result.stderr
     assert "Traceback" not in result.output
@@ -420,17 +410,17 @@ def _insert_receipt(session_no: str, phone: str, result: str, *, account_id: int
 @pytest.mark.usefixtures("database")
 def test_status_shows_state_phones_and_receipts() -> None:
     _track("--account-id", "7", "--phones", PHONES, "--sent-at", SENT_AT, "S1")
-    result = _ok(_invoke("status", "S1"))
+    result = ok(invoke("status", "S1"))
     assert "pending" in result.output
     assert "(852)55311111, (852)55311112" in result.output
     assert "DELIVRD" not in result.output
 
     _insert_receipt("S1", "(852)55311111", "Success")
-    result = _ok(_invoke("status", "S1"))
+    result = ok(invoke("status", "S1"))
     assert "Success" in result.output
     assert "DELIVRD" in result.output
 
-    found = json.loads(_ok(_invoke("status", "S1", "--json")).stdout)
+    found = json.loads(ok(invoke("status", "S1", "--json")).stdout)
     assert found["state"] == "pending"
     assert found["account_id"] == 7
     assert found["session_no"] == "S1"
@@ -461,10 +451,10 @@ def test_status_shows_state_phones_and_receipts() -> None:
 @pytest.mark.usefixtures("database")
 def test_status_of_an_unknown_session_exits_1() -> None:
     _track("--account-id", "7", "S1")
-    result = _invoke("status", "NOPE")
+    result = invoke("status", "NOPE")
     assert result.exit_code == 1
     assert "'NOPE' is not tracked" in result.stderr
-    result = _invoke("status", "S1", "--account-id", "8")
+    result = invoke("status", "S1", "--account-id", "8")
     assert result.exit_code == 1
     assert "not tracked" in result.stderr
 
@@ -473,16 +463,16 @@ def test_status_of_an_unknown_session_exits_1() -> None:
 def test_status_of_a_session_no_in_two_accounts_needs_the_account() -> None:
     _track("--account-id", "7", "--phones", "(852)55311111", "S1")
     _track("--account-id", "8", "--phones", "(852)55311112", "S1")
-    result = _invoke("status", "S1")
+    result = invoke("status", "S1")
     assert result.exit_code == 1
     assert "--account-id" in result.stderr
     assert "7" in result.stderr
     assert "8" in result.stderr
 
-    found = json.loads(_ok(_invoke("status", "S1", "--account-id", "8", "--json")).stdout)
+    found = json.loads(ok(invoke("status", "S1", "--account-id", "8", "--json")).stdout)
     assert found["account_id"] == 8
     assert found["phones"] == ["(852)55311112"]
-    assert "(852)55311111" in _ok(_invoke("status", "S1", "--account-id", "7")).output
+    assert "(852)55311111" in ok(invoke("status", "S1", "--account-id", "7")).output
 
 
 # --- stale --------------------------------------------------------------------------------
@@ -491,11 +481,11 @@ def test_status_of_a_session_no_in_two_accounts_needs_the_account() -> None:
 @pytest.mark.usefixtures("database")
 def test_stale_with_nothing_stale() -> None:
     _track("--account-id", "7", "S1")  # sent now, first poll still ahead
-    assert "no stale sessions" in _ok(_invoke("stale")).output
-    assert json.loads(_ok(_invoke("stale", "--json")).stdout) == []
-    rows = list(csv.reader(io.StringIO(_ok(_invoke("stale", "--csv")).stdout)))
+    assert "no stale sessions" in ok(invoke("stale")).output
+    assert json.loads(ok(invoke("stale", "--json")).stdout) == []
+    rows = list(csv.reader(io.StringIO(ok(invoke("stale", "--csv")).stdout)))
     assert rows == [list(STALE_CSV_COLUMNS)]
-    assert "no stale sessions" in _ok(_invoke("stale", "--fail")).output
+    assert "no stale sessions" in ok(invoke("stale", "--fail")).output
 
 
 @pytest.mark.usefixtures("database")
@@ -508,7 +498,7 @@ def test_stale_lists_escalated_sessions_and_fails_on_them() -> None:
     ]
     _escalate("S1", detail)
 
-    table = _ok(_invoke("stale")).output
+    table = ok(invoke("stale")).output
     assert "1 stale session(s)" in table
     assert "escalated" in table
     assert "S1" in table
@@ -516,7 +506,7 @@ def test_stale_lists_escalated_sessions_and_fails_on_them() -> None:
     assert "(852)55311111=Unknow" in table
     assert "(852)55311112=none" in table
 
-    rows = json.loads(_ok(_invoke("stale", "--json")).stdout)
+    rows = json.loads(ok(invoke("stale", "--json")).stdout)
     assert len(rows) == 1
     row = rows[0]
     assert row["kind"] == "escalated"
@@ -528,17 +518,17 @@ def test_stale_lists_escalated_sessions_and_fails_on_them() -> None:
     assert row["sent_at"] == SENT_AT_UTC.isoformat()
     assert row["escalated_at"]
 
-    lines = list(csv.DictReader(io.StringIO(_ok(_invoke("stale", "--csv")).stdout)))
+    lines = list(csv.DictReader(io.StringIO(ok(invoke("stale", "--csv")).stdout)))
     assert [(r["kind"], r["session_no"], r["phone"], r["last_result"]) for r in lines] == [
         ("escalated", "S1", "(852)55311111", "Unknow"),
         ("escalated", "S1", "(852)55311112", ""),
     ]
     assert all(r["account_id"] == "7" and r["poll_count"] == "3" for r in lines)
 
-    result = _invoke("stale", "--fail")
+    result = invoke("stale", "--fail")
     assert result.exit_code == 1
     assert "S1" in result.output
-    result = _invoke("stale", "--json", "--fail")
+    result = invoke("stale", "--json", "--fail")
     assert result.exit_code == 1
     assert json.loads(result.stdout)[0]["session_no"] == "S1"
 
@@ -558,21 +548,21 @@ def test_stale_lists_overdue_sessions_without_failing() -> None:
                 .values(next_poll_at=due)
             )
 
-    rows = json.loads(_ok(_invoke("stale", "--json")).stdout)
+    rows = json.loads(ok(invoke("stale", "--json")).stdout)
     assert [(r["kind"], r["session_no"], r["phones"]) for r in rows] == [("overdue", "OLD", [])]
     assert rows[0]["next_poll_at"] == (SENT_AT_UTC + FIRST_POLL_DELAY).isoformat()
 
-    table = _ok(_invoke("stale", "--fail")).output
+    table = ok(invoke("stale", "--fail")).output
     assert "overdue" in table
     assert "OLD" in table
 
-    lines = list(csv.DictReader(io.StringIO(_ok(_invoke("stale", "--csv")).stdout)))
+    lines = list(csv.DictReader(io.StringIO(ok(invoke("stale", "--csv")).stdout)))
     assert [(r["kind"], r["session_no"], r["phone"]) for r in lines] == [("overdue", "OLD", "")]
 
     # Overdue and escalated together: the escalation makes --fail fail.
     _track("--account-id", "7", "--sent-at", SENT_AT, "ESC")
     _escalate("ESC", [{"phone": "(852)55311111", "last_result": "Unknow"}])
-    result = _invoke("stale", "--json", "--fail")
+    result = invoke("stale", "--json", "--fail")
     assert result.exit_code == 1
     assert sorted((r["kind"], r["session_no"]) for r in json.loads(result.stdout)) == [
         ("escalated", "ESC"),

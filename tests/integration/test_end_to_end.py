@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Configure
-from tests.integration.e2e import STEP, assert_logs_clean, check, run_plan
-from tests.integration.scenarios import plan
+from tests.support.databases import Configure
+from tests.support.e2e import STEP, assert_logs_clean, check, run_plan
+from tests.support.scenarios import plan
 from worker.simulator import Simulator
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]

@@ -22,7 +22,8 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Configure
+from tests.support.databases import Configure
+from tests.support.servers import free_port
 from worker import db
 from worker.cli import main
 from worker.metrics import make_registry, render
@@ -269,13 +270,6 @@ def test_acknowledging_an_escalation_lowers_the_unacknowledged_count() -> None:
     assert samples["receipts_sessions", (("state", "escalated"),)] == 3
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
 @pytest.mark.parametrize("where", ["missing-sqlite-dir", "unmigrated-sqlite", "closed-pg-port"])
 def test_a_database_error_is_reported_not_raised(
     where: str, configure: Configure, tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -283,7 +277,7 @@ def test_a_database_error_is_reported_not_raised(
     urls = {
         "missing-sqlite-dir": f"sqlite:///{tmp_path / 'missing' / 'receipts.db'}",
         "unmigrated-sqlite": f"sqlite:///{tmp_path / 'empty.db'}",
-        "closed-pg-port": f"postgresql://postgres@127.0.0.1:{_free_port()}/receipts",
+        "closed-pg-port": f"postgresql://postgres@127.0.0.1:{free_port()}/receipts",
     }
     configure(RECEIPTS_DATABASE_URL=urls[where])
     with caplog.at_level(logging.ERROR, logger="worker.metrics"):

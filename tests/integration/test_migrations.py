@@ -9,7 +9,8 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from tests.conftest import PG_ADMIN_URL, _pg_url
+from tests.support.databases import pg_url
+from tests.support.shared import PG_ADMIN_URL
 from worker.db import create_engine
 from worker.migrate import downgrade, upgrade
 from worker.models import metadata
@@ -24,7 +25,7 @@ def empty_url(request: pytest.FixtureRequest, tmp_path) -> str:  # type: ignore[
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
     with admin.connect() as connection:
         connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield _pg_url(name)
+    yield pg_url(name)
     with admin.connect() as connection:
         connection.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
     admin.dispose()

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from tests.conftest import Configure
+from tests.support.databases import Configure
 from worker import db, poller, track_many
 from worker.cli import main
 from worker.client import UspeedoClient

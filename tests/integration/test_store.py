@@ -6,106 +6,39 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
+from tests.support.clock import LEASE, POLICY, T0
+from tests.support.factories import (
+    answer,
+    claim_due,
+    receipt,
+    start,
+    stored_receipts,
+    stored_sessions,
+    track,
+)
 from worker import db, store
 from worker.domain import FINAL_RESULTS, ReceiptVersion, Result, should_replace
 from worker.errors import TrackError
-from worker.models import receipts_table, sessions_table
+from worker.models import sessions_table
 from worker.receipts import Receipt, parse_receipts
-from worker.schedule import PollPolicy
 from worker.tracking import TrackRequest, parse_requests, track_requests
 
-T0 = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
-POLICY = PollPolicy(
-    first_delay=timedelta(minutes=5),
-    interval_min=timedelta(minutes=5),
-    interval_max=timedelta(minutes=10),
-    cutoff=timedelta(hours=12),
-)
-LEASE = timedelta(minutes=5)
-IN_FLIGHT = timedelta(minutes=7)
-
 pytestmark = pytest.mark.usefixtures("database")
-
-
-def _track(*rows: dict[str, Any], now: datetime = T0) -> None:
-    requests = parse_requests([{"sent_at": T0, **row} for row in rows], now=now)
-    with db.session_scope() as session:
-        track_requests(session, requests, policy=POLICY, now=now)
-
-
-def _sessions() -> dict[str, dict[str, Any]]:
-    with db.session_scope() as session:
-        rows = session.execute(sa.select(sessions_table)).mappings()
-        return {row["session_no"]: dict(row) for row in rows}
-
-
-def _receipts() -> dict[tuple[str, str], dict[str, Any]]:
-    with db.session_scope() as session:
-        rows = session.execute(sa.select(receipts_table)).mappings()
-        return {(row["session_no"], row["phone"]): dict(row) for row in rows}
-
-
-def _claim(account_id: int, now: datetime, limit: int = 100) -> store.Claim | None:
-    with db.session_scope() as session:
-        return store.claim_batch(
-            session,
-            account_id=account_id,
-            now=now,
-            policy=POLICY,
-            lease_until=now + LEASE,
-            limit=limit,
-        )
-
-
-def _start(claim: store.Claim, now: datetime) -> list[store.PollTarget]:
-    with db.session_scope() as session:
-        return store.start_poll(
-            session, claim=claim, now=now, policy=POLICY, busy_until=now + IN_FLIGHT
-        )
-
-
-def _receipt(session_no: str, phone: str, result: Result, at: datetime | None) -> Receipt:
-    return Receipt(
-        session_no=session_no,
-        phone=phone,
-        result=result,
-        receipt_code="c",
-        receipt_desc="d",
-        receipt_time=at,
-        cost_count=1,
-        user_id=None,
-        country_code=None,
-    )
-
-
-def _answer(
-    targets: list[store.PollTarget], receipts: list[Receipt], now: datetime
-) -> store.PollOutcome:
-    with db.session_scope() as session:
-        return store.record_answer(
-            session,
-            targets=targets,
-            receipts=receipts,
-            problems={},
-            now=now,
-            policy=POLICY,
-            rng=random.Random(1),
-        )
 
 
 # --- tracking ---------------------------------------------------------------------------
 
 
 def test_tracking_twice_merges_and_never_duplicates() -> None:
-    _track({"account_id": 1, "session_no": "s1", "phones": ["(852)55311111"], "user_ref": "a"})
-    _track({"account_id": 1, "session_no": "s1", "phones": ["85255311111", "(852)55311112"]})
-    _track({"account_id": 2, "session_no": "s1"})
+    track({"account_id": 1, "session_no": "s1", "phones": ["(852)55311111"], "user_ref": "a"})
+    track({"account_id": 1, "session_no": "s1", "phones": ["85255311111", "(852)55311112"]})
+    track({"account_id": 2, "session_no": "s1"})
     with db.session_scope() as session:
         rows = (
             session.execute(sa.select(sessions_table).order_by(sessions_table.c.id))
@@ -120,7 +53,7 @@ def test_tracking_twice_merges_and_never_duplicates() -> None:
 
 
 def test_bulk_track_with_a_bad_row_records_nothing() -> None:
-    _track({"account_id": 1, "session_no": "kept"})
+    track({"account_id": 1, "session_no": "kept"})
     with pytest.raises(TrackError) as excinfo:
         parse_requests(
             [{"account_id": 1, "session_no": "new"}, {"account_id": 0, "session_no": "bad"}],
@@ -129,7 +62,7 @@ def test_bulk_track_with_a_bad_row_records_nothing() -> None:
     assert "row 2" in str(excinfo.value)
     assert "account_id" in str(excinfo.value)
     assert "nothing was recorded" in str(excinfo.value)
-    assert set(_sessions()) == {"kept"}
+    assert set(stored_sessions()) == {"kept"}
 
 
 def test_bulk_track_is_one_transaction(
@@ -158,20 +91,20 @@ def test_bulk_track_is_one_transaction(
     with pytest.raises(RuntimeError), db.session_scope() as session:
         track_requests(session, requests, policy=POLICY, now=T0)
     assert calls["n"] == 2, "the second chunk was refused"
-    assert _sessions() == {}
+    assert stored_sessions() == {}
 
 
 def test_retracking_a_resolved_session_with_a_new_phone_reopens_it() -> None:
-    _track({"account_id": 1, "session_no": "s", "phones": ["85255311111"]})
+    track({"account_id": 1, "session_no": "s", "phones": ["85255311111"]})
     now = T0 + POLICY.first_delay
-    claim = _claim(1, now)
+    claim = claim_due(1, now)
     assert claim is not None
-    targets = _start(claim, now)
-    _answer(targets, [_receipt("s", "85255311111", Result.SUCCESS, now)], now)
-    assert _sessions()["s"]["state"] == "resolved"
+    targets = start(claim, now)
+    answer(targets, [receipt("s", "85255311111", Result.SUCCESS, now)], now)
+    assert stored_sessions()["s"]["state"] == "resolved"
     later = now + timedelta(minutes=1)
-    _track({"account_id": 1, "session_no": "s", "phones": ["85255311112"]}, now=later)
-    row = _sessions()["s"]
+    track({"account_id": 1, "session_no": "s", "phones": ["85255311112"]}, now=later)
+    row = stored_sessions()["s"]
     assert row["state"] == "pending"
     assert row["next_poll_at"] == later
     assert row["resolved_at"] is None
@@ -181,69 +114,69 @@ def test_retracking_a_resolved_session_with_a_new_phone_reopens_it() -> None:
 
 
 def test_claim_takes_only_due_sessions_of_one_account_in_batches() -> None:
-    _track(*({"account_id": 1, "session_no": f"a{i}"} for i in range(150)))
-    _track(*({"account_id": 2, "session_no": f"b{i}"} for i in range(3)))
+    track(*({"account_id": 1, "session_no": f"a{i}"} for i in range(150)))
+    track(*({"account_id": 2, "session_no": f"b{i}"} for i in range(3)))
     early = T0 + POLICY.first_delay - timedelta(seconds=1)
-    assert _claim(1, early) is None, "nothing is due before the first delay"
+    assert claim_due(1, early) is None, "nothing is due before the first delay"
     now = T0 + POLICY.first_delay
     with db.session_scope() as session:
         assert store.due_accounts(session, now=now, policy=POLICY) == [1, 2]
-    first = _claim(1, now)
-    second = _claim(1, now)
-    third = _claim(1, now)
+    first = claim_due(1, now)
+    second = claim_due(1, now)
+    third = claim_due(1, now)
     assert first is not None and second is not None
     assert len(first.session_ids) == 100 and len(second.session_ids) == 50
     assert third is None, "claimed sessions are not due again until their lease ends"
     assert not set(first.session_ids) & set(second.session_ids)
-    sessions = _sessions()
+    sessions = stored_sessions()
     by_id = {row["id"]: row for row in sessions.values()}
     assert {by_id[i]["account_id"] for i in first.session_ids + second.session_ids} == {1}
 
 
 def test_a_lost_claim_comes_back_after_its_lease_and_the_stale_token_polls_nothing() -> None:
-    _track({"account_id": 1, "session_no": "s"})
+    track({"account_id": 1, "session_no": "s"})
     now = T0 + POLICY.first_delay
-    lost = _claim(1, now)
+    lost = claim_due(1, now)
     assert lost is not None
-    assert _claim(1, now + LEASE - timedelta(seconds=1)) is None
-    again = _claim(1, now + LEASE)
+    assert claim_due(1, now + LEASE - timedelta(seconds=1)) is None
+    again = claim_due(1, now + LEASE)
     assert again is not None and again.session_ids == lost.session_ids
-    assert _start(lost, now + LEASE) == [], "the old poll task lost its claim"
-    assert [t.session_no for t in _start(again, now + LEASE)] == ["s"]
-    assert _start(again, now + LEASE) == [], "a duplicate of the same task polls nothing"
+    assert start(lost, now + LEASE) == [], "the old poll task lost its claim"
+    assert [t.session_no for t in start(again, now + LEASE)] == ["s"]
+    assert start(again, now + LEASE) == [], "a duplicate of the same task polls nothing"
 
 
 def test_never_polled_twice_inside_the_minimum_interval() -> None:
-    _track({"account_id": 1, "session_no": "s"})
+    track({"account_id": 1, "session_no": "s"})
     now = T0 + POLICY.first_delay
-    claim = _claim(1, now)
+    claim = claim_due(1, now)
     assert claim is not None
-    targets = _start(claim, now)
-    _answer(targets, [], now)
-    row = _sessions()["s"]
+    targets = start(claim, now)
+    answer(targets, [], now)
+    row = stored_sessions()["s"]
     assert now + POLICY.interval_min <= row["next_poll_at"] <= now + POLICY.interval_max
     # Force the session due early (as a bug or a manual edit might): start_poll still refuses.
     with db.session_scope() as session:
         session.execute(sa.update(sessions_table).values(next_poll_at=now))
     soon = now + POLICY.interval_min - timedelta(seconds=1)
-    claim = _claim(1, soon)
+    claim = claim_due(1, soon)
     assert claim is not None
-    assert _start(claim, soon) == []
+    assert start(claim, soon) == []
 
 
 def test_no_poll_at_or_after_the_cutoff() -> None:
     """A claim may still pick up a session past its cutoff (the tick escalates it first),
     but the poll never starts: start_poll is where the rule is kept."""
-    _track({"account_id": 1, "session_no": "s"})
+    track({"account_id": 1, "session_no": "s"})
     cutoff = T0 + POLICY.cutoff
-    late = _claim(1, cutoff)
+    late = claim_due(1, cutoff)
     assert late is not None
-    assert _start(late, cutoff) == []
+    assert start(late, cutoff) == []
     with db.session_scope() as session:
         session.execute(sa.update(sessions_table).values(next_poll_at=T0, claim_token=None))
-    claim = _claim(1, cutoff - timedelta(seconds=1))
+    claim = claim_due(1, cutoff - timedelta(seconds=1))
     assert claim is not None
-    assert _start(claim, cutoff) == []
+    assert start(claim, cutoff) == []
     with db.session_scope() as session:
         assert [e.session_no for e in store.escalate_due(session, now=cutoff, policy=POLICY)] == [
             "s"
@@ -260,15 +193,15 @@ def _poll_with(session_no: str, receipts: list[Receipt], now: datetime) -> store
             .where(sessions_table.c.session_no == session_no)
             .values(next_poll_at=now, last_polled_at=None)
         )
-    claim = _claim(1, now)
+    claim = claim_due(1, now)
     assert claim is not None
-    return _answer(_start(claim, now), receipts, now)
+    return answer(start(claim, now), receipts, now)
 
 
 def test_an_answer_with_text_no_column_can_hold_is_written_whole() -> None:
     """NUL and lone surrogates from a hostile API are replaced by the parser, so the other
     receipts of the answer are not lost with the odd one (PostgreSQL refuses both in text)."""
-    _track(
+    track(
         {"account_id": 1, "session_no": "odd", "phones": ["85255311111"]},
         {"account_id": 1, "session_no": "fine", "phones": ["85255311112"]},
     )
@@ -281,74 +214,74 @@ def test_an_answer_with_text_no_column_can_hold_is_written_whole() -> None:
         ' "ReceiptResult": "Success"}]}]}'
     )
     batch = parse_receipts(payload, ["odd", "fine"])
-    claim = _claim(1, now)
+    claim = claim_due(1, now)
     assert claim is not None
-    outcome = _answer(_start(claim, now), list(batch.receipts), now)
+    outcome = answer(start(claim, now), list(batch.receipts), now)
     assert sorted(outcome.resolved) == ["fine", "odd"]
-    receipts = _receipts()
+    receipts = stored_receipts()
     assert receipts[("odd", "85255311111")]["receipt_desc"] == "bad\ufffdbyte \ufffd"
     assert receipts[("odd", "85255311111")]["user_id"] == "\ufffd"
     assert receipts[("fine", "85255311112")]["result"] == "Success"
 
 
 def test_resolution_with_tracked_phones_matches_on_digits() -> None:
-    _track({"account_id": 1, "session_no": "s", "phones": ["(852)55311111", "(852)55311112"]})
+    track({"account_id": 1, "session_no": "s", "phones": ["(852)55311111", "(852)55311112"]})
     now = T0 + POLICY.first_delay
-    outcome = _poll_with("s", [_receipt("s", "+852 5531 1111", Result.SUCCESS, now)], now)
+    outcome = _poll_with("s", [receipt("s", "+852 5531 1111", Result.SUCCESS, now)], now)
     assert outcome.resolved == ()
-    assert _sessions()["s"]["state"] == "pending"
+    assert stored_sessions()["s"]["state"] == "pending"
     later = now + POLICY.interval_max
     outcome = _poll_with(
         "s",
         [
-            _receipt("s", "85255311112", Result.FAIL, later),
-            _receipt("s", "99999999", Result.UNKNOW, later),  # not tracked: does not block
+            receipt("s", "85255311112", Result.FAIL, later),
+            receipt("s", "99999999", Result.UNKNOW, later),  # not tracked: does not block
         ],
         later,
     )
     assert outcome.resolved == ("s",)
-    row = _sessions()["s"]
+    row = stored_sessions()["s"]
     assert row["state"] == "resolved" and row["resolved_at"] == later
     assert row["next_poll_at"] is None
-    receipts = _receipts()
+    receipts = stored_receipts()
     assert receipts[("s", "(852)55311111")]["result"] == "Success", "stored as tracked"
     assert receipts[("s", "(852)55311112")]["result"] == "Fail"
     assert ("s", "99999999") in receipts
 
 
 def test_resolution_without_tracked_phones() -> None:
-    _track({"account_id": 1, "session_no": "s"})
+    track({"account_id": 1, "session_no": "s"})
     now = T0 + POLICY.first_delay
     assert _poll_with("s", [], now).resolved == (), "no receipt at all is not resolved"
     now += POLICY.interval_max
-    assert _poll_with("s", [_receipt("s", "1234567", Result.UNKNOW, now)], now).resolved == ()
+    assert _poll_with("s", [receipt("s", "1234567", Result.UNKNOW, now)], now).resolved == ()
     now += POLICY.interval_max
-    assert _poll_with("s", [_receipt("s", "1234567", Result.SUCCESS, now)], now).resolved == ("s",)
+    assert _poll_with("s", [receipt("s", "1234567", Result.SUCCESS, now)], now).resolved == ("s",)
 
 
 def test_final_receipt_is_never_replaced_by_a_stale_unknow() -> None:
-    _track({"account_id": 1, "session_no": "s", "phones": ["1234567", "7654321"]})
+    track({"account_id": 1, "session_no": "s", "phones": ["1234567", "7654321"]})
     now = T0 + POLICY.first_delay
-    _poll_with("s", [_receipt("s", "1234567", Result.SUCCESS, now)], now)
+    _poll_with("s", [receipt("s", "1234567", Result.SUCCESS, now)], now)
     later = now + POLICY.interval_max
-    _poll_with("s", [_receipt("s", "1234567", Result.UNKNOW, now - timedelta(seconds=5))], later)
-    _poll_with("s", [_receipt("s", "1234567", Result.UNKNOW, later)], later + POLICY.interval_max)
-    assert _receipts()[("s", "1234567")]["result"] == "Success"
+    _poll_with("s", [receipt("s", "1234567", Result.UNKNOW, now - timedelta(seconds=5))], later)
+    _poll_with("s", [receipt("s", "1234567", Result.UNKNOW, later)], later + POLICY.interval_max)
+    assert stored_receipts()[("s", "1234567")]["result"] == "Success"
 
 
 def test_duplicate_phones_in_one_answer_keep_the_winner() -> None:
-    _track({"account_id": 1, "session_no": "s", "phones": ["1234567"]})
+    track({"account_id": 1, "session_no": "s", "phones": ["1234567"]})
     now = T0 + POLICY.first_delay
     _poll_with(
         "s",
         [
-            _receipt("s", "1234567", Result.UNKNOW, now),
-            _receipt("s", "+1234567", Result.FAIL, now - timedelta(seconds=1)),
-            _receipt("s", "1234567", Result.UNKNOW, now + timedelta(seconds=1)),
+            receipt("s", "1234567", Result.UNKNOW, now),
+            receipt("s", "+1234567", Result.FAIL, now - timedelta(seconds=1)),
+            receipt("s", "1234567", Result.UNKNOW, now + timedelta(seconds=1)),
         ],
         now,
     )
-    assert _receipts()[("s", "1234567")]["result"] == "Fail"
+    assert stored_receipts()[("s", "1234567")]["result"] == "Fail"
 
 
 _TIMES = {"older": -60, "same": 0, "newer": 60, "unknown": None}
@@ -360,7 +293,7 @@ _TIMES = {"older": -60, "same": 0, "newer": 60, "unknown": None}
 )
 def test_sql_upsert_guard_agrees_with_the_pure_rule(old: Result, new: Result, when: str) -> None:
     """The WHERE clause of the bulk upsert is the SQL twin of domain.should_replace."""
-    _track({"account_id": 1, "session_no": "s", "phones": ["1234567"]})
+    track({"account_id": 1, "session_no": "s", "phones": ["1234567"]})
     base = T0 + timedelta(hours=1)
     offset = _TIMES[when]
     new_time = None if offset is None else base + timedelta(seconds=offset)
@@ -372,14 +305,14 @@ def test_sql_upsert_guard_agrees_with_the_pure_rule(old: Result, new: Result, wh
     with db.session_scope() as session:
         store.upsert_receipts(
             session,
-            store.receipt_rows(targets, [_receipt("s", "1234567", old, base)]),
+            store.receipt_rows(targets, [receipt("s", "1234567", old, base)]),
             account_id=1,
             now=base,
         )
     with db.session_scope() as session:
         store.upsert_receipts(
             session,
-            store.receipt_rows(targets, [_receipt("s", "1234567", new, new_time)]),
+            store.receipt_rows(targets, [receipt("s", "1234567", new, new_time)]),
             account_id=1,
             now=base,
         )
@@ -387,7 +320,7 @@ def test_sql_upsert_guard_agrees_with_the_pure_rule(old: Result, new: Result, wh
         ReceiptVersion(result=old, receipt_time=base),
         ReceiptVersion(result=new, receipt_time=new_time),
     )
-    stored = _receipts()[("s", "1234567")]
+    stored = stored_receipts()[("s", "1234567")]
     expected = new if expected_replaced else old
     assert stored["result"] == expected.value
     assert stored["receipt_time"] == (new_time if expected_replaced else base)
@@ -396,39 +329,39 @@ def test_sql_upsert_guard_agrees_with_the_pure_rule(old: Result, new: Result, wh
 
 
 def test_a_failed_poll_keeps_the_error_and_reschedules() -> None:
-    _track({"account_id": 1, "session_no": "s"})
+    track({"account_id": 1, "session_no": "s"})
     now = T0 + POLICY.first_delay
-    claim = _claim(1, now)
+    claim = claim_due(1, now)
     assert claim is not None
-    targets = _start(claim, now)
+    targets = start(claim, now)
     with db.session_scope() as session:
         store.record_failure(
             session, targets=targets, error="HTTP 500", now=now, policy=POLICY, rng=random.Random(2)
         )
-    row = _sessions()["s"]
+    row = stored_sessions()["s"]
     assert row["last_error"] == "HTTP 500"
     assert row["state"] == "pending" and row["poll_count"] == 1
     assert now + POLICY.interval_min <= row["next_poll_at"] <= now + POLICY.interval_max
     # The next good answer clears it.
     later = row["next_poll_at"]
-    claim = _claim(1, later)
+    claim = claim_due(1, later)
     assert claim is not None
-    _answer(_start(claim, later), [], later)
-    assert _sessions()["s"]["last_error"] is None
+    answer(start(claim, later), [], later)
+    assert stored_sessions()["s"]["last_error"] is None
 
 
 # --- escalation -----------------------------------------------------------------------------
 
 
 def test_escalation_happens_once_with_what_support_needs() -> None:
-    _track({"account_id": 1, "session_no": "s", "phones": ["1234567", "7654321"]})
-    _track({"account_id": 1, "session_no": "fresh"}, now=T0)
+    track({"account_id": 1, "session_no": "s", "phones": ["1234567", "7654321"]})
+    track({"account_id": 1, "session_no": "fresh"}, now=T0)
     now = T0 + POLICY.first_delay
     _poll_with(
         "s",
         [
-            _receipt("s", "1234567", Result.UNKNOW, now),
-            _receipt("s", "7654321", Result.SUCCESS, now),
+            receipt("s", "1234567", Result.UNKNOW, now),
+            receipt("s", "7654321", Result.SUCCESS, now),
         ],
         now,
     )
@@ -440,7 +373,7 @@ def test_escalation_happens_once_with_what_support_needs() -> None:
     with db.session_scope() as session:
         assert store.escalate_due(session, now=cutoff + timedelta(hours=1), policy=POLICY) == []
     assert [e.session_no for e in escalated] == ["s", "fresh"]
-    row = _sessions()["s"]
+    row = stored_sessions()["s"]
     assert row["state"] == "escalated" and row["escalated_at"] == cutoff
     assert row["next_poll_at"] is None
     assert row["escalation_detail"] == {
@@ -451,16 +384,16 @@ def test_escalation_happens_once_with_what_support_needs() -> None:
 
 
 def test_a_late_answer_resolves_an_escalated_session_and_keeps_escalated_at() -> None:
-    _track({"account_id": 1, "session_no": "s", "phones": ["1234567"]})
+    track({"account_id": 1, "session_no": "s", "phones": ["1234567"]})
     now = T0 + POLICY.cutoff - timedelta(seconds=1)
-    claim = _claim(1, now)
+    claim = claim_due(1, now)
     assert claim is not None
-    targets = _start(claim, now)
+    targets = start(claim, now)
     cutoff = T0 + POLICY.cutoff
     with db.session_scope() as session:
         store.escalate_due(session, now=cutoff, policy=POLICY)
-    _answer(targets, [_receipt("s", "1234567", Result.SUCCESS, now)], cutoff + timedelta(seconds=1))
-    row = _sessions()["s"]
+    answer(targets, [receipt("s", "1234567", Result.SUCCESS, now)], cutoff + timedelta(seconds=1))
+    row = stored_sessions()["s"]
     assert row["state"] == "resolved"
     assert row["escalated_at"] == cutoff
     assert row["resolved_at"] == cutoff + timedelta(seconds=1)

@@ -13,8 +13,8 @@ import pytest
 import sqlalchemy as sa
 from celery import Celery
 
-from tests.conftest import FAST_TIMINGS, Configure
-from tests.integration.harness import processes, wait_for
+from tests.support.databases import FAST_TIMINGS, Configure
+from tests.support.processes import processes, wait_for
 from worker import db
 from worker.models import receipts_table, sessions_table
 from worker.simulator import Simulator

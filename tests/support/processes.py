@@ -1,4 +1,5 @@
-"""Real worker and beat processes for end-to-end tests, started as an operator would."""
+"""Real worker and beat processes, started as an operator would: for the end-to-end tests and
+for the benchmark (bench/worker_run.py)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from pathlib import Path
 class Processes:
     """Subprocesses of ``python -m worker.cli ...`` sharing one environment and log folder."""
 
-    def __init__(self, env: Mapping[str, str], folder: Path) -> None:
+    def __init__(self, env: Mapping[str, str], folder: Path, *, inherit: bool = True) -> None:
         # The processes import the code under test, installed or not.
         root = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
-        self.env = {**os.environ, **env, "PYTHONPATH": path}
+        # Without ``inherit``, none of this process's RECEIPTS_* settings leak into theirs.
+        base = {k: v for k, v in os.environ.items() if inherit or not k.startswith("RECEIPTS_")}
+        self.env = {**base, **env, "PYTHONPATH": path}
         self.folder = folder
         self.running: list[tuple[str, subprocess.Popen[bytes]]] = []
 
@@ -65,6 +68,16 @@ class Processes:
     def stop_all(self) -> None:
         for _, process in self.running:
             self.stop(process)
+
+    def check_alive(self) -> None:
+        """Raise when a process started here has exited (with the end of its log)."""
+        for name, process in self.running:
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.tail(name)}")
+
+    def tail(self, name: str, chars: int = 3000) -> str:
+        path = self.folder / f"{name}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
     def logs(self) -> str:
         parts = []

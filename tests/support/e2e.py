@@ -14,9 +14,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from tests.conftest import Configure
-from tests.integration.harness import Processes, processes, wait_for
-from tests.integration.scenarios import Planned, answered_calls, expected_outcome
+from tests.support.databases import Configure
+from tests.support.processes import Processes, processes, wait_for
+from tests.support.scenarios import Planned, answered_calls, expected_outcome
 from worker import db, track_many
 from worker.domain import phone_key
 from worker.models import heartbeats_table, receipts_table, sessions_table
