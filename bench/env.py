@@ -11,7 +11,7 @@ import platform
 import secrets
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
@@ -20,6 +20,8 @@ from typing import Any
 import psycopg
 
 from tests.support import redis_db
+from tests.support.databases import TABLES
+from tests.support.processes import wait_for
 from worker import db
 from worker.config import get_settings
 from worker.migrate import upgrade
@@ -30,13 +32,6 @@ ADMIN_CONNINFO = os.environ.get("BENCH_PG_ADMIN", "postgresql://postgres@127.0.0
 # run, as the tests do (tests/support/redis_db.py), so neither ever empties the other's.
 REDIS_URL_GIVEN = os.environ.get("BENCH_REDIS_URL") or None
 REDIS_SERVER_URL = "redis://127.0.0.1:6379/0"
-TABLES = (
-    "sms_receipts",
-    "sms_sessions",
-    "escalation_outbox",
-    "receipts_heartbeats",
-    "api_call_counts",
-)
 # Every statement the benchmark itself sends is bounded (the 2M-row history insert is the longest).
 STATEMENT_TIMEOUT_MS = 180_000
 LOCK_TIMEOUT_MS = 15_000
@@ -49,17 +44,6 @@ _T0 = time.monotonic()
 def log(message: str) -> None:
     """Progress on stderr, stamped with the seconds since the benchmark started."""
     print(f"[{time.monotonic() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-
-def wait_until(
-    condition: Callable[[], bool], *, timeout: float, interval: float = 0.25, what: str = ""
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what or 'a condition'}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +105,7 @@ def wait_for_database(timeout: float = 60) -> None:
             return False
         return True
 
-    wait_until(up, timeout=timeout, interval=1.0, what="PostgreSQL to accept connections")
+    wait_for(up, timeout=timeout, interval=1.0, describe=lambda: "PostgreSQL to accept connections")
     db.reset_engine()
 
 

@@ -108,7 +108,7 @@ def figures(results: dict[str, Any]) -> list[Figure]:
         else "1. raw upsert, executemany pipeline",
         "raw.executemany.insert_rows_per_s",
         "rows/s",
-        target="NOTES: 95-135k",
+        target="seen elsewhere: 95-135k",
     )
     add(
         "raw_executemany_update",
@@ -121,7 +121,7 @@ def figures(results: dict[str, Any]) -> list[Figure]:
         "1. raw upsert, COPY + INSERT…SELECT (insert)",
         "raw.copy.insert_rows_per_s",
         "rows/s",
-        target="NOTES: 165-220k",
+        target="seen elsewhere: 165-220k",
     )
     add("raw_copy_update", "   … update pass", "raw.copy.update_rows_per_s", "rows/s")
 

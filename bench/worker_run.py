@@ -9,16 +9,13 @@ seen by sampling every 0.25 s).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,12 +30,10 @@ from bench.env import (
     make_sessions,
     register,
     timings_env,
-    wait_until,
 )
+from tests.support.processes import Processes, wait_for
 from worker.simulator import Simulator
 
-ROOT = Path(__file__).resolve().parents[1]
-STOP_TIMEOUT = 15.0
 # As README "Production" runs it: a poll spends most of its time waiting on the API and the
 # database, so a pool of one process per core leaves the cores idle (measured: 2 processes
 # used 74% of this 2-core machine, 4 processes kept it busy).
@@ -215,58 +210,6 @@ class CpuProbe:
         }
 
 
-# --- processes -----------------------------------------------------------------------------
-
-
-class Processes:
-    """``python -m worker.cli …`` subprocesses in their own process groups, logs in ``folder``."""
-
-    def __init__(self, env: Mapping[str, str], folder: Path) -> None:
-        base = {k: v for k, v in os.environ.items() if not k.startswith("RECEIPTS_")}
-        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-        self.env = {**base, **env, "PYTHONPATH": path}
-        self.folder = folder
-        self.running: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        with (self.folder / f"{name}.log").open("ab") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "worker.cli", *args],
-                env=self.env,
-                cwd=self.folder,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.running[name] = process
-        return process
-
-    def check_alive(self) -> None:
-        for name, process in self.running.items():
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.tail(name)}")
-
-    def tail(self, name: str, chars: int = 3000) -> str:
-        path = self.folder / f"{name}.log"
-        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
-
-    def stop_all(self) -> None:
-        for process in self.running.values():
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for process in self.running.values():
-            try:
-                process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(5)
-        # A pool child left behind by a killed main process would keep its group alive.
-        for process in self.running.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-
-
 # --- the run -------------------------------------------------------------------------------
 
 
@@ -354,7 +297,7 @@ def run(
     copy_sessions(database, sessions, sent_at=datetime.fromtimestamp(sent_at, UTC))
     log(f"{config.label}: {config.sessions:,} due sessions x {config.phones} phones loaded")
 
-    group = Processes(timings_env(database, sim, broker_url), folder)
+    group = Processes(timings_env(database, sim, broker_url), folder, inherit=False)
     profiler: subprocess.Popen[bytes] | None = None
     try:
         started = time.monotonic()
@@ -374,7 +317,9 @@ def run(
             probe.sample()
             return _claimed(database)
 
-        wait_until(claimed, timeout=60, interval=0.1, what=f"{config.label}: a first claim")
+        wait_for(
+            claimed, timeout=60, interval=0.1, describe=lambda: f"{config.label}: a first claim"
+        )
         first_claim_wall = time.monotonic()
         cpu = CpuProbe(worker.pid)
         cpu.start()
@@ -388,11 +333,11 @@ def run(
                 return time.monotonic() - first_claim_wall >= config.window
             return _pending(database) == 0
 
-        wait_until(
+        wait_for(
             finished,
             timeout=config.timeout,
             interval=SAMPLE_EVERY,
-            what=f"{config.label}: the backlog to drain",
+            describe=lambda: f"{config.label}: the backlog to drain",
         )
         ended = time.monotonic()
         cpu.stop()
