@@ -127,23 +127,10 @@ class ApiError(UspeedoError):
     retryable = False
 
     def __init__(
-        self,
-        message: str,
-        *,
-        ret_code: int = 0,
-        api_message: str = "",
-        request_uuid: str | None = None,
-        retryable: bool | None = None,
-        action: str | None = None,
-        http_status: int | None = None,
+        self, message: str, *, ret_code: int = 0, api_message: str = "", **context: Any
     ) -> None:
-        super().__init__(
-            message,
-            request_uuid=request_uuid,
-            retryable=retryable,
-            action=action,
-            http_status=http_status,
-        )
+        # ``context``: UspeedoError's request_uuid, retryable, action and http_status.
+        super().__init__(message, **context)
         self.ret_code = ret_code
         self.api_message = api_message
 
