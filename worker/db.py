@@ -40,6 +40,7 @@ def create_engine(url: str, **kwargs: Any) -> Engine:
         # failing at once, and let readers run beside the writer (WAL).
         engine = sa.create_engine(url, connect_args={"timeout": 30}, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     kwargs.setdefault("pool_pre_ping", True)  # survive a PostgreSQL restart without a failed task
     if "poolclass" not in kwargs:
@@ -54,6 +55,21 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+    # The driver would begin transactions lazily, before the first write only; we begin them
+    # ourselves (see _sqlite_begin).
+    dbapi_connection.isolation_level = None
+
+
+READ_ONLY = "receipts_read_only"
+
+
+def _sqlite_begin(connection: sa.Connection) -> None:
+    """Begin each unit of work with the write lock taken (``BEGIN IMMEDIATE``), waiting for it
+    up to the busy timeout. A deferred transaction that read and then writes fails at once
+    ("database is locked") when another process wrote in between, which no busy timeout
+    helps; read-only units of work (:func:`read_scope`) begin deferred, beside any writer."""
+    read_only = connection.get_execution_options().get(READ_ONLY, False)
+    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def get_engine() -> Engine:
@@ -127,4 +143,16 @@ def session_scope() -> Iterator[Session]:
     if _sessionmaker is None:  # pragma: no cover - get_engine() always sets it
         raise RuntimeError("no session factory")
     with _sessionmaker() as session, session.begin():
+        yield session
+
+
+@contextmanager
+def read_scope() -> Iterator[Session]:
+    """A unit of work that only reads (reports, metrics): on SQLite it takes no write lock, so
+    it never waits behind a writer nor holds one up."""
+    engine = get_engine()
+    with (
+        Session(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False) as session,
+        session.begin(),
+    ):
         yield session

@@ -25,7 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session
 
-from worker.db import session_scope
+from worker.db import read_scope
 from worker.domain import Result, SessionState
 from worker.models import (
     api_calls_table,
@@ -145,7 +145,7 @@ class ReceiptsCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         now = self._now()
         try:
-            with session_scope() as session:
+            with read_scope() as session:
                 if session.get_bind().dialect.name == "postgresql":
                     # LOCAL: ends with this transaction, so the pooled connection is unchanged.
                     timeout = f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}"
