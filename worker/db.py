@@ -136,6 +136,44 @@ def json_document(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     return {JSON_ROWS: orjson.dumps(list(rows), option=orjson.OPT_NAIVE_UTC).decode()}
 
 
+# SQLSTATEs worth retrying: the server went away or is restarting (08, 57P), ran out of
+# connections or memory (53), or picked this transaction as the loser of a race (40001, 40P01,
+# 55P03 lock_not_available). Anything else, such as an index row too large or a foreign key
+# violation, fails the same way however often it is sent: psycopg raises some of those as
+# OperationalError too, so the exception class cannot decide.
+_TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57P", "40001", "40P01", "55P03")
+# SQLite: another process holds the lock (SQLITE_BUSY, SQLITE_LOCKED, with extended codes).
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+
+
+def is_transient(error: sa.exc.DBAPIError) -> bool:
+    """Whether a database error may go away if the same work is tried again shortly."""
+    if error.connection_invalidated:
+        return True
+    orig = error.orig
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate is not None:
+        return str(sqlstate).startswith(_TRANSIENT_SQLSTATE_PREFIXES)
+    code = getattr(orig, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    # psycopg without a SQLSTATE: no answer from the server at all (refused, reset, timed out).
+    return isinstance(error, sa.exc.OperationalError | sa.exc.InterfaceError)
+
+
+def error_text(error: BaseException) -> str:
+    """A database error in one line, without the SQL statement, its parameters or the failing
+    row (which hold phone numbers): the driver's primary message, phone-like numbers masked."""
+    from worker.logs import scrub
+
+    orig = getattr(error, "orig", None) or error
+    diag = getattr(orig, "diag", None)
+    # psycopg's str() appends DETAIL lines such as "Failing row contains (...)".
+    primary = getattr(diag, "message_primary", None) if diag is not None else None
+    text = " ".join(str(primary or orig).split())
+    return f"{type(orig).__name__}: {scrub(text)[:300]}"
+
+
 @contextmanager
 def session_scope() -> Iterator[Session]:
     """A unit of work: commits on success, rolls back on any error."""

@@ -16,7 +16,7 @@ from typing import TypeVar
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
-from worker import store, webhooks
+from worker import db, store, webhooks
 from worker.client import UspeedoClient
 from worker.errors import (
     ApiError,
@@ -26,7 +26,7 @@ from worker.errors import (
     UspeedoError,
 )
 from worker.logs import mask_phone
-from worker.receipts import ReceiptBatch
+from worker.receipts import Receipt, ReceiptBatch
 from worker.schedule import PollPolicy
 from worker.store import Claim, PollTarget
 
@@ -153,17 +153,24 @@ def poll(
     rng: random.Random,
     budget: timedelta,
     in_flight: timedelta,
+    worker: str | None = None,
 ) -> PollReport:
     """Poll one claimed batch: start it (the single place that enforces the timing rules),
     ask the API, record the answer or the failure. The API call runs outside any transaction.
 
     The poll stops retrying ``budget`` after it started; its sessions are held for
-    ``in_flight`` so that no other poll overtakes it.
+    ``in_flight`` so that no other poll overtakes it, or until ``worker`` (the process running
+    it, which heartbeats) is found dead.
     """
     started = clock()
     with session_factory() as session:
         targets = store.start_poll(
-            session, claim=claim, now=started, policy=policy, busy_until=started + in_flight
+            session,
+            claim=claim,
+            now=started,
+            policy=policy,
+            busy_until=started + in_flight,
+            worker=worker,
         )
     run = _PollRun(
         session_factory=session_factory,
@@ -262,18 +269,38 @@ class _PollRun:
             self.handle_error(targets, exc)
             return
         self.outcomes[("ok", 0)] += 1
-        problems = _problems_by_session(batch)
-        outcome = self.write(
-            lambda session: store.record_answer(
-                session,
-                targets=targets,
-                receipts=batch.receipts,
-                problems=problems,
-                now=self.clock(),
-                policy=self.policy,
-                rng=self.rng,
+        self.store_answer(targets, batch.receipts, _problems_by_session(batch))
+
+    def store_answer(
+        self, targets: Sequence[PollTarget], receipts: Sequence[Receipt], problems: dict[str, str]
+    ) -> None:
+        """Record an answer; when the database refuses it for good (not for want of a
+        connection), halve the batch until the session it refuses for is isolated, so that
+        one bad row cannot cost the other sessions their receipts."""
+        try:
+            outcome = self.write(
+                lambda session: store.record_answer(
+                    session,
+                    targets=targets,
+                    receipts=receipts,
+                    problems=problems,
+                    now=self.clock(),
+                    policy=self.policy,
+                    rng=self.rng,
+                )
             )
-        )
+        except sa_exc.DBAPIError as exc:
+            if db.is_transient(exc):
+                raise
+            if len(targets) > 1:
+                middle = len(targets) // 2
+                self.store_answer(targets[:middle], receipts, problems)
+                self.store_answer(targets[middle:], receipts, problems)
+                return
+            self.record_failure(
+                targets, f"the database refused this session's receipts: {db.error_text(exc)}"
+            )
+            return
         self.receipts_written += outcome.receipts_written
         self.resolved += len(outcome.resolved)
 
@@ -292,18 +319,21 @@ class _PollRun:
 
     def write(self, work: Callable[[Session], T]) -> T:
         """Record what the API said in one unit of work (with the call counters), retrying
-        while the database is unreachable: the answer exists nowhere else, and a PostgreSQL
-        restart takes seconds. Bounded: after ``DB_WRITE_DELAYS`` the error propagates and
-        the sessions come back when their in-flight hold ends."""
+        while the database is unreachable or busy: the answer exists nowhere else, and a
+        PostgreSQL restart takes seconds. Bounded: after ``DB_WRITE_DELAYS`` the error
+        propagates and the sessions come back when their hold ends. An error that retrying
+        cannot fix (:func:`worker.db.is_transient`) propagates at once."""
         for delay in (*DB_WRITE_DELAYS, None):
             try:
                 with self.session_factory() as session:
                     result = work(session)
                     store.count_api_calls(session, self.outcomes)
-            except sa_exc.OperationalError as exc:
-                if delay is None:
+            except sa_exc.DBAPIError as exc:
+                if delay is None or not db.is_transient(exc):
                     raise
-                log.warning("database unreachable, retrying in %.2fs: %s", delay, exc.orig)
+                log.warning(
+                    "database unavailable, retrying in %.2fs: %s", delay, db.error_text(exc)
+                )
                 self.sleep(delay)
                 continue
             self.outcomes.clear()
@@ -317,16 +347,22 @@ class _PollRun:
             targets[0].account_id,
             error,
         )
-        self.write(
-            lambda session: store.record_failure(
-                session,
-                targets=targets,
-                error=error,
-                now=self.clock(),
-                policy=self.policy,
-                rng=self.rng,
+        try:
+            self.write(
+                lambda session: store.record_failure(
+                    session,
+                    targets=targets,
+                    error=error,
+                    now=self.clock(),
+                    policy=self.policy,
+                    rng=self.rng,
+                )
             )
-        )
+        except sa_exc.DBAPIError as exc:
+            if db.is_transient(exc):
+                raise
+            # The sessions keep their hold and come back when it ends.
+            log.error("could not record a failed poll: %s", db.error_text(exc))
         self.failed += len(targets)
 
 
