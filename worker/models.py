@@ -94,6 +94,14 @@ class SmsSession(Base):
             postgresql_where=sa.text("state = 'pending'"),
             sqlite_where=sa.text("state = 'pending'"),
         ),
+        # Each tick looks for sessions held by a process that stopped heartbeating: only the
+        # polls in flight are in this index.
+        sa.Index(
+            "ix_sms_sessions_held_by",
+            "held_by",
+            postgresql_where=sa.text("held_by IS NOT NULL"),
+            sqlite_where=sa.text("held_by IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

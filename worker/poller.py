@@ -16,7 +16,7 @@ from typing import TypeVar
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
-from worker import db, store, webhooks
+from worker import db, store, webhooks, workers
 from worker.client import UspeedoClient
 from worker.errors import (
     ApiError,
@@ -69,10 +69,12 @@ def tick(
     max_sessions: int = 200_000,
     show_phones: bool = False,
     outbox: bool = False,
+    reconcile: Callable[[int, list[int]], None] | None = None,
 ) -> TickReport:
-    """Record the heartbeat, escalate what passed its cutoff (queuing webhooks with
-    ``outbox``), then claim due sessions in batches of at most ``batch_size`` of one account
-    and hand each batch to ``dispatch``.
+    """Record the heartbeat, release the polls of worker processes that stopped heartbeating
+    (handing escalated sessions whose last poll was lost to ``reconcile``), escalate what
+    passed its cutoff (queuing webhooks with ``outbox``), then claim due sessions in batches
+    of at most ``batch_size`` of one account and hand each batch to ``dispatch``.
 
     Each claim commits on its own before it is dispatched, so a poll task never runs ahead
     of the claim it carries, and transactions stay short.
@@ -81,6 +83,19 @@ def tick(
         store.record_heartbeat(
             session, name="tick", now=clock(), tick=tick_every, interval_max=policy.interval_max
         )
+    with session_factory() as session:
+        released = workers.release_dead(session, now=clock(), tick=tick_every, policy=policy)
+    if released.workers or released.pending:
+        log.warning(
+            "released the polls of %d stopped worker process(es): %d pending session(s) due "
+            "again, %d escalated session(s) to reconcile",
+            len(released.workers),
+            released.pending,
+            sum(len(ids) for ids in released.reconcile.values()),
+        )
+    if reconcile is not None:
+        for account_id, ids in released.reconcile.items():
+            reconcile(account_id, ids)
     escalated = 0
     while True:
         with session_factory() as session:
@@ -196,13 +211,18 @@ def repoll_escalated(
     rng: random.Random,
     budget: timedelta,
     batch_size: int = 100,
+    ids: Sequence[int] = (),
 ) -> PollReport:
-    """Poll escalated sessions once more, at an operator's request (e.g. after Uspeedo
-    support fixed something). Late receipts are recorded and a session that now qualifies
-    becomes resolved, keeping ``escalated_at``. Pending sessions are left to the schedule."""
+    """Poll escalated sessions once more, named by SessionNo at an operator's request (e.g.
+    after Uspeedo support fixed something), or by id for a reconciliation (their last poll was
+    lost with its worker). Late receipts are recorded and a session that now qualifies becomes
+    resolved, keeping ``escalated_at``. Pending sessions are left to the schedule. No API call
+    starts after ``budget``."""
     started = clock()
     with session_factory() as session:
-        targets = store.escalated_targets(session, session_nos, account_id=account_id, now=started)
+        targets = store.escalated_targets(
+            session, session_nos, account_id=account_id, now=started, ids=ids
+        )
     run = _PollRun(
         session_factory=session_factory,
         client=client,

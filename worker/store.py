@@ -273,11 +273,17 @@ def _start_poll_statement(dialect: str) -> Any:
 
 
 def escalated_targets(
-    session: Session, session_nos: Sequence[str], *, account_id: int | None, now: datetime
+    session: Session,
+    session_nos: Sequence[str] = (),
+    *,
+    account_id: int | None,
+    now: datetime,
+    ids: Sequence[int] = (),
 ) -> list[PollTarget]:
-    """Escalated sessions among ``session_nos``, as targets of an operator's repoll."""
+    """Escalated sessions among ``session_nos`` (or among ``ids``), as targets of a repoll."""
     query = sa.select(S.c.id, S.c.account_id, S.c.session_no, S.c.phones, S.c.sent_at).where(
-        S.c.session_no.in_(list(session_nos)), S.c.state == ESCALATED
+        S.c.session_no.in_(list(session_nos)) if session_nos else S.c.id.in_(list(ids)),
+        S.c.state == ESCALATED,
     )
     if account_id is not None:
         query = query.where(S.c.account_id == account_id)

@@ -25,6 +25,14 @@ TIMESTAMPTZ = sa.DateTime(timezone=True)
 
 def upgrade() -> None:
     op.add_column("sms_sessions", sa.Column("held_by", sa.Text(), nullable=True))
+    op.create_index(
+        "ix_sms_sessions_held_by",
+        "sms_sessions",
+        ["held_by"],
+        unique=False,
+        postgresql_where=sa.text("held_by IS NOT NULL"),
+        sqlite_where=sa.text("held_by IS NOT NULL"),
+    )
     op.add_column("escalation_outbox", sa.Column("claim_token", sa.Text(), nullable=True))
     op.create_table(
         "receipts_workers",
@@ -42,4 +50,5 @@ def downgrade() -> None:
     # Plain DROP COLUMN (SQLite 3.35+): a batch rebuild of sms_sessions would break the views
     # that read it.
     op.drop_column("escalation_outbox", "claim_token")
+    op.drop_index("ix_sms_sessions_held_by", table_name="sms_sessions")
     op.drop_column("sms_sessions", "held_by")

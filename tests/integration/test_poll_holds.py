@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from worker import db, poller, store
+from worker import db, poller, store, workers
 from worker.domain import Result
 from worker.models import receipts_table, sessions_table
 from worker.receipts import Receipt, ReceiptBatch
@@ -324,3 +324,95 @@ def test_a_bulk_retrack_racing_recorded_answers_never_deadlocks() -> None:
         thread.join(120)
     assert not any(thread.is_alive() for thread in threads)
     assert errors == []
+
+
+# --- the holds of a worker process that stopped -------------------------------------------
+
+TICK = timedelta(seconds=30)
+
+
+def _beat(worker_id: str, at: datetime) -> None:
+    with db.session_scope() as session:
+        workers.beat(session, worker_id=worker_id, now=at)
+
+
+def _release(now: datetime) -> workers.Released:
+    with db.session_scope() as session:
+        return workers.release_dead(session, now=now, tick=TICK, policy=POLICY)
+
+
+@pytest.mark.usefixtures("database")
+def test_the_polls_of_a_worker_that_stopped_heartbeating_are_released_within_two_ticks() -> None:
+    _track(
+        {"account_id": 1, "session_no": "DEAD", "phones": [P1]},
+        {"account_id": 2, "session_no": "ALIVE", "phones": [P1]},
+    )
+    dead, alive = "host:1:aaaa", "host:2:bbbb"
+    _beat(dead, POLLED)
+    _beat(alive, POLLED)
+    _start(1, POLLED, worker=dead)
+    _start(2, POLLED, worker=alive)
+    # Two ticks later the dead one is still within its grace; the live one beat again.
+    _beat(alive, POLLED + 2 * TICK)
+    nothing = _release(POLLED + 2 * TICK)
+    assert nothing == workers.Released(workers=(), pending=0, reconcile={})
+    assert _sessions()["DEAD"]["held_by"] == dead
+
+    released = _release(POLLED + 2 * TICK + timedelta(seconds=1))
+
+    assert released.workers == (dead,) and released.pending == 1 and released.reconcile == {}
+    sessions = _sessions()
+    row = sessions["DEAD"]
+    assert row["held_by"] is None and row["claim_token"] is None and row["state"] == "pending"
+    # Due again at once, but never within interval_min of the lost poll's start.
+    assert row["next_poll_at"] == POLLED + POLICY.interval_min
+    assert sessions["ALIVE"]["held_by"] == alive
+    assert sessions["ALIVE"]["next_poll_at"] == POLLED + IN_FLIGHT, "a live hold stays"
+    # Released once: a second tick at the same time finds nothing more.
+    assert _release(POLLED + 2 * TICK + timedelta(seconds=1)).pending == 0
+    # The released session is claimed and polled again as soon as the rule allows.
+    assert _start(1, POLLED + POLICY.interval_min)[0].session_no == "DEAD"
+
+
+@pytest.mark.usefixtures("database")
+def test_a_session_escalated_while_its_poll_was_lost_is_reconciled_once() -> None:
+    _track({"account_id": 3, "session_no": "LOST", "phones": [P1]})
+    lost_at = T0 + POLICY.cutoff - timedelta(seconds=10)
+    with db.session_scope() as session:
+        session.execute(sa.update(sessions_table).values(next_poll_at=lost_at))
+    _beat("host:3:cccc", lost_at)
+    (target,) = _start(3, lost_at, worker="host:3:cccc")
+    with db.session_scope() as session:
+        assert [
+            e.session_no for e in store.escalate_due(session, now=T0 + POLICY.cutoff, policy=POLICY)
+        ] == ["LOST"]
+
+    released = _release(lost_at + 3 * TICK)
+
+    assert released.reconcile == {3: [target.id]}
+    assert _sessions()["LOST"]["held_by"] is None
+    assert _release(lost_at + 4 * TICK).reconcile == {}, "once"
+    # The reconciliation poll records a late receipt: resolved, keeping escalated_at.
+    client = _Answering([_receipt("LOST", P1, Result.SUCCESS, lost_at)])
+    report = poller.repoll_escalated(
+        (),
+        account_id=3,
+        ids=[target.id],
+        session_factory=db.session_scope,
+        client=client,  # type: ignore[arg-type]
+        clock=lambda: lost_at + 4 * TICK,
+        policy=POLICY,
+        rng=random.Random(1),
+        budget=timedelta(seconds=60),
+    )
+    assert report.resolved == 1 and client.calls == [["LOST"]]
+    row = _sessions()["LOST"]
+    assert row["state"] == "resolved" and row["escalated_at"] == T0 + POLICY.cutoff
+
+
+@pytest.mark.usefixtures("database")
+def test_an_answer_that_comes_back_clears_its_own_hold_only() -> None:
+    _track({"account_id": 1, "session_no": "S", "phones": [P1]})
+    targets = _start(1, POLLED, worker="host:1:aaaa")
+    _answer(targets, [_receipt("S", P1, Result.UNKNOW, POLLED)], POLLED)
+    assert _sessions()["S"]["held_by"] is None
