@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from worker import store
+from worker.clock import database_now
 from worker.config import get_settings
 from worker.db import session_scope
 from worker.tracking import TrackRequest, TrackResult, parse_requests, track_requests
@@ -43,7 +44,7 @@ def acknowledge(
     :class:`worker.AckError` naming each SessionNo that is unknown or not escalated."""
     with session_scope() as session:
         return store.acknowledge(
-            session, list(session_nos), now=datetime.now(UTC), note=note, account_id=account_id
+            session, list(session_nos), now=database_now(), note=note, account_id=account_id
         )
 
 
@@ -55,7 +56,7 @@ def track_many(
 ) -> TrackResult:
     """Record many sessions at once: all of them, or none if any row is invalid (the error
     names every bad row and field)."""
-    now = datetime.now(UTC)
+    now = database_now()
     requests = parse_requests(sessions, now=now, label=label, first_number=first_number)
     with session_scope() as session:
         return track_requests(session, requests, policy=get_settings().poll_policy(), now=now)

@@ -29,6 +29,7 @@ from celery.signals import (
     beat_init,
     worker_init,
     worker_process_init,
+    worker_process_shutdown,
 )
 
 from worker.config import Settings, get_settings
@@ -127,12 +128,20 @@ def _mask_phones(logger: logging.Logger, **_: Any) -> None:
 
 @worker_process_init.connect
 def _after_fork(**_: Any) -> None:
-    """Each pool child builds its own engine and HTTP session: pooled connections must never
-    be shared across fork."""
+    """Each pool child builds its own engine and HTTP session (pooled connections must never
+    be shared across fork), and starts heartbeating as a worker process."""
     from worker import db, runtime
 
     db.reset_engine()
     runtime.reset()
+    runtime.start_heartbeat(get_settings())
+
+
+@worker_process_shutdown.connect
+def _before_exit(**_: Any) -> None:
+    from worker import runtime
+
+    runtime.stop_heartbeat()
 
 
 @worker_init.connect

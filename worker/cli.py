@@ -76,10 +76,11 @@ def _csv_rows(handle: TextIO) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def _csv_requests(handle: TextIO) -> list[TrackRequest]:
     """Validated row by row, so that each error names the row's own line in the file."""
+    from worker.clock import database_now
     from worker.errors import TrackError
     from worker.tracking import parse_requests
 
-    now = datetime.now(UTC)
+    now = database_now()
     requests: list[TrackRequest] = []
     problems: list[str] = []
     for line, row in _csv_rows(handle):

@@ -40,6 +40,7 @@ def create_engine(url: str, **kwargs: Any) -> Engine:
         # failing at once, and let readers run beside the writer (WAL).
         engine = sa.create_engine(url, connect_args={"timeout": 30}, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     kwargs.setdefault("pool_pre_ping", True)  # survive a PostgreSQL restart without a failed task
     if "poolclass" not in kwargs:
@@ -54,6 +55,21 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+    # The driver would begin transactions lazily, before the first write only; we begin them
+    # ourselves (see _sqlite_begin).
+    dbapi_connection.isolation_level = None
+
+
+READ_ONLY = "receipts_read_only"
+
+
+def _sqlite_begin(connection: sa.Connection) -> None:
+    """Begin each unit of work with the write lock taken (``BEGIN IMMEDIATE``), waiting for it
+    up to the busy timeout. A deferred transaction that read and then writes fails at once
+    ("database is locked") when another process wrote in between, which no busy timeout
+    helps; read-only units of work (:func:`read_scope`) begin deferred, beside any writer."""
+    read_only = connection.get_execution_options().get(READ_ONLY, False)
+    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def get_engine() -> Engine:
@@ -120,6 +136,44 @@ def json_document(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     return {JSON_ROWS: orjson.dumps(list(rows), option=orjson.OPT_NAIVE_UTC).decode()}
 
 
+# SQLSTATEs worth retrying: the server went away or is restarting (08, 57P), ran out of
+# connections or memory (53), or picked this transaction as the loser of a race (40001, 40P01,
+# 55P03 lock_not_available). Anything else, such as an index row too large or a foreign key
+# violation, fails the same way however often it is sent: psycopg raises some of those as
+# OperationalError too, so the exception class cannot decide.
+_TRANSIENT_SQLSTATE_PREFIXES = ("08", "53", "57P", "40001", "40P01", "55P03")
+# SQLite: another process holds the lock (SQLITE_BUSY, SQLITE_LOCKED, with extended codes).
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+
+
+def is_transient(error: sa.exc.DBAPIError) -> bool:
+    """Whether a database error may go away if the same work is tried again shortly."""
+    if error.connection_invalidated:
+        return True
+    orig = error.orig
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate is not None:
+        return str(sqlstate).startswith(_TRANSIENT_SQLSTATE_PREFIXES)
+    code = getattr(orig, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    # psycopg without a SQLSTATE: no answer from the server at all (refused, reset, timed out).
+    return isinstance(error, sa.exc.OperationalError | sa.exc.InterfaceError)
+
+
+def error_text(error: BaseException) -> str:
+    """A database error in one line, without the SQL statement, its parameters or the failing
+    row (which hold phone numbers): the driver's primary message, phone-like numbers masked."""
+    from worker.logs import scrub
+
+    orig = getattr(error, "orig", None) or error
+    diag = getattr(orig, "diag", None)
+    # psycopg's str() appends DETAIL lines such as "Failing row contains (...)".
+    primary = getattr(diag, "message_primary", None) if diag is not None else None
+    text = " ".join(str(primary or orig).split())
+    return f"{type(orig).__name__}: {scrub(text)[:300]}"
+
+
 @contextmanager
 def session_scope() -> Iterator[Session]:
     """A unit of work: commits on success, rolls back on any error."""
@@ -127,4 +181,16 @@ def session_scope() -> Iterator[Session]:
     if _sessionmaker is None:  # pragma: no cover - get_engine() always sets it
         raise RuntimeError("no session factory")
     with _sessionmaker() as session, session.begin():
+        yield session
+
+
+@contextmanager
+def read_scope() -> Iterator[Session]:
+    """A unit of work that only reads (reports, metrics): on SQLite it takes no write lock, so
+    it never waits behind a writer nor holds one up."""
+    engine = get_engine()
+    with (
+        Session(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False) as session,
+        session.begin(),
+    ):
         yield session

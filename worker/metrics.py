@@ -16,7 +16,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from types import FrameType
 
 import sqlalchemy as sa
@@ -25,7 +25,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session
 
-from worker.db import session_scope
+from worker.clock import database_now
+from worker.db import read_scope
 from worker.domain import Result, SessionState
 from worker.models import (
     api_calls_table,
@@ -45,10 +46,6 @@ DEFAULT_INTERVAL_MAX_SECONDS = 600.0
 STATEMENT_TIMEOUT_MS = 5000
 
 Now = Callable[[], datetime]
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass
@@ -139,13 +136,13 @@ def _seconds_since(then: datetime | None, now: datetime) -> float | None:
 class ReceiptsCollector(Collector):
     """Reads the database on each ``collect()``; ``now`` is injectable for tests."""
 
-    def __init__(self, now: Now = _utcnow) -> None:
+    def __init__(self, now: Now = database_now) -> None:
         self._now = now
 
     def collect(self) -> Iterable[Metric]:
         now = self._now()
         try:
-            with session_scope() as session:
+            with read_scope() as session:
                 if session.get_bind().dialect.name == "postgresql":
                     # LOCAL: ends with this transaction, so the pooled connection is unchanged.
                     timeout = f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}"
@@ -234,7 +231,7 @@ def _metrics(snap: Snapshot, now: datetime) -> Iterator[Metric]:
     yield receipts
 
 
-def make_registry(now: Now = _utcnow) -> CollectorRegistry:
+def make_registry(now: Now = database_now) -> CollectorRegistry:
     """A fresh registry holding only our collector: the exporter exposes the database's
     numbers, not the exporter process's own (those would differ per replica)."""
     registry = CollectorRegistry(auto_describe=False)

@@ -94,6 +94,14 @@ class SmsSession(Base):
             postgresql_where=sa.text("state = 'pending'"),
             sqlite_where=sa.text("state = 'pending'"),
         ),
+        # Each tick looks for sessions held by a process that stopped heartbeating: only the
+        # polls in flight are in this index.
+        sa.Index(
+            "ix_sms_sessions_held_by",
+            "held_by",
+            postgresql_where=sa.text("held_by IS NOT NULL"),
+            sqlite_where=sa.text("held_by IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -116,9 +124,14 @@ class SmsSession(Base):
     # An operator marked the escalation handled (``receipts ack``); it stops alerting.
     acknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     ack_note: Mapped[str | None] = mapped_column(sa.Text)
-    # The claim: which tick's token may poll this session; cleared when the poll starts.
+    # The claim: which tick's token may poll this session. Kept while the poll is in flight,
+    # so that only that poll may record its answer's schedule; cleared when it is recorded.
     claim_token: Mapped[str | None] = mapped_column(sa.Text)
     claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The worker process (receipts_workers.id) whose poll of this session is in flight: when
+    # that process stops heartbeating, its holds are released at once instead of at the end
+    # of the in-flight window.
+    held_by: Mapped[str | None] = mapped_column(sa.Text)
     created_at: Mapped[timestamp_now]
     updated_at: Mapped[timestamp_now]
 
@@ -186,6 +199,9 @@ class EscalationOutbox(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     last_error: Mapped[str | None] = mapped_column(sa.Text)
     created_at: Mapped[timestamp_now]
+    # The deliverer holding this row's lease: its result is recorded only while it still holds
+    # it, so a deliverer outlived by its lease cannot overwrite the next one's outcome.
+    claim_token: Mapped[str | None] = mapped_column(sa.Text)
 
 
 class Heartbeat(Base):
@@ -198,6 +214,20 @@ class Heartbeat(Base):
     beat_at: Mapped[timestamp]
     tick_seconds: Mapped[float] = mapped_column(sa.Float)
     poll_interval_max_seconds: Mapped[float] = mapped_column(sa.Float)
+
+
+class WorkerProcess(Base):
+    """A worker process that may hold sessions while its polls are in flight, and when it last
+    showed it is alive (so that the holds of a killed process are released within two ticks)."""
+
+    __tablename__ = "receipts_workers"
+
+    # hostname:pid:random, unique per process start
+    id: Mapped[str] = mapped_column(sa.Text, primary_key=True)
+    hostname: Mapped[str] = mapped_column(sa.Text)
+    pid: Mapped[int] = mapped_column(sa.Integer)
+    started_at: Mapped[timestamp]
+    beat_at: Mapped[timestamp]
 
 
 class ApiCallCount(Base):
@@ -216,6 +246,7 @@ class ApiCallCount(Base):
 outbox_table: sa.Table = EscalationOutbox.__table__  # type: ignore[assignment]
 heartbeats_table: sa.Table = Heartbeat.__table__  # type: ignore[assignment]
 api_calls_table: sa.Table = ApiCallCount.__table__  # type: ignore[assignment]
+workers_table: sa.Table = WorkerProcess.__table__  # type: ignore[assignment]
 
 
 # The views (created by migration 0002), described for reading only: their own metadata

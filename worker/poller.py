@@ -16,7 +16,7 @@ from typing import TypeVar
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
-from worker import store, webhooks
+from worker import db, store, webhooks, workers
 from worker.client import UspeedoClient
 from worker.errors import (
     ApiError,
@@ -26,7 +26,7 @@ from worker.errors import (
     UspeedoError,
 )
 from worker.logs import mask_phone
-from worker.receipts import ReceiptBatch
+from worker.receipts import Receipt, ReceiptBatch
 from worker.schedule import PollPolicy
 from worker.store import Claim, PollTarget
 
@@ -69,10 +69,12 @@ def tick(
     max_sessions: int = 200_000,
     show_phones: bool = False,
     outbox: bool = False,
+    reconcile: Callable[[int, list[int]], None] | None = None,
 ) -> TickReport:
-    """Record the heartbeat, escalate what passed its cutoff (queuing webhooks with
-    ``outbox``), then claim due sessions in batches of at most ``batch_size`` of one account
-    and hand each batch to ``dispatch``.
+    """Record the heartbeat, release the polls of worker processes that stopped heartbeating
+    (handing escalated sessions whose last poll was lost to ``reconcile``), escalate what
+    passed its cutoff (queuing webhooks with ``outbox``), then claim due sessions in batches
+    of at most ``batch_size`` of one account and hand each batch to ``dispatch``.
 
     Each claim commits on its own before it is dispatched, so a poll task never runs ahead
     of the claim it carries, and transactions stay short.
@@ -81,6 +83,19 @@ def tick(
         store.record_heartbeat(
             session, name="tick", now=clock(), tick=tick_every, interval_max=policy.interval_max
         )
+    with session_factory() as session:
+        released = workers.release_dead(session, now=clock(), tick=tick_every, policy=policy)
+    if released.workers or released.pending:
+        log.warning(
+            "released the polls of %d stopped worker process(es): %d pending session(s) due "
+            "again, %d escalated session(s) to reconcile",
+            len(released.workers),
+            released.pending,
+            sum(len(ids) for ids in released.reconcile.values()),
+        )
+    if reconcile is not None:
+        for account_id, ids in released.reconcile.items():
+            reconcile(account_id, ids)
     escalated = 0
     while True:
         with session_factory() as session:
@@ -153,17 +168,24 @@ def poll(
     rng: random.Random,
     budget: timedelta,
     in_flight: timedelta,
+    worker: str | None = None,
 ) -> PollReport:
     """Poll one claimed batch: start it (the single place that enforces the timing rules),
     ask the API, record the answer or the failure. The API call runs outside any transaction.
 
     The poll stops retrying ``budget`` after it started; its sessions are held for
-    ``in_flight`` so that no other poll overtakes it.
+    ``in_flight`` so that no other poll overtakes it, or until ``worker`` (the process running
+    it, which heartbeats) is found dead.
     """
     started = clock()
     with session_factory() as session:
         targets = store.start_poll(
-            session, claim=claim, now=started, policy=policy, busy_until=started + in_flight
+            session,
+            claim=claim,
+            now=started,
+            policy=policy,
+            busy_until=started + in_flight,
+            worker=worker,
         )
     run = _PollRun(
         session_factory=session_factory,
@@ -189,13 +211,18 @@ def repoll_escalated(
     rng: random.Random,
     budget: timedelta,
     batch_size: int = 100,
+    ids: Sequence[int] = (),
 ) -> PollReport:
-    """Poll escalated sessions once more, at an operator's request (e.g. after Uspeedo
-    support fixed something). Late receipts are recorded and a session that now qualifies
-    becomes resolved, keeping ``escalated_at``. Pending sessions are left to the schedule."""
+    """Poll escalated sessions once more, named by SessionNo at an operator's request (e.g.
+    after Uspeedo support fixed something), or by id for a reconciliation (their last poll was
+    lost with its worker). Late receipts are recorded and a session that now qualifies becomes
+    resolved, keeping ``escalated_at``. Pending sessions are left to the schedule. No API call
+    starts after ``budget``."""
     started = clock()
     with session_factory() as session:
-        targets = store.escalated_targets(session, session_nos, account_id=account_id, now=started)
+        targets = store.escalated_targets(
+            session, session_nos, account_id=account_id, now=started, ids=ids
+        )
     run = _PollRun(
         session_factory=session_factory,
         client=client,
@@ -262,18 +289,38 @@ class _PollRun:
             self.handle_error(targets, exc)
             return
         self.outcomes[("ok", 0)] += 1
-        problems = _problems_by_session(batch)
-        outcome = self.write(
-            lambda session: store.record_answer(
-                session,
-                targets=targets,
-                receipts=batch.receipts,
-                problems=problems,
-                now=self.clock(),
-                policy=self.policy,
-                rng=self.rng,
+        self.store_answer(targets, batch.receipts, _problems_by_session(batch))
+
+    def store_answer(
+        self, targets: Sequence[PollTarget], receipts: Sequence[Receipt], problems: dict[str, str]
+    ) -> None:
+        """Record an answer; when the database refuses it for good (not for want of a
+        connection), halve the batch until the session it refuses for is isolated, so that
+        one bad row cannot cost the other sessions their receipts."""
+        try:
+            outcome = self.write(
+                lambda session: store.record_answer(
+                    session,
+                    targets=targets,
+                    receipts=receipts,
+                    problems=problems,
+                    now=self.clock(),
+                    policy=self.policy,
+                    rng=self.rng,
+                )
             )
-        )
+        except sa_exc.DBAPIError as exc:
+            if db.is_transient(exc):
+                raise
+            if len(targets) > 1:
+                middle = len(targets) // 2
+                self.store_answer(targets[:middle], receipts, problems)
+                self.store_answer(targets[middle:], receipts, problems)
+                return
+            self.record_failure(
+                targets, f"the database refused this session's receipts: {db.error_text(exc)}"
+            )
+            return
         self.receipts_written += outcome.receipts_written
         self.resolved += len(outcome.resolved)
 
@@ -292,18 +339,21 @@ class _PollRun:
 
     def write(self, work: Callable[[Session], T]) -> T:
         """Record what the API said in one unit of work (with the call counters), retrying
-        while the database is unreachable: the answer exists nowhere else, and a PostgreSQL
-        restart takes seconds. Bounded: after ``DB_WRITE_DELAYS`` the error propagates and
-        the sessions come back when their in-flight hold ends."""
+        while the database is unreachable or busy: the answer exists nowhere else, and a
+        PostgreSQL restart takes seconds. Bounded: after ``DB_WRITE_DELAYS`` the error
+        propagates and the sessions come back when their hold ends. An error that retrying
+        cannot fix (:func:`worker.db.is_transient`) propagates at once."""
         for delay in (*DB_WRITE_DELAYS, None):
             try:
                 with self.session_factory() as session:
                     result = work(session)
                     store.count_api_calls(session, self.outcomes)
-            except sa_exc.OperationalError as exc:
-                if delay is None:
+            except sa_exc.DBAPIError as exc:
+                if delay is None or not db.is_transient(exc):
                     raise
-                log.warning("database unreachable, retrying in %.2fs: %s", delay, exc.orig)
+                log.warning(
+                    "database unavailable, retrying in %.2fs: %s", delay, db.error_text(exc)
+                )
                 self.sleep(delay)
                 continue
             self.outcomes.clear()
@@ -317,16 +367,22 @@ class _PollRun:
             targets[0].account_id,
             error,
         )
-        self.write(
-            lambda session: store.record_failure(
-                session,
-                targets=targets,
-                error=error,
-                now=self.clock(),
-                policy=self.policy,
-                rng=self.rng,
+        try:
+            self.write(
+                lambda session: store.record_failure(
+                    session,
+                    targets=targets,
+                    error=error,
+                    now=self.clock(),
+                    policy=self.policy,
+                    rng=self.rng,
+                )
             )
-        )
+        except sa_exc.DBAPIError as exc:
+            if db.is_transient(exc):
+                raise
+            # The sessions keep their hold and come back when it ends.
+            log.error("could not record a failed poll: %s", db.error_text(exc))
         self.failed += len(targets)
 
 

@@ -8,7 +8,7 @@ from typing import Any, TextIO
 
 import sqlalchemy as sa
 
-from worker.db import session_scope
+from worker.db import read_scope
 from worker.errors import SessionNotFound
 from worker.models import receipts_table, sessions_table, stale_sessions_view
 
@@ -20,7 +20,7 @@ def session_status(session_no: str, *, account_id: int | None = None) -> dict[st
     query = sa.select(S).where(S.c.session_no == session_no)
     if account_id is not None:
         query = query.where(S.c.account_id == account_id)
-    with session_scope() as session:
+    with read_scope() as session:
         rows = list(session.execute(query).mappings())
         if not rows:
             raise SessionNotFound(f"session {session_no!r} is not tracked")
@@ -102,7 +102,7 @@ def stale_sessions() -> list[dict[str, Any]]:
     view = stale_sessions_view
     query = sa.select(view).order_by(view.c.kind, view.c.sent_at, view.c.session_no)
     rows = []
-    with session_scope() as session:
+    with read_scope() as session:
         for row in session.execute(query).mappings():
             item = dict(row)
             detail = item.pop("escalation_detail") or {}

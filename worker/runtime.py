@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import os
 import random
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import requests
 
 from worker.client import UspeedoClient
+from worker.clock import database_now
 from worker.config import Settings, get_settings
 from worker.db import session_scope
+from worker.workers import Heartbeat, new_worker_id
 
+_heartbeat: Heartbeat | None = None
 _client: UspeedoClient | None = None
 _client_pid: int | None = None
 _http: requests.Session | None = None
@@ -28,7 +31,8 @@ rng = random.Random()
 
 
 def utcnow() -> datetime:
-    return datetime.now(UTC)
+    """Now by the database's clock, which every worker shares (see worker/clock.py)."""
+    return database_now()
 
 
 def api_client() -> UspeedoClient:
@@ -65,6 +69,29 @@ def reset() -> None:
     """Forget the process's HTTP resources (in a child after fork, or when settings change)."""
     global _client, _client_pid, _http, _http_pid  # noqa: PLW0603
     _client = _client_pid = _http = _http_pid = None
+
+
+def start_heartbeat(settings: Settings) -> None:
+    """Make this process a known worker: its polls name it, and it beats every half tick so
+    that its holds are released soon after it dies (see worker/workers.py)."""
+    global _heartbeat  # noqa: PLW0603 - the per-process singleton
+    _heartbeat = Heartbeat(
+        worker_id=new_worker_id(), session_factory=session_scope, clock=utcnow, tick=settings.tick
+    )
+    _heartbeat.start()
+
+
+def stop_heartbeat() -> None:
+    global _heartbeat  # noqa: PLW0603
+    if _heartbeat is not None:
+        _heartbeat.stop()
+        _heartbeat = None
+
+
+def worker_id() -> str | None:
+    """This process's worker id while it heartbeats (None elsewhere: its polls then hold their
+    sessions for the whole in-flight window)."""
+    return _heartbeat.worker_id if _heartbeat is not None else None
 
 
 def poll_dependencies(settings: Settings) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import random
 import secrets
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -65,13 +65,20 @@ class PollTarget:
     id: int
     account_id: int
     session_no: str
-    phones: tuple[str, ...]
+    phones: tuple[str, ...]  # as tracked when the poll started; re-read when it is recorded
     sent_at: datetime
     polled_at: datetime
-    state: str = PENDING
+    # The claim token the poll started under, or None for an operator's repoll: only while the
+    # session still carries it does the answer decide the session's schedule.
+    token: str | None = None
+    # The worker process that holds the session while the poll is in flight (None: no
+    # heartbeating process, e.g. a test or an operator's command).
+    held_by: str | None = None
 
     @classmethod
-    def from_row(cls, row: Any, polled_at: datetime) -> PollTarget:
+    def from_row(
+        cls, row: Any, polled_at: datetime, *, token: str | None = None, held_by: str | None = None
+    ) -> PollTarget:
         return cls(
             id=row.id,
             account_id=row.account_id,
@@ -79,6 +86,8 @@ class PollTarget:
             phones=tuple(row.phones or ()),
             sent_at=row.sent_at,
             polled_at=polled_at,
+            token=token,
+            held_by=held_by,
         )
 
 
@@ -173,7 +182,13 @@ def _claim_statement(dialect: str) -> Any:
 
 
 def start_poll(
-    session: Session, *, claim: Claim, now: datetime, policy: PollPolicy, busy_until: datetime
+    session: Session,
+    *,
+    claim: Claim,
+    now: datetime,
+    policy: PollPolicy,
+    busy_until: datetime,
+    worker: str | None = None,
 ) -> list[PollTarget]:
     """Turn a claim into a poll about to be sent, for the sessions that may still be polled.
 
@@ -182,7 +197,9 @@ def start_poll(
     ours, the session pending, ``now`` inside ``[first poll, cutoff)`` and at least
     ``interval_min`` after the previous answer. Until the answer is recorded the session is
     held until ``busy_until`` (the longest a poll can be in flight, plus ``interval_min``), so
-    a slow poll is never overtaken by a second one and a crashed poll loses nothing.
+    a slow poll is never overtaken by a second one and a crashed poll loses nothing; ``worker``
+    names the process holding it, so that the hold ends sooner if that process dies. The
+    session keeps the claim token, which its answer must still find to reschedule it.
     """
     params = {
         "ids": list(claim.session_ids),
@@ -192,29 +209,42 @@ def start_poll(
         "answered_before": now - policy.interval_min,
         "now": now,
         "busy_until": busy_until,
+        "worker": worker,
     }
     rows = session.execute(_start_poll_statement(session.get_bind().dialect.name), params)
-    targets = [PollTarget.from_row(row, now) for row in rows]
+    targets = [PollTarget.from_row(row, now, token=claim.token, held_by=worker) for row in rows]
     targets.sort(key=lambda t: t.id)
     return targets
 
 
-@functools.cache
-def _start_poll_statement(dialect: str) -> Any:
-    """:func:`start_poll`'s statement, built once per dialect: its text never changes."""
+def _ids_param(dialect: str) -> Any:
+    """The id list of a statement built once: one array parameter on PostgreSQL rather than an
+    IN list of 100 parameters rendered per call."""
     if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import ARRAY
 
-        # One array parameter rather than an IN list of 100 parameters rendered per call.
-        in_claim = S.c.id == sa.any_(sa.bindparam("ids", type_=ARRAY(sa.BigInteger())))
-    else:
-        in_claim = S.c.id.in_(sa.bindparam("ids", expanding=True))
+        return sa.any_(sa.bindparam("ids", type_=ARRAY(sa.BigInteger())))
+    return None
+
+
+def _in_ids(dialect: str) -> sa.ColumnElement[bool]:
+    ids = _ids_param(dialect)
+    return S.c.id == ids if ids is not None else S.c.id.in_(sa.bindparam("ids", expanding=True))
+
+
+@functools.cache
+def _start_poll_statement(dialect: str) -> Any:
+    """:func:`start_poll`'s statement, built once per dialect: its text never changes.
+
+    The rows are locked in (account_id, session_no) order, as on every path that locks several
+    sessions, so that two transactions never wait on each other's rows in opposite orders.
+    """
     timestamp = S.c.updated_at.type
     now = sa.bindparam("now", type_=timestamp)
-    return (
-        sa.update(S)
+    startable = (
+        sa.select(S.c.id)
         .where(
-            in_claim,
+            _in_ids(dialect),
             S.c.claim_token == sa.bindparam("token", type_=sa.Text()),
             S.c.state == PENDING,
             S.c.sent_at > sa.bindparam("cutoff_sent_after", type_=timestamp),
@@ -224,11 +254,18 @@ def _start_poll_statement(dialect: str) -> Any:
                 S.c.last_polled_at <= sa.bindparam("answered_before", type_=timestamp),
             ),
         )
+        .order_by(S.c.account_id, S.c.session_no)
+    )
+    if dialect == "postgresql":
+        startable = startable.with_for_update()
+    return (
+        sa.update(S)
+        .where(S.c.id.in_(startable.scalar_subquery()))
         .values(
-            claim_token=None,
             last_polled_at=now,
             poll_count=S.c.poll_count + 1,
             next_poll_at=sa.bindparam("busy_until", type_=timestamp),
+            held_by=sa.bindparam("worker", type_=sa.Text()),
             updated_at=now,
         )
         .returning(S.c.id, S.c.account_id, S.c.session_no, S.c.phones, S.c.sent_at)
@@ -236,11 +273,17 @@ def _start_poll_statement(dialect: str) -> Any:
 
 
 def escalated_targets(
-    session: Session, session_nos: Sequence[str], *, account_id: int | None, now: datetime
+    session: Session,
+    session_nos: Sequence[str] = (),
+    *,
+    account_id: int | None,
+    now: datetime,
+    ids: Sequence[int] = (),
 ) -> list[PollTarget]:
-    """Escalated sessions among ``session_nos``, as targets of an operator's repoll."""
+    """Escalated sessions among ``session_nos`` (or among ``ids``), as targets of a repoll."""
     query = sa.select(S.c.id, S.c.account_id, S.c.session_no, S.c.phones, S.c.sent_at).where(
-        S.c.session_no.in_(list(session_nos)), S.c.state == ESCALATED
+        S.c.session_no.in_(list(session_nos)) if session_nos else S.c.id.in_(list(ids)),
+        S.c.state == ESCALATED,
     )
     if account_id is not None:
         query = query.where(S.c.account_id == account_id)
@@ -448,6 +491,95 @@ def _update_many(
     )
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Locked:
+    """A session as it stands when an answer is recorded, its row locked until the commit."""
+
+    phones: tuple[str, ...]
+    state: str
+    claim_token: str | None
+    held_by: str | None
+    next_poll_at: datetime | None
+    last_polled_at: datetime | None
+    resolved_at: datetime | None
+    last_error: str | None
+
+    def holds(self, target: PollTarget) -> bool:
+        """Whether ``target``'s poll still decides the session's schedule: its claim token is
+        still the session's (a poll that outlived its hold, or a session escalated meanwhile,
+        no longer is). An operator's repoll (no token) holds a session no poll holds."""
+        return self.claim_token == target.token
+
+
+def lock_sessions(session: Session, ids: Sequence[int]) -> dict[int, _Locked]:
+    """The sessions ``ids`` as they stand now, their rows locked until the commit, in
+    (account_id, session_no) order: the order every path that locks several sessions uses, so
+    that a bulk track and a recorded answer never deadlock. Deleted sessions are absent."""
+    if not ids:
+        return {}
+    dialect = session.get_bind().dialect.name
+    rows = session.execute(_lock_statement(dialect), {"ids": list(ids)})
+    return {
+        row.id: _Locked(
+            phones=tuple(row.phones or ()),
+            state=row.state,
+            claim_token=row.claim_token,
+            held_by=row.held_by,
+            next_poll_at=row.next_poll_at,
+            last_polled_at=row.last_polled_at,
+            resolved_at=row.resolved_at,
+            last_error=row.last_error,
+        )
+        for row in rows
+    }
+
+
+@functools.cache
+def _lock_statement(dialect: str) -> Any:
+    query = (
+        sa.select(
+            S.c.id,
+            S.c.phones,
+            S.c.state,
+            S.c.claim_token,
+            S.c.held_by,
+            S.c.next_poll_at,
+            S.c.last_polled_at,
+            S.c.resolved_at,
+            S.c.last_error,
+        )
+        .where(_in_ids(dialect))
+        .order_by(S.c.account_id, S.c.session_no)
+    )
+    # SQLite has no row locks: its units of work begin with the write lock (worker.db).
+    return query.with_for_update() if dialect == "postgresql" else query
+
+
+_SESSION_UPDATE_TYPES: dict[str, Any] = {
+    "id": sa.BigInteger(),
+    "state": sa.Text(),
+    "resolved_at": UTCDateTime(),
+    "next_poll_at": UTCDateTime(),
+    "last_polled_at": UTCDateTime(),
+    "last_error": sa.Text(),
+    "claim_token": sa.Text(),
+    "held_by": sa.Text(),
+}
+
+
+def _write_sessions(session: Session, rows: Sequence[Mapping[str, Any]], now: datetime) -> None:
+    """Set each locked session's columns to the values computed for it."""
+    _update_many(
+        session,
+        rows,
+        _SESSION_UPDATE_TYPES,
+        lambda row: {
+            **{name: row[name] for name in _SESSION_UPDATE_TYPES if name != "id"},
+            "updated_at": now,
+        },
+    )
+
+
 def record_answer(
     session: Session,
     *,
@@ -461,67 +593,78 @@ def record_answer(
     """Store an API answer received at ``now``: upsert receipts, resolve the sessions that now
     qualify, and reschedule the rest ``interval_min``…``interval_max`` after this answer.
 
-    A session escalated while its poll was in flight still gets its receipts, and becomes
-    resolved (keeping ``escalated_at``) if they settle it; it is not rescheduled.
+    The sessions are locked and read again first, so the decision uses the phones they have
+    now (a phone tracked while the poll was in flight keeps the session open) and only a poll
+    still holding a session reschedules it. Receipts are facts and are always stored; a
+    session the answer settles is resolved whoever holds it; one escalated while its poll was
+    in flight becomes resolved (keeping ``escalated_at``) if they settle it. A session deleted
+    meanwhile is skipped with its receipts.
     """
     if not targets:
         return PollOutcome(receipts_written=0, resolved=(), rescheduled=0)
     account_id = targets[0].account_id
-    rows = receipt_rows(targets, receipts)
+    current = lock_sessions(session, [t.id for t in targets])
+    live = [replace(t, phones=current[t.id].phones) for t in targets if t.id in current]
+    rows = receipt_rows(live, receipts)
     written = upsert_receipts(session, rows, account_id=account_id, now=now)
     answered = answered_results(rows)
     # Sessions the answer alone settles need no read-back (most of them, on a first poll).
     settled = {
         t.session_no
-        for t in targets
+        for t in live
         if settled_by_answer((phone_key(p) for p in t.phones), answered.get(t.session_no, {}))
     }
     stored = results_by_session(
-        session, account_id, [t.session_no for t in targets if t.session_no not in settled]
+        session, account_id, [t.session_no for t in live if t.session_no not in settled]
     )
-    resolved: list[dict[str, Any]] = []
+    updates: list[dict[str, Any]] = []
     resolved_nos: list[str] = []
-    rescheduled: list[dict[str, Any]] = []
-    for target in targets:
+    rescheduled = 0
+    for target in live:
+        locked = current[target.id]
         source = answered if target.session_no in settled else stored
-        results = source.get(target.session_no, {})
-        error = problems.get(target.session_no)
-        if is_resolved((phone_key(p) for p in target.phones), results):
-            resolved.append({"id": target.id, "error": error})
+        resolved = is_resolved(
+            (phone_key(p) for p in target.phones), source.get(target.session_no, {})
+        )
+        held = locked.holds(target)
+        if resolved:
             resolved_nos.append(target.session_no)
-        else:
-            next_at = policy.next_poll_at(target.sent_at, now, rng)
-            rescheduled.append({"id": target.id, "next_at": next_at, "error": error})
-    _update_many(
-        session,
-        resolved,
-        {"id": sa.BigInteger(), "error": sa.Text()},
-        lambda row: {
-            "state": sa.case((S.c.state != RESOLVED, RESOLVED), else_=S.c.state),
-            "resolved_at": sa.case((S.c.state != RESOLVED, now), else_=S.c.resolved_at),
-            "next_poll_at": None,
-            "last_polled_at": now,
-            "claim_token": None,
-            "last_error": row["error"],
-            "updated_at": now,
-        },
-    )
-    _update_many(
-        session,
-        rescheduled,
-        {"id": sa.BigInteger(), "next_at": UTCDateTime(), "error": sa.Text()},
-        lambda row: {
-            "next_poll_at": sa.case((S.c.state == PENDING, row["next_at"]), else_=S.c.next_poll_at),
-            "last_polled_at": now,
-            "last_error": row["error"],
-            "updated_at": now,
-        },
-    )
+        if not (held or resolved or (target.held_by and locked.held_by == target.held_by)):
+            continue  # another poll decides this session's schedule
+        next_poll_at = locked.next_poll_at
+        if resolved:
+            next_poll_at = None
+        elif held and locked.state == PENDING:
+            next_poll_at = policy.next_poll_at(target.sent_at, now, rng)
+            rescheduled += 1
+        updates.append(
+            {
+                "id": target.id,
+                "state": RESOLVED if resolved else locked.state,
+                "resolved_at": (
+                    now if resolved and locked.state != RESOLVED else locked.resolved_at
+                ),
+                "next_poll_at": next_poll_at,
+                "last_polled_at": now if held else locked.last_polled_at,
+                "last_error": problems.get(target.session_no) if held else locked.last_error,
+                "claim_token": None if held or resolved else locked.claim_token,
+                # This poll is over; another process's hold stays, unless nothing is left to
+                # poll.
+                "held_by": None if held or resolved else _held_after(locked, target),
+            }
+        )
+    _write_sessions(session, updates, now)
     return PollOutcome(
         receipts_written=written,
         resolved=tuple(resolved_nos),
-        rescheduled=len(rescheduled),
+        rescheduled=rescheduled,
     )
+
+
+def _held_after(locked: _Locked, target: PollTarget) -> str | None:
+    """Who holds a session after ``target``'s poll, which no longer decides its schedule,
+    ended: nobody if it was this poll's process (its answer is in), else the holder."""
+    return None if locked.held_by == target.held_by else locked.held_by
 
 
 def record_failure(
@@ -534,19 +677,34 @@ def record_failure(
     rng: random.Random,
 ) -> None:
     """A poll that got no usable answer by ``now``: keep the error, try again in the normal
-    window after ``now`` (a failed attempt may still have reached the API)."""
-    updates = [{"id": t.id, "next_at": policy.next_poll_at(t.sent_at, now, rng)} for t in targets]
-    _update_many(
-        session,
-        updates,
-        {"id": sa.BigInteger(), "next_at": UTCDateTime()},
-        lambda row: {
-            "next_poll_at": sa.case((S.c.state == PENDING, row["next_at"]), else_=S.c.next_poll_at),
-            "last_polled_at": now,
-            "last_error": error,
-            "updated_at": now,
-        },
-    )
+    window after ``now`` (a failed attempt may still have reached the API). Only the sessions
+    this poll still holds are touched."""
+    current = lock_sessions(session, [t.id for t in targets])
+    updates: list[dict[str, Any]] = []
+    for target in targets:
+        locked = current.get(target.id)
+        if locked is None:
+            continue
+        held = locked.holds(target)
+        if not held and not (target.held_by and locked.held_by == target.held_by):
+            continue
+        updates.append(
+            {
+                "id": target.id,
+                "state": locked.state,
+                "resolved_at": locked.resolved_at,
+                "next_poll_at": (
+                    policy.next_poll_at(target.sent_at, now, rng)
+                    if held and locked.state == PENDING
+                    else locked.next_poll_at
+                ),
+                "last_polled_at": now if held else locked.last_polled_at,
+                "last_error": error if held else locked.last_error,
+                "claim_token": None if held else locked.claim_token,
+                "held_by": None if held else _held_after(locked, target),
+            }
+        )
+    _write_sessions(session, updates, now)
 
 
 # --- escalation -------------------------------------------------------------------------

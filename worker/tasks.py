@@ -34,6 +34,7 @@ def tick() -> dict[str, int]:
         max_sessions=settings.max_claim_per_tick,
         show_phones=settings.log_phones,
         outbox=settings.escalation_webhook_url is not None,
+        reconcile=_dispatch_reconcile,
     )
     if report.webhooks_due:
         # Delivery runs as its own task so that a slow receiver never delays the clock.
@@ -83,12 +84,17 @@ def poll(account_id: Any, session_ids: Any, token: Any) -> dict[str, int]:
     claim = _parse_claim(account_id, session_ids, token)
     settings = get_settings()
     report = poller.poll(
-        claim, **runtime.poll_dependencies(settings), in_flight=settings.poll_in_flight
+        claim,
+        **runtime.poll_dependencies(settings),
+        in_flight=settings.poll_in_flight,
+        worker=runtime.worker_id(),
     )
     return {"polled": report.polled, "resolved": report.resolved, "failed": report.failed}
 
 
-def _parse_claim(account_id: Any, session_ids: Any, token: Any) -> Claim:
+def _parse_claim(
+    account_id: Any, session_ids: Any, token: Any, task: str = "receipts.poll"
+) -> Claim:
     """A malformed message cannot be fixed by retrying: reject it (its sessions fall due again
     when the claim's lease ends)."""
     if (
@@ -99,9 +105,29 @@ def _parse_claim(account_id: Any, session_ids: Any, token: Any) -> Claim:
         or not isinstance(token, str)
         or not token
     ):
-        log.error("rejected a malformed receipts.poll message (account_id=%r)", account_id)
-        raise Reject("malformed receipts.poll arguments", requeue=False)
+        log.error("rejected a malformed %s message (account_id=%r)", task, account_id)
+        raise Reject(f"malformed {task} arguments", requeue=False)
     return Claim(account_id=account_id, token=token, session_ids=tuple(session_ids))
+
+
+def _dispatch_reconcile(account_id: int, session_ids: list[int]) -> None:
+    reconcile.apply_async(kwargs={"account_id": account_id, "session_ids": session_ids})
+
+
+@app.task(name="receipts.reconcile", ignore_result=True)
+def reconcile(account_id: Any, session_ids: Any) -> dict[str, int]:
+    """One poll of escalated sessions whose last poll was lost with its worker process: the
+    answer that poll would have recorded may settle them (they then resolve late)."""
+    claim = _parse_claim(account_id, session_ids, "reconcile", task="receipts.reconcile")
+    settings = get_settings()
+    report = poller.repoll_escalated(
+        (),
+        account_id=claim.account_id,
+        ids=claim.session_ids,
+        batch_size=settings.batch_size,
+        **runtime.poll_dependencies(settings),
+    )
+    return {"polled": report.polled, "resolved": report.resolved, "failed": report.failed}
 
 
 @app.task(name="receipts.track", ignore_result=True, reject_on_worker_lost=True)

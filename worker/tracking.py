@@ -245,7 +245,9 @@ def track_requests(
     result = TrackResult()
     merged = _merge(requests)
     table = sessions_table
-    items = list(merged.values())
+    # Sorted, so that every chunk takes its locks (new rows' unique index entries included) in
+    # the global (account_id, session_no) order.
+    items = [merged[key] for key in sorted(merged)]
     is_pg = session.get_bind().dialect.name == "postgresql"
     chunk_size = PG_CHUNK if is_pg else CHUNK
     for start in range(0, len(items), chunk_size):
@@ -383,6 +385,9 @@ def _merge_existing(
             table.c.state,
         )
         .where(sa.tuple_(table.c.account_id, table.c.session_no).in_(list(wanted)))
+        # The global lock order (see worker.store.lock_sessions): a bulk re-track and a
+        # recorded answer never wait on each other's rows in opposite orders.
+        .order_by(table.c.account_id, table.c.session_no)
         .with_for_update()
     )
     updates: list[dict[str, Any]] = []
