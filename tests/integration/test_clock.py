@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import Configure
+from tests.support.databases import Configure
 from worker import clock, db
 
 SKEW = timedelta(minutes=2)

@@ -8,128 +8,61 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
-from typing import Any
+from datetime import datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
 
+from tests.support.clock import IN_FLIGHT, LEASE, POLICY, T0
+from tests.support.factories import (
+    P1,
+    P2,
+    P3,
+    answer,
+    receipt,
+    started,
+    stored_receipts,
+    stored_sessions,
+    track,
+)
 from worker import db, poller, store, workers
 from worker.domain import Result
-from worker.models import receipts_table, sessions_table
+from worker.models import sessions_table
 from worker.receipts import Receipt, ReceiptBatch
-from worker.schedule import PollPolicy
-from worker.tracking import parse_requests, track_requests
 
-# A fixed instant: these tests compare nothing with the database's clock.
-T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
-POLICY = PollPolicy(
-    first_delay=timedelta(minutes=5),
-    interval_min=timedelta(minutes=5),
-    interval_max=timedelta(minutes=10),
-    cutoff=timedelta(hours=12),
-)
-LEASE = timedelta(minutes=5)
-IN_FLIGHT = timedelta(minutes=7)
 POLLED = T0 + POLICY.first_delay
-P1, P2, P3 = "(852)55311111", "(852)55311112", "(852)55311113"
-
-
-def _track(*rows: dict[str, Any], now: datetime = T0) -> None:
-    requests = parse_requests([{"sent_at": T0, **row} for row in rows], now=now)
-    with db.session_scope() as session:
-        track_requests(session, requests, policy=POLICY, now=now)
-
-
-def _start(account_id: int, now: datetime, worker: str | None = None) -> list[store.PollTarget]:
-    with db.session_scope() as session:
-        claim = store.claim_batch(
-            session,
-            account_id=account_id,
-            now=now,
-            policy=POLICY,
-            lease_until=now + LEASE,
-            limit=100,
-        )
-    assert claim is not None
-    with db.session_scope() as session:
-        return store.start_poll(
-            session,
-            claim=claim,
-            now=now,
-            policy=POLICY,
-            busy_until=now + IN_FLIGHT,
-            worker=worker,
-        )
-
-
-def _receipt(session_no: str, phone: str, result: Result, at: datetime) -> Receipt:
-    return Receipt(
-        session_no=session_no,
-        phone=phone,
-        result=result,
-        receipt_code="c",
-        receipt_desc="d",
-        receipt_time=at,
-        cost_count=1,
-        user_id=None,
-        country_code=None,
-    )
-
-
-def _answer(
-    targets: Sequence[store.PollTarget], receipts: list[Receipt], now: datetime
-) -> store.PollOutcome:
-    with db.session_scope() as session:
-        return store.record_answer(
-            session,
-            targets=targets,
-            receipts=receipts,
-            problems={},
-            now=now,
-            policy=POLICY,
-            rng=random.Random(1),
-        )
-
-
-def _sessions() -> dict[str, dict[str, Any]]:
-    with db.session_scope() as session:
-        rows = session.execute(sa.select(sessions_table)).mappings()
-        return {row["session_no"]: dict(row) for row in rows}
 
 
 def _results() -> dict[tuple[str, str], str]:
-    with db.session_scope() as session:
-        rows = session.execute(sa.select(receipts_table)).mappings()
-        return {(row["session_no"], row["phone"]): row["result"] for row in rows}
+    return {key: row["result"] for key, row in stored_receipts().items()}
 
 
 @pytest.mark.usefixtures("database")
 def test_a_phone_tracked_while_its_poll_is_in_flight_keeps_the_session_open() -> None:
-    _track({"account_id": 1, "session_no": "S", "phones": [P1, P2]})
-    targets = _start(1, POLLED)
+    track({"account_id": 1, "session_no": "S", "phones": [P1, P2]})
+    targets = started(1, POLLED)
     assert [t.phones for t in targets] == [(P1, P2)]
     # The sender tracks a third phone while the API is being asked about the first two.
-    _track({"account_id": 1, "session_no": "S", "phones": [P3]}, now=POLLED)
+    track({"account_id": 1, "session_no": "S", "phones": [P3]}, now=POLLED)
 
-    outcome = _answer(
+    outcome = answer(
         targets,
-        [_receipt("S", P1, Result.SUCCESS, POLLED), _receipt("S", P2, Result.SUCCESS, POLLED)],
+        [receipt("S", P1, Result.SUCCESS, POLLED), receipt("S", P2, Result.SUCCESS, POLLED)],
         POLLED + timedelta(seconds=2),
     )
 
     assert outcome.resolved == ()
-    row = _sessions()["S"]
+    row = stored_sessions()["S"]
     assert row["state"] == "pending", "the third phone has no receipt yet"
     assert row["phones"] == [P1, P2, P3]
     assert row["next_poll_at"] >= POLLED + timedelta(seconds=2) + POLICY.interval_min
     assert row["claim_token"] is None and row["held_by"] is None
     # The next poll reports the third phone, and only then is the session resolved.
     later = row["next_poll_at"]
-    targets = _start(1, later)
+    targets = started(1, later)
     assert [t.phones for t in targets] == [(P1, P2, P3)]
-    assert _answer(targets, [_receipt("S", P3, Result.FAIL, later)], later).resolved == ("S",)
-    assert _sessions()["S"]["state"] == "resolved"
+    assert answer(targets, [receipt("S", P3, Result.FAIL, later)], later).resolved == ("S",)
+    assert stored_sessions()["S"]["state"] == "resolved"
 
 
 @pytest.mark.usefixtures("database")
@@ -137,54 +70,54 @@ def test_an_answer_that_outlived_its_hold_stores_receipts_but_not_the_schedule()
     """A poll slower than its hold: the session was claimed and polled again meanwhile. The
     late answer's receipts are stored (the guard keeps the newest), but the schedule, the
     error and the hold belong to the poll that holds the session now."""
-    _track({"account_id": 1, "session_no": "S", "phones": [P1, P2]})
-    slow = _start(1, POLLED, worker="w1")
+    track({"account_id": 1, "session_no": "S", "phones": [P1, P2]})
+    slow = started(1, POLLED, worker="w1")
     overtaking_at = POLLED + IN_FLIGHT
-    fresh = _start(1, overtaking_at, worker="w2")
+    fresh = started(1, overtaking_at, worker="w2")
     assert [t.token for t in fresh] != [t.token for t in slow]
-    before = _sessions()["S"]
+    before = stored_sessions()["S"]
     assert before["held_by"] == "w2"
 
-    outcome = _answer(slow, [_receipt("S", P1, Result.UNKNOW, POLLED)], overtaking_at)
+    outcome = answer(slow, [receipt("S", P1, Result.UNKNOW, POLLED)], overtaking_at)
 
     assert outcome.receipts_written == 1 and outcome.rescheduled == 0
     assert _results() == {("S", P1): "Unknow"}
-    after = _sessions()["S"]
+    after = stored_sessions()["S"]
     for column in ("next_poll_at", "last_polled_at", "claim_token", "held_by", "last_error"):
         assert after[column] == before[column], column
     # The poll holding it decides.
-    outcome = _answer(fresh, [_receipt("S", P1, Result.UNKNOW, POLLED)], overtaking_at)
+    outcome = answer(fresh, [receipt("S", P1, Result.UNKNOW, POLLED)], overtaking_at)
     assert outcome.rescheduled == 1
-    row = _sessions()["S"]
+    row = stored_sessions()["S"]
     assert row["claim_token"] is None and row["held_by"] is None
     assert row["next_poll_at"] >= overtaking_at + POLICY.interval_min
 
 
 @pytest.mark.usefixtures("database")
 def test_an_answer_that_settles_a_session_resolves_it_even_after_its_hold_ended() -> None:
-    _track({"account_id": 1, "session_no": "S", "phones": [P1]})
-    slow = _start(1, POLLED, worker="w1")
-    _start(1, POLLED + IN_FLIGHT, worker="w2")
-    outcome = _answer(slow, [_receipt("S", P1, Result.SUCCESS, POLLED)], POLLED + IN_FLIGHT)
+    track({"account_id": 1, "session_no": "S", "phones": [P1]})
+    slow = started(1, POLLED, worker="w1")
+    started(1, POLLED + IN_FLIGHT, worker="w2")
+    outcome = answer(slow, [receipt("S", P1, Result.SUCCESS, POLLED)], POLLED + IN_FLIGHT)
     assert outcome.resolved == ("S",)
-    row = _sessions()["S"]
+    row = stored_sessions()["S"]
     assert row["state"] == "resolved" and row["next_poll_at"] is None
     assert row["claim_token"] is None and row["held_by"] is None
 
 
 @pytest.mark.usefixtures("database")
 def test_a_session_deleted_while_its_poll_is_in_flight_costs_its_neighbours_nothing() -> None:
-    _track(*({"account_id": 1, "session_no": f"S{i}", "phones": [P1]} for i in range(5)))
-    targets = _start(1, POLLED)
+    track(*({"account_id": 1, "session_no": f"S{i}", "phones": [P1]} for i in range(5)))
+    targets = started(1, POLLED)
     with db.session_scope() as session:
         session.execute(sa.delete(sessions_table).where(sessions_table.c.session_no == "S2"))
 
-    outcome = _answer(
-        targets, [_receipt(f"S{i}", P1, Result.SUCCESS, POLLED) for i in range(5)], POLLED
+    outcome = answer(
+        targets, [receipt(f"S{i}", P1, Result.SUCCESS, POLLED) for i in range(5)], POLLED
     )
 
     assert sorted(outcome.resolved) == ["S0", "S1", "S3", "S4"]
-    assert sorted(_sessions()) == ["S0", "S1", "S3", "S4"]
+    assert sorted(stored_sessions()) == ["S0", "S1", "S3", "S4"]
     assert sorted(_results()) == [(f"S{i}", P1) for i in (0, 1, 3, 4)]
 
 
@@ -216,8 +149,8 @@ class _Refused:
 
 @pytest.mark.usefixtures("database")
 def test_a_receipt_the_database_refuses_is_isolated_and_the_others_are_stored() -> None:
-    _track(*({"account_id": 1, "session_no": f"S{i:02d}", "phones": [P1]} for i in range(10)))
-    receipts = [_receipt(f"S{i:02d}", P1, Result.SUCCESS, POLLED) for i in range(10)]
+    track(*({"account_id": 1, "session_no": f"S{i:02d}", "phones": [P1]} for i in range(10)))
+    receipts = [receipt(f"S{i:02d}", P1, Result.SUCCESS, POLLED) for i in range(10)]
     bad = receipts[6]
     receipts[6] = Receipt(**{**{f: getattr(bad, f) for f in bad.__slots__}, "result": _Refused()})  # type: ignore[arg-type]
     with db.session_scope() as session:
@@ -242,7 +175,7 @@ def test_a_receipt_the_database_refuses_is_isolated_and_the_others_are_stored() 
     assert sleeps == []
     assert report.api_calls == 1, "the database's refusal costs no API call"
     assert report.resolved == 9 and report.failed == 1
-    sessions = _sessions()
+    sessions = stored_sessions()
     assert sessions["S06"]["state"] == "pending"
     assert "the database refused this session's receipts" in sessions["S06"]["last_error"]
     error = sessions["S06"]["last_error"]
@@ -260,7 +193,7 @@ def test_a_bulk_retrack_racing_recorded_answers_never_deadlocks() -> None:
     in a shuffled order, and answers recorded for claimed batches. Locks are taken in one
     global order on both, so PostgreSQL never has to break a deadlock."""
     count = 300
-    _track(*({"account_id": 1, "session_no": f"S{i:03d}", "phones": [P1]} for i in range(count)))
+    track(*({"account_id": 1, "session_no": f"S{i:03d}", "phones": [P1]} for i in range(count)))
     errors: list[BaseException] = []
     start = threading.Barrier(2)
 
@@ -278,11 +211,11 @@ def test_a_bulk_retrack_racing_recorded_answers_never_deadlocks() -> None:
             ]
             rng.shuffle(rows)
             try:
-                _track(*rows, now=POLLED)
+                track(*rows, now=POLLED)
             except Exception as exc:
                 errors.append(exc)
 
-    def answer() -> None:
+    def record_answers() -> None:
         start.wait()
         for round_ in range(8):
             now = POLLED + round_ * (POLICY.interval_max + IN_FLIGHT)
@@ -311,13 +244,13 @@ def test_a_bulk_retrack_racing_recorded_answers_never_deadlocks() -> None:
                         )
                     # The answer lists the sessions in the opposite order to the track.
                     receipts = [
-                        _receipt(t.session_no, P1, Result.SUCCESS, now) for t in reversed(targets)
+                        receipt(t.session_no, P1, Result.SUCCESS, now) for t in reversed(targets)
                     ]
-                    _answer(targets, receipts, now)
+                    answer(targets, receipts, now)
             except Exception as exc:
                 errors.append(exc)
 
-    threads = [threading.Thread(target=retrack), threading.Thread(target=answer)]
+    threads = [threading.Thread(target=retrack), threading.Thread(target=record_answers)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -343,25 +276,25 @@ def _release(now: datetime) -> workers.Released:
 
 @pytest.mark.usefixtures("database")
 def test_the_polls_of_a_worker_that_stopped_heartbeating_are_released_within_two_ticks() -> None:
-    _track(
+    track(
         {"account_id": 1, "session_no": "DEAD", "phones": [P1]},
         {"account_id": 2, "session_no": "ALIVE", "phones": [P1]},
     )
     dead, alive = "host:1:aaaa", "host:2:bbbb"
     _beat(dead, POLLED)
     _beat(alive, POLLED)
-    _start(1, POLLED, worker=dead)
-    _start(2, POLLED, worker=alive)
+    started(1, POLLED, worker=dead)
+    started(2, POLLED, worker=alive)
     # Two ticks later the dead one is still within its grace; the live one beat again.
     _beat(alive, POLLED + 2 * TICK)
     nothing = _release(POLLED + 2 * TICK)
     assert nothing == workers.Released(workers=(), pending=0, reconcile={})
-    assert _sessions()["DEAD"]["held_by"] == dead
+    assert stored_sessions()["DEAD"]["held_by"] == dead
 
     released = _release(POLLED + 2 * TICK + timedelta(seconds=1))
 
     assert released.workers == (dead,) and released.pending == 1 and released.reconcile == {}
-    sessions = _sessions()
+    sessions = stored_sessions()
     row = sessions["DEAD"]
     assert row["held_by"] is None and row["claim_token"] is None and row["state"] == "pending"
     # Due again at once, but never within interval_min of the lost poll's start.
@@ -371,17 +304,17 @@ def test_the_polls_of_a_worker_that_stopped_heartbeating_are_released_within_two
     # Released once: a second tick at the same time finds nothing more.
     assert _release(POLLED + 2 * TICK + timedelta(seconds=1)).pending == 0
     # The released session is claimed and polled again as soon as the rule allows.
-    assert _start(1, POLLED + POLICY.interval_min)[0].session_no == "DEAD"
+    assert started(1, POLLED + POLICY.interval_min)[0].session_no == "DEAD"
 
 
 @pytest.mark.usefixtures("database")
 def test_a_session_escalated_while_its_poll_was_lost_is_reconciled_once() -> None:
-    _track({"account_id": 3, "session_no": "LOST", "phones": [P1]})
+    track({"account_id": 3, "session_no": "LOST", "phones": [P1]})
     lost_at = T0 + POLICY.cutoff - timedelta(seconds=10)
     with db.session_scope() as session:
         session.execute(sa.update(sessions_table).values(next_poll_at=lost_at))
     _beat("host:3:cccc", lost_at)
-    (target,) = _start(3, lost_at, worker="host:3:cccc")
+    (target,) = started(3, lost_at, worker="host:3:cccc")
     with db.session_scope() as session:
         assert [
             e.session_no for e in store.escalate_due(session, now=T0 + POLICY.cutoff, policy=POLICY)
@@ -390,10 +323,10 @@ def test_a_session_escalated_while_its_poll_was_lost_is_reconciled_once() -> Non
     released = _release(lost_at + 3 * TICK)
 
     assert released.reconcile == {3: [target.id]}
-    assert _sessions()["LOST"]["held_by"] is None
+    assert stored_sessions()["LOST"]["held_by"] is None
     assert _release(lost_at + 4 * TICK).reconcile == {}, "once"
     # The reconciliation poll records a late receipt: resolved, keeping escalated_at.
-    client = _Answering([_receipt("LOST", P1, Result.SUCCESS, lost_at)])
+    client = _Answering([receipt("LOST", P1, Result.SUCCESS, lost_at)])
     report = poller.repoll_escalated(
         (),
         account_id=3,
@@ -406,13 +339,13 @@ def test_a_session_escalated_while_its_poll_was_lost_is_reconciled_once() -> Non
         budget=timedelta(seconds=60),
     )
     assert report.resolved == 1 and client.calls == [["LOST"]]
-    row = _sessions()["LOST"]
+    row = stored_sessions()["LOST"]
     assert row["state"] == "resolved" and row["escalated_at"] == T0 + POLICY.cutoff
 
 
 @pytest.mark.usefixtures("database")
 def test_an_answer_that_comes_back_clears_its_own_hold_only() -> None:
-    _track({"account_id": 1, "session_no": "S", "phones": [P1]})
-    targets = _start(1, POLLED, worker="host:1:aaaa")
-    _answer(targets, [_receipt("S", P1, Result.UNKNOW, POLLED)], POLLED)
-    assert _sessions()["S"]["held_by"] is None
+    track({"account_id": 1, "session_no": "S", "phones": [P1]})
+    targets = started(1, POLLED, worker="host:1:aaaa")
+    answer(targets, [receipt("S", P1, Result.UNKNOW, POLLED)], POLLED)
+    assert stored_sessions()["S"]["held_by"] is None

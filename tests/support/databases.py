@@ -30,6 +30,7 @@ TABLES = (
     "escalation_outbox",
     "receipts_heartbeats",
     "api_call_counts",
+    "receipts_workers",
 )
 
 

@@ -64,6 +64,7 @@ def start(
     now: datetime,
     *,
     policy: PollPolicy = POLICY,
+    worker: str | None = None,
 ) -> list[store.PollTarget]:
     with db.session_scope() as session:
         return store.start_poll(
@@ -72,6 +73,7 @@ def start(
             now=now,
             policy=policy,
             busy_until=now + IN_FLIGHT,
+            worker=worker,
         )
 
 
@@ -95,6 +97,16 @@ def answer(
         )
 
 
+def started(
+    account_id: int, now: datetime, *, policy: PollPolicy = POLICY, worker: str | None = None
+) -> list[store.PollTarget]:
+    """Claim the account's due sessions at ``now`` and start their poll (by ``worker``)."""
+    claimed = claim_due(account_id, now, policy=policy)
+    if claimed is None:
+        raise AssertionError(f"nothing of account {account_id} is due at {now}")
+    return start(claimed, now, policy=policy, worker=worker)
+
+
 def poll(
     account_id: int,
     receipts: Sequence[Receipt],
@@ -102,10 +114,7 @@ def poll(
     policy: PollPolicy = POLICY,
 ) -> store.PollOutcome:
     """One whole poll of the account's due sessions at ``now``, answered with ``receipts``."""
-    claimed = claim_due(account_id, now, policy=policy)
-    if claimed is None:
-        raise AssertionError(f"nothing of account {account_id} is due at {now}")
-    return answer(start(claimed, now, policy=policy), receipts, now, policy=policy)
+    return answer(started(account_id, now, policy=policy), receipts, now, policy=policy)
 
 
 def escalate(now: datetime, policy: PollPolicy = POLICY) -> list[store.Escalation]:
