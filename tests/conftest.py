@@ -10,6 +10,7 @@ neither restarted nor flushed.
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import sqlalchemy as sa
 
 from tests.support import redis_db
 from tests.support.databases import FAST_TIMINGS, Configure, pg_url, truncate
+from tests.support.servers import PrivateRedis
 from tests.support.shared import PG_ADMIN_URL, REDIS_SERVER_URL, REDIS_URL_GIVEN
 from worker import db
 from worker.config import get_settings
@@ -113,6 +115,18 @@ def redis_url(redis_claim: redis_db.Claim) -> Iterator[str]:
     redis_claim.empty()
     yield redis_claim.url
     redis_claim.empty()
+
+
+@pytest.fixture
+def broker(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A Redis server of this test's own (tests/support/servers.py), so that no other run's
+    workers take this test's tasks nor its beats tick this test's worker. Falls back to this
+    run's db of the shared server when no redis-server binary is installed."""
+    if shutil.which("redis-server") is None:
+        yield request.getfixturevalue("redis_url")
+        return
+    with PrivateRedis() as server:
+        yield server.url()
 
 
 @pytest.fixture

@@ -139,6 +139,12 @@ class UspeedoClient:
         if self._owns_session:
             self._session.close()
 
+    def deadline_in(self, seconds: float) -> float:
+        """The ``deadline`` argument for "``seconds`` from now" by this client's own clock
+        (the host's, which signs X-Timestamp): a caller's deadline comes from the database's
+        clock, and a host whose clock is off must not take it as already passed."""
+        return self._clock() + seconds
+
     # -- public calls ------------------------------------------------------------------------
 
     def call(

@@ -282,7 +282,7 @@ class _PollRun:
             batch = self.client.get_send_receipts(
                 targets[0].account_id,
                 [t.session_no for t in targets],
-                deadline=deadline.timestamp(),
+                deadline=self.client.deadline_in((deadline - self.clock()).total_seconds()),
             )
         except UspeedoError as exc:
             self.outcomes[call_outcome(exc)] += 1

@@ -5,7 +5,6 @@ first, or up), and a stopped beat shows in the stale view within two ticks."""
 from __future__ import annotations
 
 import itertools
-import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -21,7 +20,6 @@ from tests.support.databases import Configure
 from tests.support.factories import queued_webhooks, stored_sessions
 from tests.support.processes import processes, wait_for
 from tests.support.receiver import SECRET, Hit, Receiver, expected_signature
-from tests.support.servers import PrivateRedis
 from tests.support.views import clock_stopped, tick_heartbeat
 from worker import db, track_many
 from worker.models import sessions_table
@@ -42,18 +40,6 @@ PROCESS_TIMINGS = {
     "RECEIPTS_POLL_BUDGET": "2",
     "RECEIPTS_WEBHOOK_TIMEOUT": "1",
 }
-
-
-@pytest.fixture
-def broker(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A Redis server of this test's own (tests/support/servers.py), so that no other run's
-    workers take this test's tasks nor its beats tick this test's worker. Falls back to this
-    run's db of the shared server when no redis-server binary is installed."""
-    if shutil.which("redis-server") is None:
-        yield request.getfixturevalue("redis_url")
-        return
-    with PrivateRedis() as server:
-        yield server.url()
 
 
 def _process_env(pg: str, broker: str, api_url: str, **extra: str) -> dict[str, str]:

@@ -128,6 +128,9 @@ class _Answering:
         self.receipts = receipts
         self.calls: list[list[str]] = []
 
+    def deadline_in(self, seconds: float) -> float:
+        return seconds
+
     def get_send_receipts(
         self, account_id: int, session_nos: Sequence[str], *, deadline: float | None = None
     ) -> ReceiptBatch:

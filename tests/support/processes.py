@@ -27,11 +27,14 @@ class Processes:
         self.folder = folder
         self.running: list[tuple[str, subprocess.Popen[bytes]]] = []
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, *args: str, env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start ``receipts <args>`` as ``name``; ``env`` adds to the group's environment."""
         with (self.folder / f"{name}.log").open("ab") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "worker.cli", *args],
-                env=self.env,
+                env={**self.env, **(env or {})},
                 cwd=self.folder,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -40,13 +43,19 @@ class Processes:
         self.running.append((name, process))
         return process
 
-    def worker(self, name: str = "worker", concurrency: int = 2) -> subprocess.Popen[bytes]:
+    def worker(
+        self, name: str = "worker", concurrency: int = 2, env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         return self.start(
-            name, "worker", "--concurrency", str(concurrency), "--hostname", f"{name}@%h"
+            name, "worker", "--concurrency", str(concurrency), "--hostname", f"{name}@%h", env=env
         )
 
-    def beat(self, name: str = "beat") -> subprocess.Popen[bytes]:
-        return self.start(name, "beat", "--schedule", str(self.folder / f"{name}-schedule"))
+    def beat(
+        self, name: str = "beat", env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        return self.start(
+            name, "beat", "--schedule", str(self.folder / f"{name}-schedule"), env=env
+        )
 
     def stop(
         self, process: subprocess.Popen[bytes], *, kill: bool = False, timeout: float = 15
