@@ -71,10 +71,10 @@ def tick(
     outbox: bool = False,
     reconcile: Callable[[int, list[int]], None] | None = None,
 ) -> TickReport:
-    """Record the heartbeat, release the polls of worker processes that stopped heartbeating
-    (handing escalated sessions whose last poll was lost to ``reconcile``), escalate what
-    passed its cutoff (queuing webhooks with ``outbox``), then claim due sessions in batches
-    of at most ``batch_size`` of one account and hand each batch to ``dispatch``.
+    """Record the heartbeat, release the polls of worker processes that stopped heartbeating,
+    escalate what passed its cutoff (queuing webhooks with ``outbox``), hand the sessions whose
+    cutoff passed while their poll was lost to ``reconcile``, then claim due sessions in
+    batches of at most ``batch_size`` of one account and hand each batch to ``dispatch``.
 
     Each claim commits on its own before it is dispatched, so a poll task never runs ahead
     of the claim it carries, and transactions stay short.
@@ -93,9 +93,6 @@ def tick(
             released.pending,
             sum(len(ids) for ids in released.reconcile.values()),
         )
-    if reconcile is not None:
-        for account_id, ids in released.reconcile.items():
-            reconcile(account_id, ids)
     escalated = 0
     while True:
         with session_factory() as session:
@@ -108,6 +105,12 @@ def tick(
         escalated += len(escalations)
         if len(escalations) < store.ESCALATION_BATCH:
             break
+
+    # After the escalations: a session whose cutoff passed while its poll was lost is escalated
+    # by now, and its reconciliation poll is a repoll of an escalated session.
+    if reconcile is not None:
+        for account_id, ids in released.reconcile.items():
+            reconcile(account_id, ids)
 
     now = clock()
     with session_factory() as session:

@@ -7,8 +7,8 @@ them that long, and a session near its cutoff would be escalated although its an
 waiting at the API. So every process that polls beats every half tick, and a tick that finds
 one silent for two ticks releases its holds at once (as procrastinate does for stalled jobs):
 a pending session falls due again, never sooner than ``interval_min`` after the lost poll
-started (that poll may have reached the API); an escalated one, escalated while its last poll
-was lost, gets one reconciliation poll.
+started (that poll may have reached the API); one whose cutoff passed while its last poll was
+lost (escalated already, or by the same tick) gets one reconciliation poll.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def release_dead(
         )
     )
     query = (
-        sa.select(S.c.id, S.c.account_id, S.c.state, S.c.last_polled_at)
+        sa.select(S.c.id, S.c.account_id, S.c.state, S.c.sent_at, S.c.last_polled_at)
         .where(S.c.held_by.is_not(None), S.c.held_by.not_in(sa.select(W.c.id)))
         .order_by(S.c.account_id, S.c.session_no)  # the global lock order (store.lock_sessions)
     )
@@ -111,6 +111,10 @@ def release_dead(
             earliest = (row.last_polled_at or now) + policy.interval_min
             update.update(b_due=max(now, earliest), b_release=True)
             pending += 1
+            if row.sent_at <= now - policy.cutoff:
+                # Its cutoff passed while its poll was lost (no tick ran to escalate it): the
+                # tick escalates it next, and it is owed the same reconciliation.
+                reconcile[row.account_id].append(row.id)
         elif row.state == SessionState.ESCALATED.value:
             reconcile[row.account_id].append(row.id)
         released.append(update)
