@@ -52,6 +52,7 @@ def api_client() -> UspeedoClient:
             connect_timeout=settings.api_connect_timeout.total_seconds(),
             read_timeout=settings.api_read_timeout.total_seconds(),
             max_attempts=settings.api_max_attempts,
+            max_answer_bytes=settings.api_max_answer_bytes,
         )
         _client_pid = os.getpid()
     return _client
