@@ -218,6 +218,14 @@ class Settings(BaseSettings):
         return self.claim_lease or max(self.poll_interval_min, self.tick * 4)
 
     @property
+    def webhook_lease(self) -> timedelta:
+        """How long a webhook delivery holds its row: longer than one whole POST (which
+        ``webhook_timeout`` bounds as a whole), with that again and a tick to spare for
+        claiming and recording it, so no second deliverer takes a row over while its POST
+        may still be running (see worker/webhooks.py)."""
+        return self.webhook_timeout * 2 + self.tick
+
+    @property
     def poll_in_flight(self) -> timedelta:
         """How long a started poll holds its sessions: its last attempt starts within the
         budget and ends within the timeouts; a crashed poll's sessions come back after it,

@@ -15,6 +15,7 @@ from typing import Any
 
 import requests
 
+from worker import bounded_http
 from worker.client import UspeedoClient
 from worker.clock import database_now
 from worker.config import Settings, get_settings
@@ -59,10 +60,10 @@ def api_client() -> UspeedoClient:
 
 
 def webhook_http() -> requests.Session:
-    """The process's HTTP session for webhook deliveries."""
+    """The process's HTTP session for webhook deliveries (each POST bounded as a whole)."""
     global _http, _http_pid
     if _http is None or _http_pid != os.getpid():
-        _http, _http_pid = requests.Session(), os.getpid()
+        _http, _http_pid = bounded_http.new_session(), os.getpid()
     return _http
 
 

@@ -513,7 +513,7 @@ def test_secrets_never_appear_in_settings_errors(
     assert WEBHOOK_SECRET not in message
 
 
-# --- answer size ----------------------------------------------------------------------------
+# --- answer size and webhook lease ------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -543,3 +543,12 @@ def test_bad_max_answer_bytes_names_the_variable(
     message = _settings_error(monkeypatch, RECEIPTS_API_MAX_ANSWER_BYTES=value)
     assert "RECEIPTS_API_MAX_ANSWER_BYTES" in message
 
+
+@pytest.mark.parametrize(("timeout", "tick"), [("10", "30"), ("1", "0.5"), ("2m", "5")])
+def test_webhook_lease_outlasts_a_whole_post(
+    monkeypatch: pytest.MonkeyPatch, timeout: str, tick: str
+) -> None:
+    _env(monkeypatch, RECEIPTS_WEBHOOK_TIMEOUT=timeout, RECEIPTS_TICK=tick)
+    s = load_settings()
+    # Longer than one POST (bounded as a whole by the timeout), with room to record it.
+    assert s.webhook_lease > s.webhook_timeout + s.tick
