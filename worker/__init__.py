@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from worker.errors import (
     AckError,
+    AnswerTooLarge,
     ApiError,
     CredentialsError,
     MalformedResponse,
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AckError",
+    "AnswerTooLarge",
     "ApiError",
     "CredentialsError",
     "MalformedResponse",

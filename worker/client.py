@@ -8,6 +8,10 @@ re-sends the same headers). The session's adapter is therefore mounted with ``ma
 Backoff between attempts is "full jitter": ``min(backoff_max, backoff_base * 2**n) * U(0, 1)``
 for the n-th retry (n from 0), raised to the server's ``Retry-After`` on 429/503 when that is
 longer (but never beyond ``4 * backoff_max``, so a hostile header cannot park a worker).
+
+Each attempt is bounded as a whole (``worker.bounded_http``): it ends within its own bound
+(by default the connect and read timeouts together) and by the caller's deadline, however
+slowly the answer comes, and reads at most ``max_answer_bytes`` of it.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Final, NoReturn, Self, TypeVar
 
 import requests
-from requests.adapters import HTTPAdapter
 
+from worker import bounded_http
+from worker.bounded_http import Answer
 from worker.errors import (
+    AnswerTooLarge,
     ApiError,
     MalformedResponse,
     PollWindowClosed,
@@ -35,7 +41,12 @@ from worker.errors import (
     describe,
     show,
 )
-from worker.receipts import RECEIPT_ACTION, ReceiptBatch, parse_receipts
+from worker.receipts import (
+    DEFAULT_MAX_ANSWER_BYTES,
+    RECEIPT_ACTION,
+    ReceiptBatch,
+    parse_receipts,
+)
 from worker.signing import new_nonce, signature
 
 log = logging.getLogger(__name__)
@@ -91,15 +102,22 @@ class UspeedoClient:
         max_attempts: int = 4,
         backoff_base: float = 0.5,
         backoff_max: float = 8.0,
+        attempt_timeout: float | None = None,
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
         session: requests.Session | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         if connect_timeout <= 0 or read_timeout <= 0:
             raise ValueError("timeouts must be positive")
+        if attempt_timeout is not None and not attempt_timeout > 0:
+            raise ValueError("attempt_timeout must be positive")
+        if max_answer_bytes < 1:
+            raise ValueError("max_answer_bytes must be positive")
         if backoff_base < 0 or backoff_max < 0:
             raise ValueError("backoff must not be negative")
         if not access_key_id or not access_key_secret:
@@ -108,18 +126,19 @@ class UspeedoClient:
         self.access_key_id = access_key_id
         self._secret = _Secret(access_key_secret)
         self.timeout = (connect_timeout, read_timeout)
+        # One attempt as a whole: connecting, sending, and the whole answer.
+        self.attempt_timeout = attempt_timeout or connect_timeout + read_timeout
+        self.max_answer_bytes = max_answer_bytes
         self.max_attempts = max_attempts
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self._sleep = sleep
         self._clock = clock
         self._rng = rng
+        self._monotonic = monotonic
         self._owns_session = session is None
         if session is None:
-            session = requests.Session()
-            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=POOL_SIZE, max_retries=0)
-            session.mount("https://", adapter)
-            session.mount("http://", adapter)
+            session = bounded_http.new_session(pool_maxsize=POOL_SIZE)
         self._session = session
 
     def __repr__(self) -> str:
@@ -150,7 +169,9 @@ class UspeedoClient:
     def call(
         self, action: str, params: Mapping[str, Any], *, deadline: float | None = None
     ) -> dict[str, Any]:
-        """Call ``action`` and return the decoded body of its RetCode-0 answer."""
+        """Call ``action`` and return the decoded body of its RetCode-0 answer. No attempt
+        starts after ``deadline`` (Unix seconds by the client's ``clock``), and none runs
+        past it."""
         return self._call(action, params, deadline, lambda body, _uuid: body)
 
     def get_send_receipts(
@@ -198,19 +219,22 @@ class UspeedoClient:
         payload = data.encode("utf-8")
         last_error: UspeedoError | None = None
         for attempt in range(1, self.max_attempts + 1):
-            if deadline is not None and self._clock() >= deadline:
-                if last_error is None:
-                    raise PollWindowClosed(
-                        describe(action, "deadline passed before the first attempt", None),
-                        action=action,
-                    )
-                raise last_error
+            within = self.attempt_timeout
+            if deadline is not None:
+                within = min(within, deadline - self._clock())
+                if within <= 0:
+                    if last_error is None:
+                        raise PollWindowClosed(
+                            describe(action, "deadline passed before the first attempt", None),
+                            action=action,
+                        )
+                    raise last_error
             retry_after: float | None = None
             signed = signature(body, self._secret.reveal())
             try:
-                response = self._post(action, payload, signed)
-                retry_after = self._retry_after(response)
-                return parse(self._decode(action, response), _request_uuid(response))
+                answer = self._post(action, payload, signed, within)
+                retry_after = self._retry_after(answer)
+                return parse(self._decode(action, answer), _request_uuid(answer.headers))
             except UspeedoError as error:
                 last_error = _redacted(error, signed)
             log.warning(
@@ -234,7 +258,7 @@ class UspeedoClient:
             self._sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _post(self, action: str, payload: bytes, signed: str) -> requests.Response:
+    def _post(self, action: str, payload: bytes, signed: str, within: float) -> Answer:
         headers = {
             "Content-Type": "application/json",
             "Accept": "application/json",
@@ -244,14 +268,33 @@ class UspeedoClient:
             "X-Signature": signed,
         }
         try:
-            return self._session.post(
+            # Redirects are not followed: a redirected POST turns into a GET, and a moved
+            # endpoint is a configuration error.
+            return bounded_http.post(
+                self._session,
                 self.api_url,
                 data=payload,
                 headers=headers,
-                timeout=self.timeout,
-                # A redirected POST turns into a GET; a moved endpoint is a configuration error.
-                allow_redirects=False,
+                within=within,
+                connect_timeout=self.timeout[0],
+                read_timeout=self.timeout[1],
+                limit=self.max_answer_bytes,
+                monotonic=self._monotonic,
             )
+        except bounded_http.BodyTooLarge as exc:
+            uuid = _request_uuid(exc.headers)
+            raise AnswerTooLarge(
+                describe(
+                    action,
+                    f"answer larger than {exc.limit} bytes (RECEIPTS_API_MAX_ANSWER_BYTES)",
+                    uuid,
+                    exc.status,
+                ),
+                limit=exc.limit,
+                request_uuid=uuid,
+                action=action,
+                http_status=exc.status,
+            ) from None
         except (
             requests.ConnectionError,
             requests.Timeout,
@@ -270,9 +313,9 @@ class UspeedoClient:
                 retryable=False,
             ) from exc
 
-    def _decode(self, action: str, response: requests.Response) -> dict[str, Any]:
-        status = response.status_code
-        uuid = _request_uuid(response)
+    def _decode(self, action: str, answer: Answer) -> dict[str, Any]:
+        status = answer.status
+        uuid = _request_uuid(answer.headers)
         if status == 429 or status >= 500:
             raise TransportError(
                 describe(action, f"HTTP {status}", uuid),
@@ -280,7 +323,7 @@ class UspeedoClient:
                 action=action,
                 http_status=status,
             )
-        body = _json_object(response.content)
+        body = _json_object(answer.body)
         if not 200 <= status < 300:
             ret_code = body.get("RetCode") if body is not None else None
             if isinstance(ret_code, int) and not isinstance(ret_code, bool) and ret_code != 0:
@@ -298,7 +341,7 @@ class UspeedoClient:
             raise MalformedResponse(
                 describe(
                     action,
-                    f"body is not a JSON object ({len(response.content)} bytes)",
+                    f"body is not a JSON object ({len(answer.body)} bytes)",
                     uuid,
                     status,
                 ),
@@ -330,10 +373,10 @@ class UspeedoClient:
         text = message if isinstance(message, str) else ("" if message is None else show(message))
         raise api_error(ret_code, text[:500], uuid, action=action, http_status=status)
 
-    def _retry_after(self, response: requests.Response) -> float | None:
-        if response.status_code not in _RETRY_AFTER_STATUSES:
+    def _retry_after(self, answer: Answer) -> float | None:
+        if answer.status not in _RETRY_AFTER_STATUSES:
             return None
-        value = response.headers.get("Retry-After")
+        value = answer.headers.get("Retry-After")
         if not value:
             return None
         value = value.strip()
@@ -372,8 +415,8 @@ def _redacted(error: UspeedoError, signed: str) -> UspeedoError:
     return error
 
 
-def _request_uuid(response: requests.Response) -> str | None:
-    value = response.headers.get(REQUEST_UUID_HEADER)
+def _request_uuid(headers: Mapping[str, str]) -> str | None:
+    value = headers.get(REQUEST_UUID_HEADER)
     return value.strip() or None if value else None
 
 

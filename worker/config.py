@@ -22,6 +22,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import SettingsError
+from worker.receipts import DEFAULT_MAX_ANSWER_BYTES
 from worker.schedule import PollPolicy
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
@@ -70,6 +71,37 @@ def _seconds(value: Any) -> float:
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 
+_SIZE = re.compile(r"(\d+)\s*(b|kb|kib|mb|mib|gb|gib)?")
+_UNIT_BYTES = {
+    None: 1,
+    "b": 1,
+    "kb": 1000,
+    "kib": 1024,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "gb": 1000**3,
+    "gib": 1024**3,
+}
+
+
+def parse_size(value: Any) -> int:
+    """Plain bytes (``1048576``) or unit forms (``500KB``, ``32MiB``, ``1GiB``)."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"{value!r} is not a size: use bytes (1048576) or a form like 32MiB")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.fullmatch(value.strip().lower())
+        if match is None:
+            raise ValueError(f"{value!r} is not a size: use bytes (1048576) or a form like 32MiB")
+        size = int(match.group(1)) * _UNIT_BYTES[match.group(2)]
+    if size < 1:
+        raise ValueError(f"{value!r}: a size must be positive")
+    return size
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+
 DEFAULT_API_URL = "https://api.uspeedo.com/api"
 
 
@@ -108,6 +140,9 @@ class Settings(BaseSettings):
     api_connect_timeout: Duration = timedelta(seconds=3.05)
     api_read_timeout: Duration = timedelta(seconds=10)
     api_max_attempts: int = Field(default=3, ge=1, le=10)
+    # Past this an answer is refused unread (worker/receipts.py: what an answer weighs);
+    # at least 64 KiB, so that a single session's answer always fits.
+    api_max_answer_bytes: Size = Field(default=DEFAULT_MAX_ANSWER_BYTES, ge=64 * 1024)
     # One poll stops retrying the API after this; with the timeouts it bounds how long a
     # poll can be in flight, which is how long its sessions are held against a second poll.
     poll_budget: Duration = timedelta(seconds=60)
@@ -181,6 +216,14 @@ class Settings(BaseSettings):
     @property
     def lease(self) -> timedelta:
         return self.claim_lease or max(self.poll_interval_min, self.tick * 4)
+
+    @property
+    def webhook_lease(self) -> timedelta:
+        """How long a webhook delivery holds its row: longer than one whole POST (which
+        ``webhook_timeout`` bounds as a whole), with that again and a tick to spare for
+        claiming and recording it, so no second deliverer takes a row over while its POST
+        may still be running (see worker/webhooks.py)."""
+        return self.webhook_timeout * 2 + self.tick
 
     @property
     def poll_in_flight(self) -> timedelta:

@@ -11,6 +11,7 @@
         │                               whether polling again later may succeed
         ├── TransportError              no usable HTTP answer (connection, timeout, HTTP error)
         ├── MalformedResponse           the answer is not the JSON the API documents
+        │   └── AnswerTooLarge          longer than the cap (``limit``); not read further
         ├── PollWindowClosed            the deadline passed before any attempt could start
         └── ApiError                    a non-zero RetCode (``ret_code``, ``api_message``)
             ├── CredentialsError        215398: invalid or expired AccessKey, or clock skew
@@ -113,6 +114,33 @@ class MalformedResponse(UspeedoError):
     """The answer was not the JSON object the API documents."""
 
     retryable = True
+
+
+class AnswerTooLarge(MalformedResponse):
+    """The answer is longer than the client's cap (``limit`` bytes); no more of it was read.
+    Asking again for the same sessions would get the same answer, so it is not retried; a
+    smaller batch may fit."""
+
+    retryable = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        limit: int = 0,
+        request_uuid: str | None = None,
+        retryable: bool | None = None,
+        action: str | None = None,
+        http_status: int | None = None,
+    ) -> None:
+        super().__init__(
+            message,
+            request_uuid=request_uuid,
+            retryable=retryable,
+            action=action,
+            http_status=http_status,
+        )
+        self.limit = limit
 
 
 class PollWindowClosed(UspeedoError):

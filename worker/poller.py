@@ -4,21 +4,24 @@ ask the API, record). Celery tasks call these; tests call them directly."""
 from __future__ import annotations
 
 import logging
+import math
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from worker import db, store, webhooks, workers
-from worker.client import UspeedoClient
+from worker.client import MAX_SESSIONS_PER_CALL, UspeedoClient
 from worker.errors import (
+    AnswerTooLarge,
     ApiError,
     MalformedResponse,
     ParameterError,
@@ -38,6 +41,11 @@ DB_WRITE_DELAYS = (0.25, 0.5, 1.0, 2.0, 2.0, 2.0, 2.0)
 
 SessionFactory = Callable[[], AbstractContextManager[Session]]
 Clock = Callable[[], datetime]
+
+# Extra calls one poll may spend halving a batch the API refuses as a whole: enough to
+# isolate two bad SessionNos among 100 (two calls per halving, ceil(log2 100) = 7 halvings
+# to reach each of them).
+BISECTION_CALLS: Final = 4 * math.ceil(math.log2(MAX_SESSIONS_PER_CALL))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -264,6 +272,8 @@ class _PollRun:
     # API calls by (outcome, code), written with the call's result for the exporter.
     outcomes: Counter[tuple[str, int]] = field(default_factory=Counter)
     sleep: Callable[[float], None] = time.sleep
+    # Extra calls the batch being polled may still spend on halving (see BISECTION_CALLS).
+    bisection_left: int = BISECTION_CALLS
 
     def report(self, polled: int) -> PollReport:
         return PollReport(
@@ -275,8 +285,14 @@ class _PollRun:
         )
 
     def poll(self, targets: Sequence[PollTarget]) -> None:
+        """Ask the API for one batch and record what it says, halving the batch (within
+        ``BISECTION_CALLS`` extra calls) while the API refuses it for one of its sessions."""
+        self.bisection_left = BISECTION_CALLS
+        self.ask(targets)
+
+    def ask(self, targets: Sequence[PollTarget]) -> None:
         # No attempt may start once the poll's budget is spent or the earliest cutoff in the
-        # batch has passed.
+        # batch has passed, and none runs past that.
         deadline = self.give_up_at
         if self.respect_cutoff:
             deadline = min(deadline, *(self.policy.cutoff_at(t.sent_at) for t in targets))
@@ -328,17 +344,21 @@ class _PollRun:
         self.resolved += len(outcome.resolved)
 
     def handle_error(self, targets: Sequence[PollTarget], exc: UspeedoError) -> None:
-        if isinstance(exc, ParameterError):
-            if len(targets) == 1:
-                self.record_failure(targets, f"refused by the API: {exc}")
+        error = f"refused by the API: {exc}" if isinstance(exc, ParameterError) else str(exc)
+        if len(targets) > 1 and _one_session_may_cause(exc):
+            if self.bisection_left >= 2:
+                # One bad SessionNo makes the API refuse the whole call (one huge session
+                # makes the answer too large): halve the batch until it is isolated, so the
+                # other sessions keep being polled.
+                self.bisection_left -= 2
+                middle = len(targets) // 2
+                self.ask(targets[:middle])
+                self.ask(targets[middle:])
                 return
-            # One bad SessionNo makes the API refuse the whole call; halve the batch until it
-            # is isolated, so the other sessions keep being polled.
-            middle = len(targets) // 2
-            self.poll(targets[:middle])
-            self.poll(targets[middle:])
-            return
-        self.record_failure(targets, str(exc))
+            error += (
+                f" (not isolated: this poll spent its {BISECTION_CALLS} extra calls on halving)"
+            )
+        self.record_failure(targets, error)
 
     def write(self, work: Callable[[Session], T]) -> T:
         """Record what the API said in one unit of work (with the call counters), retrying
@@ -387,6 +407,36 @@ class _PollRun:
             # The sessions keep their hold and come back when it ends.
             log.error("could not record a failed poll: %s", db.error_text(exc))
         self.failed += len(targets)
+
+
+# "Invalid parameter AccountId", "Missing params [Region]": the word after the keyword, when it
+# is a name (capitalized), is the parameter the API blames.
+_BLAMED = re.compile(r"\bparam(?:eter)?s?\b\W*([A-Z][A-Za-z0-9_]*)", re.IGNORECASE)
+# A camel-case word anywhere ("AccountId is invalid", "sessionNoSet[3]") names a parameter too;
+# "HTTP" or "UCloud" do not.
+_CAMEL_CASE = re.compile(r"\b(?:[A-Z][a-z0-9]+|[a-z]+)(?:[A-Z][a-z0-9]*)+\b")
+_SESSION_PARAMETERS = frozenset({"sessionnoset", "sessionno"})
+
+
+def may_be_a_sessions_fault(message: str) -> bool:
+    """Whether the API's message for a parameter error leaves room for one SessionNo being
+    its cause: it names SessionNoSet or SessionNo, or no parameter at all. A message naming
+    another parameter (``Invalid parameter AccountId``, ``Missing parameter Action``) blames
+    the whole call, which halving the batch would only repeat (199 calls for 100 sessions)."""
+    named = {word.lower() for word in _CAMEL_CASE.findall(message)}
+    named.update(
+        match.group(1).lower() for match in _BLAMED.finditer(message) if match.group(1)[0].isupper()
+    )
+    return not named or not named.isdisjoint(_SESSION_PARAMETERS)
+
+
+def _one_session_may_cause(exc: UspeedoError) -> bool:
+    """Whether a failed call of many sessions may be one session's doing: an answer too large
+    (one session may weigh it all), or a parameter error the message does not pin on the
+    call itself."""
+    if isinstance(exc, AnswerTooLarge):
+        return True
+    return isinstance(exc, ParameterError) and may_be_a_sessions_fault(exc.api_message)
 
 
 def call_outcome(exc: UspeedoError) -> tuple[str, int]:

@@ -16,6 +16,13 @@ from worker.errors import MalformedResponse, describe, show
 
 RECEIPT_ACTION: Final = "GetUSMSSendReceipt"
 
+# What an answer weighs: a receipt with all its fields is about 250 bytes of JSON, so 100
+# sessions of 1,000 phones each make some 25 MB. Past the cap the client refuses an answer
+# unread (worker/client.py) and the poller halves the batch (worker/poller.py), so only a
+# session heavier than the cap on its own cannot be polled; memory stays near the cap
+# whatever a server sends. RECEIPTS_API_MAX_ANSWER_BYTES overrides it.
+DEFAULT_MAX_ANSWER_BYTES: Final = 32 * 1024 * 1024
+
 # 9999-12-31T23:59:59Z: the last instant ``datetime`` can hold.
 _MAX_TIMESTAMP: Final = 253_402_300_799
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import requests
 
+from worker import bounded_http
 from worker.client import UspeedoClient
 from worker.clock import database_now
 from worker.config import Settings, get_settings
@@ -52,16 +53,17 @@ def api_client() -> UspeedoClient:
             connect_timeout=settings.api_connect_timeout.total_seconds(),
             read_timeout=settings.api_read_timeout.total_seconds(),
             max_attempts=settings.api_max_attempts,
+            max_answer_bytes=settings.api_max_answer_bytes,
         )
         _client_pid = os.getpid()
     return _client
 
 
 def webhook_http() -> requests.Session:
-    """The process's HTTP session for webhook deliveries."""
+    """The process's HTTP session for webhook deliveries (each POST bounded as a whole)."""
     global _http, _http_pid
     if _http is None or _http_pid != os.getpid():
-        _http, _http_pid = requests.Session(), os.getpid()
+        _http, _http_pid = bounded_http.new_session(), os.getpid()
     return _http
 
 

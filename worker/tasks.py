@@ -61,7 +61,7 @@ def deliver_webhooks() -> dict[str, int]:
         url=settings.escalation_webhook_url,
         secret=secret,
         now=runtime.utcnow,
-        lease=settings.webhook_timeout * 2 + settings.tick,
+        lease=settings.webhook_lease,
         retry_base=settings.tick,
         retry_cap=max(settings.tick, timedelta(minutes=15)),
         timeout=settings.webhook_timeout.total_seconds(),

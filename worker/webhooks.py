@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import json
 import logging
+import secrets
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import requests
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from worker import bounded_http
 from worker.models import outbox_table
 
 if TYPE_CHECKING:
@@ -39,6 +41,10 @@ log = logging.getLogger(__name__)
 
 OUTBOX = outbox_table
 SIGNATURE_HEADER = "X-Receipts-Signature"
+# Of a receiver's answer only its status counts, and the start of a failure's body is kept in
+# last_error (EXCERPT_CHARS): reading more would only cost memory.
+EXCERPT_BYTES = 1024
+EXCERPT_CHARS = 200
 
 
 def escalation_payload(escalation: Escalation) -> dict[str, Any]:
@@ -118,6 +124,8 @@ def backoff(attempts: int, *, base: timedelta, cap: timedelta) -> timedelta:
 class DeliveryReport:
     delivered: int
     failed: int
+    # POSTs whose row another deliverer took over meanwhile (their outcome is not recorded).
+    lost: int = 0
 
 
 SessionFactory = Callable[[], AbstractContextManager[Session]]
@@ -138,15 +146,22 @@ def deliver_due(
 ) -> DeliveryReport:
     """Deliver due webhooks, each at least once and never again after a success.
 
-    Rows are claimed one at a time with ``FOR UPDATE SKIP LOCKED`` and pushed ``lease`` ahead
-    (longer than one POST can take) before the POST, so concurrent deliverers (two beats, many
-    workers) never send the same row at the same time, and a deliverer that dies mid-way
-    leaves only that row, retried after its lease. The round stops at the first failure: a
-    receiver that is down is tried once per round, not once per waiting row.
+    Rows are claimed one at a time with ``FOR UPDATE SKIP LOCKED`` under a fresh claim token
+    and pushed ``lease`` ahead before the POST, which is bounded as a whole by ``timeout``
+    (see :func:`_post`). With a lease longer than that
+    (``Settings.webhook_lease``), concurrent deliverers (two beats, many workers) never send
+    the same row at the same time, and a deliverer that dies mid-way leaves only that row,
+    retried after its lease. Whatever the lease, an outcome is recorded only while the
+    deliverer still holds the row's token: one that was outlived by its lease (its row taken
+    over by another) records nothing, so its result can neither mark the row delivered nor
+    overwrite the next one's. ``attempts`` counts POSTs, counted when each is claimed. The
+    round stops at the first failure: a receiver that is down is tried once per round, not
+    once per waiting row.
     """
-    delivered = failed = 0
-    while delivered + failed < limit and not failed:
-        row = _claim_one(session_factory, now(), lease)
+    delivered = failed = lost = 0
+    while delivered + failed + lost < limit and not failed:
+        token = secrets.token_hex(16)
+        row = _claim_one(session_factory, now(), lease, token)
         if row is None:
             break
         body = json.dumps(row.payload, sort_keys=True).encode()
@@ -159,26 +174,40 @@ def deliver_due(
             headers[SIGNATURE_HEADER] = sign(body, secret)
         error = _post(http, url, body, headers, timeout)
         finished = now()
-        attempts = row.attempts + 1
         if error is None:
             values: dict[str, Any] = {"delivered_at": finished, "last_error": None}
+        else:
+            retry_at = finished + backoff(row.attempts, base=retry_base, cap=retry_cap)
+            values = {"next_attempt_at": retry_at, "last_error": error}
+        finish = (
+            sa.update(OUTBOX)
+            .where(OUTBOX.c.id == row.id, OUTBOX.c.claim_token == token)
+            .values(claim_token=None, **values)
+        )
+        with session_factory() as session:
+            held = session.connection().execute(finish).rowcount
+        if not held:
+            log.warning(
+                "webhook %s: another deliverer took the row over during this POST (attempt "
+                "%d outlived its lease of %.3gs); its outcome is left to that deliverer: %s",
+                row.delivery_id,
+                row.attempts,
+                lease.total_seconds(),
+                error or "delivered",
+            )
+            lost += 1
+        elif error is None:
             delivered += 1
         else:
-            retry_at = finished + backoff(attempts, base=retry_base, cap=retry_cap)
-            values = {"next_attempt_at": retry_at, "last_error": error}
             log.warning(
                 "webhook %s failed (attempt %d, next at %s): %s",
                 row.delivery_id,
-                attempts,
-                retry_at.isoformat(timespec="seconds"),
+                row.attempts,
+                values["next_attempt_at"].isoformat(timespec="seconds"),
                 error,
             )
             failed += 1
-        with session_factory() as session:
-            session.execute(
-                sa.update(OUTBOX).where(OUTBOX.c.id == row.id).values(attempts=attempts, **values)
-            )
-    return DeliveryReport(delivered=delivered, failed=failed)
+    return DeliveryReport(delivered=delivered, failed=failed, lost=lost)
 
 
 def deliveries_due(session: Session, *, now: datetime) -> bool:
@@ -190,7 +219,7 @@ def deliveries_due(session: Session, *, now: datetime) -> bool:
     return bool(session.execute(sa.select(due.exists())).scalar())
 
 
-def _claim_one(session_factory: SessionFactory, now: datetime, lease: timedelta) -> Any:
+def _claim_one(session_factory: SessionFactory, now: datetime, lease: timedelta, token: str) -> Any:
     with session_factory() as session:
         due = (
             sa.select(OUTBOX.c.id)
@@ -203,7 +232,7 @@ def _claim_one(session_factory: SessionFactory, now: datetime, lease: timedelta)
         return session.execute(
             sa.update(OUTBOX)
             .where(OUTBOX.c.id.in_(due.scalar_subquery()))
-            .values(next_attempt_at=now + lease)
+            .values(next_attempt_at=now + lease, claim_token=token, attempts=OUTBOX.c.attempts + 1)
             .returning(
                 OUTBOX.c.id,
                 OUTBOX.c.delivery_id,
@@ -217,13 +246,27 @@ def _claim_one(session_factory: SessionFactory, now: datetime, lease: timedelta)
 def _post(
     http: requests.Session, url: str, body: bytes, headers: dict[str, str], timeout: float
 ) -> str | None:
-    """POST once; the error text, or None on a 2xx answer."""
+    """POST once, within ``timeout`` as a whole; the error text, or None on a 2xx answer.
+
+    The status is the receiver's verdict: a 2xx acknowledges the delivery however much body
+    follows it or however slowly. Of any body only ``EXCERPT_BYTES`` are read (the start of
+    a failure's body goes to last_error), so a huge answer costs no memory.
+    """
     try:
-        response = http.post(
-            url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+        answer = bounded_http.post(
+            http,
+            url,
+            data=body,
+            headers=headers,
+            within=timeout,
+            connect_timeout=timeout,
+            read_timeout=timeout,
+            limit=EXCERPT_BYTES,
+            excerpt=True,
         )
     except requests.RequestException as exc:
         return f"{type(exc).__name__}: {exc}"
-    if 200 <= response.status_code < 300:
+    if 200 <= answer.status < 300:
         return None
-    return f"HTTP {response.status_code}: {response.text[:200]}"
+    text = answer.body.decode("utf-8", errors="replace")[:EXCERPT_CHARS]
+    return f"HTTP {answer.status}: {text}"

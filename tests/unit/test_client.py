@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from worker.client import UspeedoClient
 from worker.domain import Result
 from worker.errors import (
+    AnswerTooLarge,
     ApiError,
     CredentialsError,
     MalformedResponse,
@@ -1130,3 +1131,56 @@ def test_text_no_database_can_hold_is_replaced_not_refused(raw: str, stored: str
     batch = parse_receipts({"Data": [{"SessionNo": "s1", "ReceiptSet": [entry]}]}, ["s1"])
     assert [r.receipt_desc for r in batch.receipts] == [stored]
     assert batch.problems == ()
+
+
+# --------------------------------------------------------------------------------------------
+# Answer size
+
+
+def _padded(size: int) -> bytes:
+    """OK_BODY as JSON, padded with whitespace to exactly ``size`` bytes."""
+    text = json.dumps(OK_BODY).encode()
+    return text[:-1] + b" " * (size - len(text)) + b"}"
+
+
+def test_an_answer_past_the_cap_is_refused_naming_it(clock: FakeClock) -> None:
+    reply(raw=_padded(1001))
+    with make_client(clock, max_answer_bytes=1000) as c, pytest.raises(AnswerTooLarge) as info:
+        c.call(ACTION, {"AccountId": 1})
+    check_error(info.value)
+    assert isinstance(info.value, MalformedResponse)
+    assert "answer larger than 1000 bytes" in str(info.value)
+    assert "RECEIPTS_API_MAX_ANSWER_BYTES" in str(info.value)
+    assert info.value.limit == 1000
+    assert info.value.request_uuid == UUID
+    # The same sessions would get the same answer: not retried (the poller halves the batch).
+    assert not info.value.retryable
+    assert len(responses.calls) == 1
+    assert clock.sleeps == []
+
+
+def test_an_answer_of_exactly_the_cap_is_read(clock: FakeClock) -> None:
+    reply(raw=_padded(1000))
+    with make_client(clock, max_answer_bytes=1000) as c:
+        assert c.call(ACTION, {"AccountId": 1}) == OK_BODY
+
+
+def test_the_attempt_bound_defaults_to_both_timeouts(clock: FakeClock) -> None:
+    with make_client(clock, connect_timeout=1.5, read_timeout=4.0) as c:
+        assert c.attempt_timeout == 5.5
+    with make_client(clock, attempt_timeout=2.0) as c:
+        assert c.attempt_timeout == 2.0
+
+
+def test_socket_timeouts_never_exceed_the_time_left(clock: FakeClock) -> None:
+    reply()
+    make_client(clock, connect_timeout=3.0, read_timeout=10.0).call(
+        ACTION, {"AccountId": 1}, deadline=T0 + 2.5
+    )
+    assert timeout_of(responses.calls[0]) == (2.5, 2.5)
+
+
+@pytest.mark.parametrize("bad", [{"attempt_timeout": 0.0}, {"max_answer_bytes": 0}])
+def test_constructor_rejects_nonsense_bounds(clock: FakeClock, bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="must be positive"):
+        make_client(clock, **bad)

@@ -511,3 +511,44 @@ def test_secrets_never_appear_in_settings_errors(
     )
     assert SECRET not in message
     assert WEBHOOK_SECRET not in message
+
+
+# --- answer size and webhook lease ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [
+        ("1048576", 1048576),
+        ("64KiB", 65536),
+        ("500KB", 500_000),
+        ("32MiB", 32 * 1024 * 1024),
+        (" 2 mb ", 2_000_000),
+        ("1GiB", 1024**3),
+    ],
+)
+def test_max_answer_bytes_forms(monkeypatch: pytest.MonkeyPatch, value: str, size: int) -> None:
+    _env(monkeypatch, RECEIPTS_API_MAX_ANSWER_BYTES=value)
+    assert load_settings().api_max_answer_bytes == size
+
+
+def test_max_answer_bytes_default_is_32_mib() -> None:
+    assert load_settings().api_max_answer_bytes == 32 * 1024 * 1024
+
+
+@pytest.mark.parametrize("value", ["1000", "0", "-5", "32 megabytes", "1.5MiB", "MiB", ""])
+def test_bad_max_answer_bytes_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    message = _settings_error(monkeypatch, RECEIPTS_API_MAX_ANSWER_BYTES=value)
+    assert "RECEIPTS_API_MAX_ANSWER_BYTES" in message
+
+
+@pytest.mark.parametrize(("timeout", "tick"), [("10", "30"), ("1", "0.5"), ("2m", "5")])
+def test_webhook_lease_outlasts_a_whole_post(
+    monkeypatch: pytest.MonkeyPatch, timeout: str, tick: str
+) -> None:
+    _env(monkeypatch, RECEIPTS_WEBHOOK_TIMEOUT=timeout, RECEIPTS_TICK=tick)
+    s = load_settings()
+    # Longer than one POST (bounded as a whole by the timeout), with room to record it.
+    assert s.webhook_lease > s.webhook_timeout + s.tick
