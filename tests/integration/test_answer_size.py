@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.integration.slow_http import EMPTY_ANSWER, SlowServer, receipts_answer
+from tests.support.slow_http import EMPTY_ANSWER, SlowServer, receipts_answer
 from worker import db
 from worker.migrate import upgrade
 from worker.models import outbox_table

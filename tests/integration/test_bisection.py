@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import Configure
+from tests.support.databases import Configure
 from worker import db, poller, track_many
 from worker.client import UspeedoClient
 from worker.config import get_settings

@@ -21,9 +21,9 @@ import requests
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from tests.conftest import Configure
-from tests.integration.harness import wait_for
-from tests.integration.slow_http import SlowServer
+from tests.support.databases import Configure
+from tests.support.processes import wait_for
+from tests.support.slow_http import SlowServer
 from worker import db, poller, runtime, track_many, webhooks
 from worker.cli import main
 from worker.client import UspeedoClient
