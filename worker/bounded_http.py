@@ -241,7 +241,9 @@ def _enrol(connection: HTTPConnection) -> None:
 # again), and when the answer is about to be read (the socket then exists).
 
 
-class _WatchedHTTPConnection(HTTPConnection):
+class _Watched(HTTPConnection):
+    """The enrolment points of both connection classes (HTTPS derives from HTTP in urllib3)."""
+
     def connect(self) -> None:
         _enrol(self)
         super().connect()
@@ -256,19 +258,12 @@ class _WatchedHTTPConnection(HTTPConnection):
         return super().getresponse()
 
 
-class _WatchedHTTPSConnection(HTTPSConnection):
-    def connect(self) -> None:
-        _enrol(self)
-        super().connect()
+class _WatchedHTTPConnection(_Watched):
+    pass
 
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _enrol(self)
-        super().request(*args, **kwargs)
 
-    # urllib3's own override returns its HTTPResponse, not http.client's (and says so the same way).
-    def getresponse(self) -> HTTPResponse:  # type: ignore[override]
-        _enrol(self)
-        return super().getresponse()
+class _WatchedHTTPSConnection(_Watched, HTTPSConnection):
+    pass
 
 
 class _WatchedHTTPPool(HTTPConnectionPool):
