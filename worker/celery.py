@@ -118,12 +118,18 @@ app = make_app()
 
 @after_setup_logger.connect
 @after_setup_task_logger.connect
-def _mask_phones(logger: logging.Logger, **_: Any) -> None:
-    """Phones in worker logs are masked unless RECEIPTS_LOG_PHONES is set."""
-    if not get_settings().log_phones:
-        from worker.logs import mask_phones_in_logs
+def _scrub_logs(logger: logging.Logger, **_: Any) -> None:
+    """Worker logs never show a secret URL's token, and show phones masked unless
+    RECEIPTS_LOG_PHONES is set (worker/logs.py)."""
+    from worker.logs import scrub_logs
 
-        mask_phones_in_logs(logger)
+    settings = get_settings()
+    scrub_logs(
+        logger,
+        phones=not settings.log_phones,
+        secret_urls=settings.secret_urls(),
+        secret_values=settings.secret_values(),
+    )
 
 
 @worker_process_init.connect

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from functools import lru_cache
 from typing import Annotated, Any
@@ -22,6 +23,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import SettingsError
+from worker.logs import mask_password, redact_url
 from worker.schedule import PollPolicy
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
@@ -83,17 +85,37 @@ def is_loopback_url(url: str) -> bool:
         return False
 
 
-def _check_http_url(name: str, value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{name} must be an http(s) URL with a host, got {value!r}")
+def _check_http_url(name: str, value: str, *, shown: Callable[[str], str]) -> str:
+    """``value`` if it is an http(s) URL with a host; the error shows it through ``shown``
+    (which hides its secrets)."""
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+    except ValueError:
+        host = None
+    if parts.scheme not in ("http", "https") or not host:
+        raise ValueError(f"{name} must be an http(s) URL with a host, got {shown(value)!r}")
     return value
+
+
+# How each URL setting is shown in errors and in repr(settings): a database, broker or API URL
+# may carry a password; the whole path and query of a webhook URL can be its secret.
+_URL_SHOWN: dict[str, Callable[[str], str]] = {
+    "database_url": mask_password,
+    "broker_url": mask_password,
+    "api_url": mask_password,
+    "escalation_webhook_url": redact_url,
+}
 
 
 class Settings(BaseSettings):
     """Every setting of README "Settings"; durations accept seconds or forms like ``5m``."""
 
-    model_config = SettingsConfigDict(env_prefix="RECEIPTS_", extra="ignore", frozen=True)
+    # hide_input_in_errors: pydantic's own error text would echo every input value (a database
+    # password, a webhook token) when Settings(...) is called directly.
+    model_config = SettingsConfigDict(
+        env_prefix="RECEIPTS_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     # --- storage and transport
     database_url: str = "sqlite:///receipts.db"
@@ -142,7 +164,7 @@ class Settings(BaseSettings):
         try:
             make_url(value)
         except ArgumentError:
-            raise ValueError(f"not a SQLAlchemy URL: {value!r}") from None
+            raise ValueError(f"not a SQLAlchemy URL: {mask_password(value)!r}") from None
         return value
 
     @field_validator("broker_url")
@@ -151,18 +173,22 @@ class Settings(BaseSettings):
         if not value:
             return None  # unset or empty: the embedded broker
         if "://" not in value:
-            raise ValueError(f"not a broker URL (e.g. redis://127.0.0.1:6379/0): {value!r}")
+            raise ValueError(
+                f"not a broker URL (e.g. redis://127.0.0.1:6379/0): {mask_password(value)!r}"
+            )
         return value
 
     @field_validator("api_url")
     @classmethod
     def _api_url(cls, value: str) -> str:
-        return _check_http_url("RECEIPTS_API_URL", value)
+        return _check_http_url("RECEIPTS_API_URL", value, shown=mask_password)
 
     @field_validator("escalation_webhook_url")
     @classmethod
     def _webhook_url(cls, value: str | None) -> str | None:
-        return _check_http_url("RECEIPTS_ESCALATION_WEBHOOK_URL", value) if value else None
+        if not value:
+            return None
+        return _check_http_url("RECEIPTS_ESCALATION_WEBHOOK_URL", value, shown=redact_url)
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -177,6 +203,24 @@ class Settings(BaseSettings):
         if self.claim_lease is not None and self.claim_lease < self.tick:
             raise ValueError("RECEIPTS_CLAIM_LEASE must be at least RECEIPTS_TICK")
         return self
+
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
+        """repr() and str() show where each URL points, never its password or token."""
+        for name, value in super().__repr_args__():
+            shown = _URL_SHOWN.get(name or "")
+            yield name, shown(value) if shown is not None and isinstance(value, str) else value
+
+    def secret_urls(self) -> list[str]:
+        """URLs whose path, query and user info are secrets, redacted from every log line."""
+        return [url for url in (self.escalation_webhook_url,) if url]
+
+    def secret_values(self) -> list[str]:
+        """Secrets that must never appear in a log line, were anything to print them."""
+        return [
+            secret.get_secret_value()
+            for secret in (self.access_key_secret, self.webhook_secret)
+            if secret is not None and secret.get_secret_value()
+        ]
 
     @property
     def lease(self) -> timedelta:

@@ -30,6 +30,7 @@ import requests
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from worker.logs import redact_url_in
 from worker.models import outbox_table
 
 if TYPE_CHECKING:
@@ -217,13 +218,16 @@ def _claim_one(session_factory: SessionFactory, now: datetime, lease: timedelta)
 def _post(
     http: requests.Session, url: str, body: bytes, headers: dict[str, str], timeout: float
 ) -> str | None:
-    """POST once; the error text, or None on a 2xx answer."""
+    """POST once; the error text, or None on a 2xx answer. The text never shows the URL's
+    path, query or user info (a Slack-style webhook URL's path is its token): it is stored in
+    ``escalation_outbox.last_error`` and logged."""
     try:
         response = http.post(
             url, data=body, headers=headers, timeout=timeout, allow_redirects=False
         )
     except requests.RequestException as exc:
-        return f"{type(exc).__name__}: {exc}"
+        return redact_url_in(f"{type(exc).__name__}: {exc}", url)
     if 200 <= response.status_code < 300:
         return None
-    return f"HTTP {response.status_code}: {response.text[:200]}"
+    # Redacted before it is cut short, so that no cut leaves part of a token behind.
+    return redact_url_in(f"HTTP {response.status_code}: {response.text[:1000]}", url)[:200]

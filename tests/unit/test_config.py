@@ -511,3 +511,69 @@ def test_secrets_never_appear_in_settings_errors(
     )
     assert SECRET not in message
     assert WEBHOOK_SECRET not in message
+
+
+URL_TOKEN = "XXXXSECRETxxxx1234"
+SLACK = f"https://hooks.slack.com/services/T000/B000/{URL_TOKEN}"
+DB_PASSWORD = "hunter2-db-PW"
+BROKER_PASSWORD = "brokerPW-9876"
+
+
+# --- secrets inside URLs never shown (README "Settings") ----------------------------------
+
+
+def test_repr_and_str_of_settings_show_no_url_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    _env(
+        monkeypatch,
+        RECEIPTS_DATABASE_URL=f"postgresql://receipts:{DB_PASSWORD}@db.internal/receipts",
+        RECEIPTS_BROKER_URL=f"redis://:{BROKER_PASSWORD}@redis.internal:6379/0",
+        RECEIPTS_ESCALATION_WEBHOOK_URL=SLACK,
+    )
+    s = load_settings()
+    for text in (repr(s), str(s), f"{s!r}", f"{s}"):
+        assert DB_PASSWORD not in text
+        assert BROKER_PASSWORD not in text
+        assert URL_TOKEN not in text
+        # Still useful for debugging: where it points.
+        assert "db.internal" in text and "redis.internal" in text and "hooks.slack.com" in text
+    # The values themselves are intact.
+    assert s.database_url.endswith(f":{DB_PASSWORD}@db.internal/receipts")
+    assert s.escalation_webhook_url == SLACK
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "secret"),
+    [
+        ("RECEIPTS_DATABASE_URL", f"postgresql//receipts:{DB_PASSWORD}@db/receipts", DB_PASSWORD),
+        ("RECEIPTS_BROKER_URL", f"redis:/:{BROKER_PASSWORD}@redis", BROKER_PASSWORD),
+        (
+            "RECEIPTS_ESCALATION_WEBHOOK_URL",
+            f"htps://hooks.slack.com/services/T/B/{URL_TOKEN}",
+            URL_TOKEN,
+        ),
+        ("RECEIPTS_ESCALATION_WEBHOOK_URL", f"hooks.slack.com/services/T/B/{URL_TOKEN}", URL_TOKEN),
+        ("RECEIPTS_API_URL", f"ftp://key:{URL_TOKEN}@api.uspeedo.com/api", URL_TOKEN),
+    ],
+)
+def test_a_mistyped_url_is_refused_without_its_secret(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, secret: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    message = str(info.value)
+    assert f"{variable}:" in message
+    assert secret not in message
+
+
+def test_pydantic_errors_do_not_echo_their_input() -> None:
+    """Settings(...) called directly raises pydantic's own error, whose text would show every
+    input value; with hide_input_in_errors it shows none."""
+    with pytest.raises(ValueError, match="validation error") as info:
+        Settings(
+            database_url=f"postgresql//receipts:{DB_PASSWORD}@db/receipts",
+            escalation_webhook_url=f"htps://hooks.slack.com/{URL_TOKEN}",
+            tick="5x",
+        )
+    assert DB_PASSWORD not in str(info.value)
+    assert URL_TOKEN not in str(info.value)

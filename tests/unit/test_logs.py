@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.logs import PhoneMaskingFilter, mask_phone, scrub
+from worker.logs import ScrubbingFilter, mask_phone, scrub
 
 
 @pytest.mark.parametrize(
@@ -42,7 +42,10 @@ def test_no_phone_survives_scrubbing(phone: str, sep: str) -> None:
 
 def test_the_filter_rewrites_records_with_arguments(caplog: pytest.LogCaptureFixture) -> None:
     logger = logging.getLogger("test.logs")
-    caplog.handler.addFilter(PhoneMaskingFilter())
+    scrubber = ScrubbingFilter()
+    # pytest reuses its capture handler across tests: the filter must not outlive this one.
+    caplog.handler.addFilter(scrubber)
     with caplog.at_level(logging.WARNING, logger="test.logs"):
         logger.warning("phones %s and %s", "(852)55311111", "8613800000000")
+    caplog.handler.removeFilter(scrubber)
     assert caplog.records[0].getMessage() == "phones *******1111 and *********0000"
