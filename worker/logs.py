@@ -14,15 +14,32 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from worker.domain import phone_key
 
-# A phone as it may appear in a message: 7-20 digits, optionally led by + and broken by
-# spaces or parentheses, not part of a longer token (hex ids, ISO dates with dashes, times).
-_PHONE_IN_TEXT = re.compile(r"(?<![\w.:/-])\+?(?:\(?\d[\d ()]{5,24}\d)(?![\w.:/-])")
-_MIN_DIGITS = 7
+# A phone as it may appear in a message, in any spelling Uspeedo, senders or Python use:
+# 7-20 digits, optionally led by + and broken by spaces, dashes or parentheses
+# (``+852 5531-1111``, ``(852)55311111``, ``852-5531-1111``), or a number the API sent as a
+# float (``85255310001.0``). Not part of a longer token (hex ids, hostnames, paths, decimal
+# numbers, IP addresses), and never an ISO date (``2026-11-30``) or a UUID, whose digits and
+# dashes would otherwise read as a phone.
+_DATE = r"\d{4}-\d\d-\d\d(?!\d)"
+_UUID = r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}(?![0-9a-fA-F])"
+_PHONE_IN_TEXT = re.compile(
+    rf"""
+    (?<![\w./-]) (?<!\d:)               # starts a token (a time's minutes do not)
+    \+? \(? (?!{_DATE}) (?!{_UUID}) \d
+    (?: [\ ()-]{{0,3}} (?!{_DATE}) \d )+  # digits, at most three separators apart
+    (?P<float> \.0+ (?!\d) )?             # 85255310001.0
+    (?![\w/-]) (?![.:]\w)                # and ends it (a sentence's full stop may follow)
+    """,
+    re.VERBOSE,
+)
+_NOT_DIGITS = re.compile(r"\D")
+_MIN_DIGITS, _MAX_DIGITS = 7, 20
 
 # What replaces a secret part of a URL.
 REDACTED = "<redacted>"
@@ -41,14 +58,23 @@ def mask_phone(phone: str, *, show: bool = False) -> str:
     return "*" * max(len(digits) - 4, 0) + digits[-4:]
 
 
+def _mask_match(match: re.Match[str]) -> str:
+    found = match.group(0)
+    digits = _NOT_DIGITS.sub(
+        "", found[: match.start("float") - match.start()] if match.group("float") else found
+    )
+    if len(digits) < _MIN_DIGITS:
+        return found
+    # Longer than any phone: an id written in one piece is left alone, but separated groups
+    # may be a phone with numbers around it ("85255311111 2 times"), so they are masked.
+    if len(digits) > _MAX_DIGITS and digits == found:
+        return found
+    return "*" * (len(digits) - 4) + digits[-4:]
+
+
 def scrub(text: str) -> str:
     """``text`` with every phone-like number masked to its last four digits."""
-
-    def mask(match: re.Match[str]) -> str:
-        found = match.group(0)
-        return mask_phone(found) if len(phone_key(found)) >= _MIN_DIGITS else found
-
-    return _PHONE_IN_TEXT.sub(mask, text)
+    return _PHONE_IN_TEXT.sub(_mask_match, text)
 
 
 # --- URLs -------------------------------------------------------------------------------------
@@ -161,11 +187,36 @@ class ScrubbingFilter(logging.Filter):
         return scrub(text) if self.phones else text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a format bug of the caller: the handler reports it
+            return True
         cleaned = self.clean(message)
         if cleaned != message:
             record.msg, record.args = cleaned, None
+        # The traceback is formatted by the handler's Formatter after every filter has run, and
+        # carries exception messages (a Reject's reason, SQL parameters): format it here, clean
+        # it, and leave it where every Formatter looks first (record.exc_text).
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _format_exception(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.clean(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.clean(record.stack_info)
         return True
+
+
+_PLAIN = logging.Formatter()
+
+
+def _format_exception(exc_info: object) -> str | None:
+    """The traceback text a Formatter would print for a record's ``exc_info`` (a tuple, or
+    any true value meaning "the exception being handled", as Celery's formatter reads it)."""
+    if not isinstance(exc_info, tuple):
+        exc_info = sys.exc_info()
+    if exc_info[0] is None:
+        return None
+    return _PLAIN.formatException(exc_info)
 
 
 def scrub_logs(
