@@ -32,7 +32,8 @@ from celery.signals import (
     worker_process_shutdown,
 )
 
-from worker.config import Settings, get_settings
+# The task time limits are defined with the settings, which check that a poll fits inside them.
+from worker.config import TASK_SOFT_TIME_LIMIT, TASK_TIME_LIMIT, Settings, get_settings
 
 POLL_QUEUE = "receipts"
 CLOCK_QUEUE = "receipts-clock"
@@ -40,8 +41,6 @@ CLOCK_QUEUE = "receipts-clock"
 # app lands when it names no queue, so workers consume it too.
 FOREIGN_QUEUE = "celery"
 QUEUES = (POLL_QUEUE, CLOCK_QUEUE, FOREIGN_QUEUE)
-TASK_TIME_LIMIT = 300
-TASK_SOFT_TIME_LIMIT = 240
 
 
 # The embedded broker's subfolders inside RECEIPTS_BROKER_DIR: messages, processed messages, and

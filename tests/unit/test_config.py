@@ -5,7 +5,8 @@ RECEIPTS_* variable (RECEIPTS_TEST_* excepted) and calls load_settings() directl
 from __future__ import annotations
 
 import os
-from datetime import timedelta
+import random
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -577,3 +578,215 @@ def test_pydantic_errors_do_not_echo_their_input() -> None:
         )
     assert DB_PASSWORD not in str(info.value)
     assert URL_TOKEN not in str(info.value)
+
+
+# --- settings that would pass and then fail or endanger (README "Settings") -------------------
+
+
+def _one_line_naming(message: str, variable: str) -> str:
+    """The one problem line of a settings error, which names ``variable``."""
+    lines = message.splitlines()
+    assert lines[0] == "invalid settings:"
+    assert len(lines) == 2, message
+    assert lines[1].startswith(f"  {variable}"), message
+    return lines[1]
+
+
+@pytest.mark.parametrize(
+    ("variable", "too_long", "maximum"),
+    [
+        ("RECEIPTS_CUTOFF", "1000000d", "30d"),
+        ("RECEIPTS_CUTOFF", "31d", "30d"),
+        ("RECEIPTS_FIRST_POLL_DELAY", "99999d", "30d"),
+        ("RECEIPTS_POLL_INTERVAL_MIN", "99999d", "30d"),
+        ("RECEIPTS_POLL_INTERVAL_MAX", "99999d", "30d"),
+        ("RECEIPTS_TICK", "2h", "1h"),
+        ("RECEIPTS_CLAIM_LEASE", "2d", "1d"),
+        ("RECEIPTS_WEBHOOK_TIMEOUT", "5m", "1m"),
+        ("RECEIPTS_API_CONNECT_TIMEOUT", "99999d", "4m"),
+        ("RECEIPTS_API_READ_TIMEOUT", "99999d", "4m"),
+        ("RECEIPTS_POLL_BUDGET", "99999d", "210s"),
+    ],
+)
+def test_every_duration_has_a_maximum(
+    monkeypatch: pytest.MonkeyPatch, variable: str, too_long: str, maximum: str
+) -> None:
+    line = _one_line_naming(_settings_error(monkeypatch, **{variable: too_long}), variable)
+    assert maximum in line
+
+
+def test_durations_at_their_maximum_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    _env(
+        monkeypatch,
+        RECEIPTS_CUTOFF="30d",
+        RECEIPTS_FIRST_POLL_DELAY="29d",
+        RECEIPTS_POLL_INTERVAL_MIN="30d",
+        RECEIPTS_POLL_INTERVAL_MAX="30d",
+        RECEIPTS_TICK="1h",
+        RECEIPTS_CLAIM_LEASE="1d",
+        RECEIPTS_WEBHOOK_TIMEOUT="1m",
+    )
+    s = load_settings()
+    assert s.cutoff == timedelta(days=30) and s.tick == timedelta(hours=1)
+
+
+def test_the_datetime_arithmetic_of_a_tick_stays_in_range_at_every_maximum() -> None:
+    """What a tick computes from the settings (store.escalate_due, claim_batch, start_poll,
+    the schedule), with every duration at its documented maximum and a sent_at anywhere
+    tracking accepts: no OverflowError, which is what RECEIPTS_CUTOFF=1000000d gave every tick."""
+    from worker.config import MAX_CLAIM_LEASE, MAX_SCHEDULE, MAX_TICK
+
+    s = load_settings(
+        cutoff=MAX_SCHEDULE,
+        first_poll_delay=MAX_SCHEDULE - timedelta(seconds=1),
+        poll_interval_min=MAX_SCHEDULE,
+        poll_interval_max=MAX_SCHEDULE,
+        claim_lease=MAX_CLAIM_LEASE,
+        tick=MAX_TICK,
+    )
+    policy = s.poll_policy()
+    now = datetime(2026, 11, 30, tzinfo=UTC)
+    for sent_at in (datetime.min.replace(tzinfo=UTC), now):
+        assert policy.first_poll_at(sent_at) < policy.cutoff_at(sent_at)
+        assert policy.next_poll_at(sent_at, now, random.Random(1)) <= policy.cutoff_at(sent_at)
+        policy.may_poll(sent_at, now - s.poll_interval_min, now)
+    assert now - s.cutoff < now + s.lease + s.poll_in_flight + 2 * s.tick
+
+
+def test_a_huge_cutoff_is_refused_before_any_tick(monkeypatch: pytest.MonkeyPatch) -> None:
+    line = _one_line_naming(
+        _settings_error(monkeypatch, RECEIPTS_CUTOFF="1000000d"), "RECEIPTS_CUTOFF"
+    )
+    assert "1000000d" in line and "30d" in line
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://api.uspeedo.com/api", "http://10.0.0.7:8700/api", "http://simulator:8700/api"],
+)
+def test_plain_http_to_another_host_is_refused(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    line = _one_line_naming(_settings_error(monkeypatch, RECEIPTS_API_URL=url), "RECEIPTS_API_URL")
+    assert "https://" in line
+    assert "RECEIPTS_API_ALLOW_HTTP" in line
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8700/api",
+        "http://localhost:8700/api",
+        "http://[::1]:8700/api",
+        "https://api.uspeedo.com/api",
+        "https://10.0.0.7/api",
+    ],
+)
+def test_https_or_loopback_api_urls_are_accepted(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("RECEIPTS_API_URL", url)
+    assert load_settings().api_url == url
+
+
+def test_plain_http_to_another_host_is_an_explicit_choice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _env(monkeypatch, RECEIPTS_API_URL="http://simulator:8700/api", RECEIPTS_API_ALLOW_HTTP="true")
+    assert load_settings().api_url == "http://simulator:8700/api"
+
+
+@pytest.mark.parametrize("value", ["", "   ", "hush-7", "fifteen-chars15"])
+def test_an_empty_or_short_webhook_secret_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    message = _settings_error(monkeypatch, RECEIPTS_WEBHOOK_SECRET=value)
+    line = _one_line_naming(message, "RECEIPTS_WEBHOOK_SECRET")
+    assert "16" in line
+    if value.strip():
+        assert value not in message
+
+
+def test_a_webhook_secret_of_16_characters_signs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECEIPTS_WEBHOOK_SECRET", "sixteen-chars-16")
+    secret = load_settings().webhook_secret
+    assert secret is not None and secret.get_secret_value() == "sixteen-chars-16"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///var/lib/receipts.db",
+        "mysql://root@127.0.0.1/receipts",
+        "mariadb+pymysql://root@127.0.0.1/receipts",
+        "oracle://u@h/db",
+        "postgresql+asyncpg://u@h/db",
+        f"mysql://receipts:{DB_PASSWORD}@db/receipts",
+    ],
+)
+def test_a_database_url_of_another_backend_is_refused(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    message = _settings_error(monkeypatch, RECEIPTS_DATABASE_URL=url)
+    line = _one_line_naming(message, "RECEIPTS_DATABASE_URL")
+    assert "postgresql://" in line and "sqlite:///" in line
+    assert DB_PASSWORD not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///receipts.db",
+        "sqlite:////tmp/x.db",
+        "sqlite+pysqlite:///x.db",
+        "sqlite://",
+        "postgresql://u@h/db",
+        "postgresql+psycopg://u@h/db",
+        "postgres://u@h/db",
+    ],
+)
+def test_postgresql_and_sqlite_urls_are_accepted(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("RECEIPTS_DATABASE_URL", url)
+    assert load_settings().database_url == url
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"RECEIPTS_POLL_BUDGET": "20m"},
+        {"RECEIPTS_POLL_BUDGET": "200"},
+        {"RECEIPTS_POLL_BUDGET": "3m", "RECEIPTS_API_READ_TIMEOUT": "1m"},
+        {"RECEIPTS_API_READ_TIMEOUT": "210"},
+    ],
+)
+def test_a_poll_that_cannot_finish_inside_the_task_time_limit_is_refused(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str]
+) -> None:
+    line = _one_line_naming(_settings_error(monkeypatch, **env), "RECEIPTS_POLL_BUDGET")
+    assert "TASK_SOFT_TIME_LIMIT" in line
+    assert "RECEIPTS_API_CONNECT_TIMEOUT" in line and "RECEIPTS_API_READ_TIMEOUT" in line
+
+
+def test_a_poll_budget_that_leaves_room_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    _env(monkeypatch, RECEIPTS_POLL_BUDGET="3m", RECEIPTS_API_READ_TIMEOUT="15")
+    assert load_settings().poll_budget == timedelta(minutes=3)
+
+
+def test_the_task_time_limits_are_the_celery_apps() -> None:
+    from worker.celery import app
+    from worker.config import TASK_SOFT_TIME_LIMIT, TASK_TIME_LIMIT
+
+    assert app.conf.task_soft_time_limit == TASK_SOFT_TIME_LIMIT < TASK_TIME_LIMIT
+    assert app.conf.task_time_limit == TASK_TIME_LIMIT
+
+
+def test_several_cross_checks_are_reported_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = _settings_error(
+        monkeypatch,
+        RECEIPTS_POLL_INTERVAL_MIN="700",
+        RECEIPTS_POLL_INTERVAL_MAX="600",
+        RECEIPTS_POLL_BUDGET="20m",
+        RECEIPTS_API_URL="http://api.uspeedo.com/api",
+    )
+    lines = message.splitlines()[1:]
+    assert [line.split()[0] for line in lines] == [
+        "RECEIPTS_POLL_INTERVAL_MIN",
+        "RECEIPTS_POLL_BUDGET",
+        "RECEIPTS_API_URL",
+    ], message
