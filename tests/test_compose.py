@@ -1,8 +1,8 @@
 """docker-compose.yml as its comments tell people to run it: the settings every receipts service
-gets are valid (an empty RECEIPTS_WEBHOOK_SECRET once turned signing off without a word). Read
-with PyYAML and compose's own interpolation rules for ``${NAME}`` and ``${NAME:-default}``, so
-that no docker is needed (test_project.py validates the file with docker-compose where it is
-installed)."""
+gets are valid (an empty RECEIPTS_WEBHOOK_SECRET once turned signing off without a word), and
+the exporter says where it listens. Read with PyYAML and compose's own interpolation rules for
+``${NAME}`` and ``${NAME:-default}``, so that no docker is needed (test_project.py validates
+the file with docker-compose where it is installed)."""
 
 from __future__ import annotations
 
@@ -79,3 +79,14 @@ def test_a_webhook_secret_set_on_the_host_reaches_the_workers(container_env: Any
     container_env("worker", {**PRODUCTION, "RECEIPTS_WEBHOOK_SECRET": "x" * 32})
     secret = load_settings().webhook_secret
     assert secret is not None and secret.get_secret_value() == "x" * 32
+
+
+def test_the_exporter_names_the_address_it_listens_on() -> None:
+    """`receipts exporter` listens on loopback unless told otherwise: inside a container that
+    would be unreachable, so the service passes --host and publishes the port."""
+    exporter = _services()["exporter"]
+    command = exporter["command"]
+    assert "--host" in command
+    assert command[command.index("--host") + 1] == "0.0.0.0"  # noqa: S104 - the container's
+    # Published on the host's loopback only: the metrics have no authentication.
+    assert all(str(port).startswith("127.0.0.1:") for port in exporter["ports"])

@@ -107,6 +107,7 @@ MAX_TICK = timedelta(hours=1)
 MAX_CLAIM_LEASE = timedelta(days=1)
 MAX_HTTP = timedelta(seconds=TASK_SOFT_TIME_LIMIT)
 MAX_WEBHOOK_TIMEOUT = timedelta(minutes=1)
+MAX_EXPORTER_TOTALS_INTERVAL = timedelta(days=1)
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 ScheduleDuration = Annotated[timedelta, BeforeValidator(parse_duration), _at_most(MAX_SCHEDULE)]
@@ -115,6 +116,9 @@ LeaseDuration = Annotated[timedelta, BeforeValidator(parse_duration), _at_most(M
 HttpDuration = Annotated[timedelta, BeforeValidator(parse_duration), _at_most(MAX_HTTP)]
 WebhookDuration = Annotated[
     timedelta, BeforeValidator(parse_duration), _at_most(MAX_WEBHOOK_TIMEOUT)
+]
+TotalsDuration = Annotated[
+    timedelta, BeforeValidator(parse_duration), _at_most(MAX_EXPORTER_TOTALS_INTERVAL)
 ]
 
 # RECEIPTS_WEBHOOK_SECRET: a key shorter than this is guessable from signed requests.
@@ -208,6 +212,10 @@ class Settings(BaseSettings):
 
     # --- logs
     log_phones: bool = False
+
+    # --- metrics (receipts exporter)
+    # The totals that grow with history are recounted (whole tables) at most this often.
+    exporter_totals_interval: TotalsDuration = timedelta(minutes=5)
 
     @field_validator("database_url")
     @classmethod

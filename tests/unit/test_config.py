@@ -135,6 +135,8 @@ def test_defaults_match_the_contract() -> None:
     assert s.tick == timedelta(seconds=30)
     assert s.escalation_webhook_url is None
     assert s.webhook_secret is None
+    assert s.exporter_totals_interval == timedelta(minutes=5)
+    assert s.api_allow_http is False
 
 
 def test_default_poll_policy() -> None:
@@ -177,6 +179,13 @@ def test_default_poll_policy() -> None:
         ("RECEIPTS_TICK", "2m", "tick", timedelta(minutes=2)),
         (WEBHOOK_VAR, "https://hooks.example.com/x", WEBHOOK_ATTR, "https://hooks.example.com/x"),
         (WEBHOOK_VAR, "", WEBHOOK_ATTR, None),
+        (
+            "RECEIPTS_EXPORTER_TOTALS_INTERVAL",
+            "1m",
+            "exporter_totals_interval",
+            timedelta(minutes=1),
+        ),
+        ("RECEIPTS_API_ALLOW_HTTP", "true", "api_allow_http", True),
     ],
 )
 def test_each_variable_is_read(
@@ -603,6 +612,7 @@ def _one_line_naming(message: str, variable: str) -> str:
         ("RECEIPTS_TICK", "2h", "1h"),
         ("RECEIPTS_CLAIM_LEASE", "2d", "1d"),
         ("RECEIPTS_WEBHOOK_TIMEOUT", "5m", "1m"),
+        ("RECEIPTS_EXPORTER_TOTALS_INTERVAL", "2d", "1d"),
         ("RECEIPTS_API_CONNECT_TIMEOUT", "99999d", "4m"),
         ("RECEIPTS_API_READ_TIMEOUT", "99999d", "4m"),
         ("RECEIPTS_POLL_BUDGET", "99999d", "210s"),
