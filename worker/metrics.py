@@ -157,8 +157,8 @@ def read_totals(session: Session, now: datetime) -> Totals:
     )
     by_result = sa.select(receipts.result, sa.func.count()).group_by(receipts.result)
     return Totals(
-        sessions=dict(session.execute(by_state).tuples().all()),
-        receipts=dict(session.execute(by_result).tuples().all()),
+        sessions=dict(session.execute(by_state).all()),
+        receipts=dict(session.execute(by_result).all()),
         computed_at=now,
     )
 
