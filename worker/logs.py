@@ -176,14 +176,16 @@ class ScrubbingFilter(logging.Filter):
     ) -> None:
         super().__init__()
         self.phones = phones
-        self.secret_urls = [u for u in secret_urls if u]
-        self.secret_values = sorted((v for v in secret_values if v), key=len, reverse=True)
+        # Worked out once: a filter sees every record its handler emits.
+        self._replacements = [
+            *(pair for url in secret_urls if url.strip() for pair in _secret_parts(url)),
+            *((value, REDACTED) for value in sorted(secret_values, key=len, reverse=True) if value),
+        ]
 
     def clean(self, text: str) -> str:
-        for url in self.secret_urls:
-            text = redact_url_in(text, url)
-        for value in self.secret_values:
-            text = text.replace(value, REDACTED)
+        for secret, replacement in self._replacements:
+            if secret in text:
+                text = text.replace(secret, replacement)
         return scrub(text) if self.phones else text
 
     def filter(self, record: logging.LogRecord) -> bool:
