@@ -32,7 +32,8 @@ from celery.signals import (
     worker_process_shutdown,
 )
 
-from worker.config import Settings, get_settings
+# The task time limits are defined with the settings, which check that a poll fits inside them.
+from worker.config import TASK_SOFT_TIME_LIMIT, TASK_TIME_LIMIT, Settings, get_settings
 
 POLL_QUEUE = "receipts"
 CLOCK_QUEUE = "receipts-clock"
@@ -40,8 +41,6 @@ CLOCK_QUEUE = "receipts-clock"
 # app lands when it names no queue, so workers consume it too.
 FOREIGN_QUEUE = "celery"
 QUEUES = (POLL_QUEUE, CLOCK_QUEUE, FOREIGN_QUEUE)
-TASK_TIME_LIMIT = 300
-TASK_SOFT_TIME_LIMIT = 240
 
 
 # The embedded broker's subfolders inside RECEIPTS_BROKER_DIR: messages, processed messages, and
@@ -118,12 +117,18 @@ app = make_app()
 
 @after_setup_logger.connect
 @after_setup_task_logger.connect
-def _mask_phones(logger: logging.Logger, **_: Any) -> None:
-    """Phones in worker logs are masked unless RECEIPTS_LOG_PHONES is set."""
-    if not get_settings().log_phones:
-        from worker.logs import mask_phones_in_logs
+def _scrub_logs(logger: logging.Logger, **_: Any) -> None:
+    """Worker logs never show a secret URL's token, and show phones masked unless
+    RECEIPTS_LOG_PHONES is set (worker/logs.py)."""
+    from worker.logs import scrub_logs
 
-        mask_phones_in_logs(logger)
+    settings = get_settings()
+    scrub_logs(
+        logger,
+        phones=not settings.log_phones,
+        secret_urls=settings.secret_urls(),
+        secret_values=settings.secret_values(),
+    )
 
 
 @worker_process_init.connect

@@ -350,26 +350,33 @@ def _json_default(value: Any) -> Any:
 )
 @click.option(
     "--host",
-    default="0.0.0.0",  # noqa: S104 - an exporter exists to be scraped, in containers too
+    default="127.0.0.1",
     show_default=True,
-    help="Address to listen on; the default, all interfaces, lets Prometheus reach a "
-    "container. Use 127.0.0.1 to keep the metrics local.",
+    help="Address to listen on. The metrics have no authentication, so the default keeps "
+    "them on this machine; use 0.0.0.0 inside a container or behind a firewall or reverse "
+    "proxy that lets only Prometheus in.",
 )
 def exporter(port: int, host: str) -> None:
     """Serve Prometheus metrics computed from the database at /metrics.
 
-    Every scrape reads the tables, so one exporter reports for all workers. A database
-    error is reported as receipts_scrape_error 1, and the exporter keeps serving.
+    Every scrape reads the work in progress, so one exporter reports for all workers; the
+    totals that grow with history are recounted every RECEIPTS_EXPORTER_TOTALS_INTERVAL. A
+    database error is reported as receipts_scrape_error 1, and the exporter keeps serving.
     """
     import logging
 
     from worker.metrics import serve
 
-    _settings()
+    settings = _settings()
     # Scrape errors are logged; without this only Python's last-resort handler would show them.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        serve(port, host, announce=lambda url: click.echo(f"serving metrics on {url}"))
+        serve(
+            port,
+            host,
+            totals_interval=settings.exporter_totals_interval,
+            announce=lambda url: click.echo(f"serving metrics on {url}"),
+        )
     except OSError as exc:  # the port is taken, or the address is not ours
         _fail(f"cannot listen on {host}:{port}: {exc}")
 

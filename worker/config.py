@@ -6,12 +6,14 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from functools import lru_cache
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BeforeValidator,
     Field,
     SecretStr,
@@ -22,6 +24,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import SettingsError
+from worker.logs import mask_password, redact_url
 from worker.receipts import DEFAULT_MAX_ANSWER_BYTES
 from worker.schedule import PollPolicy
 
@@ -69,7 +72,60 @@ def _seconds(value: Any) -> float:
         return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
 
 
+def _shown(duration: timedelta) -> str:
+    """A duration as a person would write it: ``30d``, ``1h``, ``4m``, ``3.05s``."""
+    seconds = duration.total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size:.0f}{unit}"
+    return f"{seconds:.15g}s"
+
+
+def _at_most(maximum: timedelta) -> AfterValidator:
+    def check(value: timedelta) -> timedelta:
+        if value > maximum:
+            raise ValueError(f"{_shown(value)} is longer than the maximum, {_shown(maximum)}")
+        return value
+
+    return AfterValidator(check)
+
+
+# Celery's limits for every task (worker/celery.py applies them): a poll must record its answer
+# before the soft limit interrupts it.
+TASK_TIME_LIMIT = 300
+TASK_SOFT_TIME_LIMIT = 240
+# What a poll needs after its last API attempt to record the answer (its database retries last
+# about ten seconds), inside TASK_SOFT_TIME_LIMIT.
+ANSWER_ROOM = timedelta(seconds=30)
+
+# Every duration has a maximum (README "Settings"), so that the datetime arithmetic the worker
+# does with it stays in range: RECEIPTS_CUTOFF=1000000d once passed and then every tick died
+# with OverflowError. The schedule is bounded by a month, which nobody needs to exceed for an
+# SMS receipt; the clock must tick at least hourly for escalations to be timely; one HTTP
+# attempt must fit in the task's time limit (and a poll as a whole: see _consistent).
+MAX_SCHEDULE = timedelta(days=30)
+MAX_TICK = timedelta(hours=1)
+MAX_CLAIM_LEASE = timedelta(days=1)
+MAX_HTTP = timedelta(seconds=TASK_SOFT_TIME_LIMIT)
+MAX_WEBHOOK_TIMEOUT = timedelta(minutes=1)
+MAX_EXPORTER_TOTALS_INTERVAL = timedelta(days=1)
+
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+ScheduleDuration = Annotated[timedelta, BeforeValidator(parse_duration), _at_most(MAX_SCHEDULE)]
+TickDuration = Annotated[timedelta, BeforeValidator(parse_duration), _at_most(MAX_TICK)]
+LeaseDuration = Annotated[timedelta, BeforeValidator(parse_duration), _at_most(MAX_CLAIM_LEASE)]
+HttpDuration = Annotated[timedelta, BeforeValidator(parse_duration), _at_most(MAX_HTTP)]
+WebhookDuration = Annotated[
+    timedelta, BeforeValidator(parse_duration), _at_most(MAX_WEBHOOK_TIMEOUT)
+]
+TotalsDuration = Annotated[
+    timedelta, BeforeValidator(parse_duration), _at_most(MAX_EXPORTER_TOTALS_INTERVAL)
+]
+
+# RECEIPTS_WEBHOOK_SECRET: a key shorter than this is guessable from signed requests.
+MIN_WEBHOOK_SECRET = 16
+# What the worker's SQL is written for (ON CONFLICT, JSON functions, psycopg 3).
+SUPPORTED_DATABASES = ("postgresql", "postgres", "postgresql+psycopg", "sqlite", "sqlite+pysqlite")
 
 _SIZE = re.compile(r"(\d+)\s*(b|kb|kib|mb|mib|gb|gib)?")
 _UNIT_BYTES = {
@@ -115,17 +171,37 @@ def is_loopback_url(url: str) -> bool:
         return False
 
 
-def _check_http_url(name: str, value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{name} must be an http(s) URL with a host, got {value!r}")
+def _check_http_url(name: str, value: str, *, shown: Callable[[str], str]) -> str:
+    """``value`` if it is an http(s) URL with a host; the error shows it through ``shown``
+    (which hides its secrets)."""
+    try:
+        parts = urlsplit(value)
+        scheme, host = parts.scheme, parts.hostname
+    except ValueError:
+        scheme, host = "", None
+    if scheme not in ("http", "https") or not host:
+        raise ValueError(f"{name} must be an http(s) URL with a host, got {shown(value)!r}")
     return value
+
+
+# How each URL setting is shown in errors and in repr(settings): a database, broker or API URL
+# may carry a password; the whole path and query of a webhook URL can be its secret.
+_URL_SHOWN: dict[str, Callable[[str], str]] = {
+    "database_url": mask_password,
+    "broker_url": mask_password,
+    "api_url": mask_password,
+    "escalation_webhook_url": redact_url,
+}
 
 
 class Settings(BaseSettings):
     """Every setting of README "Settings"; durations accept seconds or forms like ``5m``."""
 
-    model_config = SettingsConfigDict(env_prefix="RECEIPTS_", extra="ignore", frozen=True)
+    # hide_input_in_errors: pydantic's own error text would echo every input value (a database
+    # password, a webhook token) when Settings(...) is called directly.
+    model_config = SettingsConfigDict(
+        env_prefix="RECEIPTS_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     # --- storage and transport
     database_url: str = "sqlite:///receipts.db"
@@ -135,27 +211,31 @@ class Settings(BaseSettings):
 
     # --- the Uspeedo API
     api_url: str = DEFAULT_API_URL
+    # Plain http:// is refused for any host but this machine's (the simulator), unless this
+    # says the network in between is trusted (the docker-compose demo's simulator).
+    api_allow_http: bool = False
     access_key_id: str | None = None
     access_key_secret: SecretStr | None = None
-    api_connect_timeout: Duration = timedelta(seconds=3.05)
-    api_read_timeout: Duration = timedelta(seconds=10)
+    api_connect_timeout: HttpDuration = timedelta(seconds=3.05)
+    api_read_timeout: HttpDuration = timedelta(seconds=10)
     api_max_attempts: int = Field(default=3, ge=1, le=10)
     # Past this an answer is refused unread (worker/receipts.py: what an answer weighs);
     # at least 64 KiB, so that a single session's answer always fits.
     api_max_answer_bytes: Size = Field(default=DEFAULT_MAX_ANSWER_BYTES, ge=64 * 1024)
     # One poll stops retrying the API after this; with the timeouts it bounds how long a
     # poll can be in flight, which is how long its sessions are held against a second poll.
+    # Bounded with the timeouts by the task's time limit (see _consistent).
     poll_budget: Duration = timedelta(seconds=60)
 
     # --- the poll schedule
-    first_poll_delay: Duration = timedelta(seconds=300)
-    poll_interval_min: Duration = timedelta(seconds=300)
-    poll_interval_max: Duration = timedelta(seconds=600)
-    cutoff: Duration = timedelta(hours=12)
-    tick: Duration = timedelta(seconds=30)
+    first_poll_delay: ScheduleDuration = timedelta(seconds=300)
+    poll_interval_min: ScheduleDuration = timedelta(seconds=300)
+    poll_interval_max: ScheduleDuration = timedelta(seconds=600)
+    cutoff: ScheduleDuration = timedelta(hours=12)
+    tick: TickDuration = timedelta(seconds=30)
     # A claimed session whose poll task never ran (worker killed, broker emptied) becomes due
     # again after this; the default leaves room for a queue backlog without polling anything twice.
-    claim_lease: Duration | None = None
+    claim_lease: LeaseDuration | None = None
     batch_size: int = Field(default=100, ge=1, le=100)
     # Upper bound of sessions one tick claims, so one tick never floods the queue.
     max_claim_per_tick: int = Field(default=200_000, ge=1)
@@ -163,10 +243,14 @@ class Settings(BaseSettings):
     # --- escalation
     escalation_webhook_url: str | None = None
     webhook_secret: SecretStr | None = None
-    webhook_timeout: Duration = timedelta(seconds=10)
+    webhook_timeout: WebhookDuration = timedelta(seconds=10)
 
     # --- logs
     log_phones: bool = False
+
+    # --- metrics (receipts exporter)
+    # The totals that grow with history are recounted (whole tables) at most this often.
+    exporter_totals_interval: TotalsDuration = timedelta(minutes=5)
 
     @field_validator("database_url")
     @classmethod
@@ -175,9 +259,14 @@ class Settings(BaseSettings):
         from sqlalchemy.exc import ArgumentError
 
         try:
-            make_url(value)
+            url = make_url(value)
         except ArgumentError:
-            raise ValueError(f"not a SQLAlchemy URL: {value!r}") from None
+            raise ValueError(f"not a SQLAlchemy URL: {mask_password(value)!r}") from None
+        if url.drivername not in SUPPORTED_DATABASES:
+            raise ValueError(
+                f"{url.drivername!r} databases are not supported: use a PostgreSQL URL "
+                "(postgresql://user@host/db, psycopg 3) or a SQLite one (sqlite:///path/file.db)"
+            )
         return value
 
     @field_validator("broker_url")
@@ -186,32 +275,91 @@ class Settings(BaseSettings):
         if not value:
             return None  # unset or empty: the embedded broker
         if "://" not in value:
-            raise ValueError(f"not a broker URL (e.g. redis://127.0.0.1:6379/0): {value!r}")
+            raise ValueError(
+                f"not a broker URL (e.g. redis://127.0.0.1:6379/0): {mask_password(value)!r}"
+            )
         return value
 
     @field_validator("api_url")
     @classmethod
     def _api_url(cls, value: str) -> str:
-        return _check_http_url("RECEIPTS_API_URL", value)
+        return _check_http_url("RECEIPTS_API_URL", value, shown=mask_password)
 
     @field_validator("escalation_webhook_url")
     @classmethod
     def _webhook_url(cls, value: str | None) -> str | None:
-        return _check_http_url("RECEIPTS_ESCALATION_WEBHOOK_URL", value) if value else None
+        if not value:
+            return None
+        return _check_http_url("RECEIPTS_ESCALATION_WEBHOOK_URL", value, shown=redact_url)
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # Set but empty used to turn signing off without a word (docker-compose.yml set it so).
+        if value is not None and len(value.get_secret_value().strip()) < MIN_WEBHOOK_SECRET:
+            state = "is empty" if not value.get_secret_value().strip() else "is too short"
+            raise ValueError(
+                f"{state}: use at least {MIN_WEBHOOK_SECRET} characters (e.g. the output of "
+                "`openssl rand -hex 32`), or unset it to send webhooks unsigned"
+            )
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        """Rules between settings, all reported at once, one line each naming the variable."""
+        problems = []
         if self.poll_interval_min > self.poll_interval_max:
-            raise ValueError(
+            problems.append(
                 "RECEIPTS_POLL_INTERVAL_MIN "
                 f"({self.poll_interval_min.total_seconds():g}s) must not exceed "
                 f"RECEIPTS_POLL_INTERVAL_MAX ({self.poll_interval_max.total_seconds():g}s)"
             )
         if self.cutoff <= self.first_poll_delay:
-            raise ValueError("RECEIPTS_CUTOFF must be longer than RECEIPTS_FIRST_POLL_DELAY")
+            problems.append("RECEIPTS_CUTOFF must be longer than RECEIPTS_FIRST_POLL_DELAY")
         if self.claim_lease is not None and self.claim_lease < self.tick:
-            raise ValueError("RECEIPTS_CLAIM_LEASE must be at least RECEIPTS_TICK")
+            problems.append("RECEIPTS_CLAIM_LEASE must be at least RECEIPTS_TICK")
+        attempt_ends = self.poll_budget + self.api_connect_timeout + self.api_read_timeout
+        room = timedelta(seconds=TASK_SOFT_TIME_LIMIT) - ANSWER_ROOM
+        if attempt_ends > room:
+            problems.append(
+                f"RECEIPTS_POLL_BUDGET ({_shown(self.poll_budget)}) + "
+                f"RECEIPTS_API_CONNECT_TIMEOUT ({_shown(self.api_connect_timeout)}) + "
+                f"RECEIPTS_API_READ_TIMEOUT ({_shown(self.api_read_timeout)}) must stay within "
+                f"{_shown(room)}: the poll task's soft time limit (TASK_SOFT_TIME_LIMIT, "
+                f"{TASK_SOFT_TIME_LIMIT}s, in worker/config.py) less {_shown(ANSWER_ROOM)} to "
+                "record the answer"
+            )
+        if (
+            urlsplit(self.api_url).scheme == "http"
+            and not is_loopback_url(self.api_url)
+            and not self.api_allow_http
+        ):
+            problems.append(
+                "RECEIPTS_API_URL must use https:// unless it points at this machine: plain "
+                "http:// would carry every receipt and the access key id unencrypted (on a "
+                "network you trust, e.g. a compose demo, set RECEIPTS_API_ALLOW_HTTP=true)"
+            )
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
+
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
+        """repr() and str() show where each URL points, never its password or token."""
+        for name, value in super().__repr_args__():
+            shown = _URL_SHOWN.get(name or "")
+            yield name, shown(value) if shown is not None and isinstance(value, str) else value
+
+    def secret_urls(self) -> list[str]:
+        """URLs whose path, query and user info are secrets, redacted from every log line."""
+        return [url for url in (self.escalation_webhook_url,) if url]
+
+    def secret_values(self) -> list[str]:
+        """Secrets that must never appear in a log line, were anything to print them."""
+        return [
+            secret.get_secret_value()
+            for secret in (self.access_key_secret, self.webhook_secret)
+            if secret is not None and secret.get_secret_value()
+        ]
 
     @property
     def lease(self) -> timedelta:
@@ -273,9 +421,11 @@ def load_settings(**overrides: Any) -> Settings:
         lines = []
         for error in exc.errors():
             field = ".".join(str(part) for part in error["loc"])
-            name = f"RECEIPTS_{field.upper()}" if field else "settings"
             message = str(error["msg"]).removeprefix("Value error, ")
-            lines.append(f"{name}: {message}")
+            if field:
+                lines.append(f"RECEIPTS_{field.upper()}: {message}")
+            else:  # rules between settings: each line names its variables already
+                lines.extend(message.splitlines())
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
 
 

@@ -1,17 +1,54 @@
-"""What may appear in logs: phone numbers are masked to their last four digits unless
-``RECEIPTS_LOG_PHONES`` is set, so that logs shipped elsewhere carry no personal data."""
+"""What may appear in logs and error texts.
+
+- Phone numbers are masked to their last four digits unless ``RECEIPTS_LOG_PHONES`` is set, so
+  that logs shipped elsewhere carry no personal data.
+- Secrets carried inside URLs never appear: a Slack-style webhook URL's path is its token
+  (``/services/T…/B…/<token>``), a database or broker URL may carry a password. Whatever
+  builds an error text from a request to such a URL passes it through :func:`redact_url_in`;
+  settings errors and ``repr(settings)`` show :func:`redact_url` or :func:`mask_password`;
+  and the workers' log handlers redact the configured ones from every record
+  (:class:`ScrubbingFilter`, attached in ``worker/celery.py``).
+"""
 
 from __future__ import annotations
 
 import logging
 import re
+import sys
+from collections.abc import Iterable
+from urllib.parse import urlsplit
 
 from worker.domain import phone_key
 
-# A phone as it may appear in a message: 7-20 digits, optionally led by + and broken by
-# spaces or parentheses, not part of a longer token (hex ids, ISO dates with dashes, times).
-_PHONE_IN_TEXT = re.compile(r"(?<![\w.:/-])\+?(?:\(?\d[\d ()]{5,24}\d)(?![\w.:/-])")
-_MIN_DIGITS = 7
+# A phone as it may appear in a message, in any spelling Uspeedo, senders or Python use:
+# 7-20 digits, optionally led by + and broken by spaces, dashes or parentheses
+# (``+852 5531-1111``, ``(852)55311111``, ``852-5531-1111``), or a number the API sent as a
+# float (``85255310001.0``). Not part of a longer token (hex ids, hostnames, paths, decimal
+# numbers, IP addresses), and never an ISO date (``2026-11-30``) or a UUID, whose digits and
+# dashes would otherwise read as a phone.
+_DATE = r"\d{4}-\d\d-\d\d(?!\d)"
+_UUID = r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}(?![0-9a-fA-F])"
+_PHONE_IN_TEXT = re.compile(
+    rf"""
+    (?<![\w./-]) (?<!\d:)               # starts a token (a time's minutes do not)
+    \+? \(? (?!{_DATE}) (?!{_UUID}) \d
+    (?: [\ ()-]{{0,3}} (?!{_DATE}) \d )+  # digits, at most three separators apart
+    (?P<float> \.0+ (?!\d) )?             # 85255310001.0
+    (?![\w/-]) (?![.:]\w)                # and ends it (a sentence's full stop may follow)
+    """,
+    re.VERBOSE,
+)
+_NOT_DIGITS = re.compile(r"\D")
+_MIN_DIGITS, _MAX_DIGITS = 7, 20
+
+# What replaces a secret part of a URL.
+REDACTED = "<redacted>"
+HIDDEN = "***"
+# Query parameters that carry credentials in database and broker URLs (libpq's ``password``,
+# kombu's and others' spellings).
+_SECRET_QUERY = re.compile(
+    r"(?i)([?&;](?:password|passwd|pwd|pass|secret|token|access_key|api_key)=)[^&;#\s'\"]*"
+)
 
 
 def mask_phone(phone: str, *, show: bool = False) -> str:
@@ -21,30 +58,181 @@ def mask_phone(phone: str, *, show: bool = False) -> str:
     return "*" * max(len(digits) - 4, 0) + digits[-4:]
 
 
+def _mask_match(match: re.Match[str]) -> str:
+    found = match.group(0)
+    digits = _NOT_DIGITS.sub(
+        "", found[: match.start("float") - match.start()] if match.group("float") else found
+    )
+    if len(digits) < _MIN_DIGITS:
+        return found
+    # Longer than any phone: an id written in one piece is left alone, but separated groups
+    # may be a phone with numbers around it ("85255311111 2 times"), so they are masked.
+    if len(digits) > _MAX_DIGITS and digits == found:
+        return found
+    return "*" * (len(digits) - 4) + digits[-4:]
+
+
 def scrub(text: str) -> str:
     """``text`` with every phone-like number masked to its last four digits."""
-
-    def mask(match: re.Match[str]) -> str:
-        found = match.group(0)
-        return mask_phone(found) if len(phone_key(found)) >= _MIN_DIGITS else found
-
-    return _PHONE_IN_TEXT.sub(mask, text)
+    return _PHONE_IN_TEXT.sub(_mask_match, text)
 
 
-class PhoneMaskingFilter(logging.Filter):
-    """Masks phone numbers in every record that passes the handler it is attached to,
-    whoever logged it (our code, Celery, urllib3)."""
+# --- URLs -------------------------------------------------------------------------------------
+
+
+def redact_url(url: str) -> str:
+    """``scheme://host[:port]`` of ``url``, followed by a marker when the URL had a path, query,
+    fragment or user info (any of which may be its secret); the marker alone when ``url`` has no
+    recognisable host."""
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return REDACTED
+    host = parts.netloc.rpartition("@")[2]
+    if not parts.scheme or not host:
+        return REDACTED
+    if "@" in parts.netloc or parts.path not in ("", "/") or parts.query or parts.fragment:
+        return f"{parts.scheme}://{host}/{REDACTED}"
+    return url.strip()
+
+
+def _prepared(url: str) -> str | None:
+    """``url`` as ``requests`` sends it (percent-encoded, dot segments removed), or None."""
+    from requests import PreparedRequest, RequestException
+
+    request = PreparedRequest()
+    try:
+        request.prepare_url(url, None)
+    except (RequestException, ValueError, UnicodeError):
+        return None
+    return request.url
+
+
+def _secret_parts(url: str) -> list[tuple[str, str]]:
+    """The spellings under which ``url``'s secrets can show up in an error text, each with its
+    replacement: the URL itself, raw and as ``requests`` prepares it, and its user info, path
+    and query alone (urllib3 names the path and query in "Max retries exceeded with url: …",
+    an error page may echo them). Longest first, so that a URL is replaced before its path."""
+    url = url.strip()
+    shown = redact_url(url)
+    found: dict[str, str] = {}
+    for spelling in filter(None, (url, _prepared(url))):
+        found[spelling] = shown
+        try:
+            parts = urlsplit(spelling)
+        except ValueError:
+            continue
+        userinfo = parts.netloc.rpartition("@")[0]
+        path_query = parts.path + (f"?{parts.query}" if parts.query else "")
+        for part in (userinfo, parts.path, path_query, parts.query):
+            if part and part != "/":
+                found.setdefault(part, REDACTED)
+    return sorted(found.items(), key=lambda item: len(item[0]), reverse=True)
+
+
+def redact_url_in(text: str, url: str) -> str:
+    """``text`` without any secret part of ``url`` (see :func:`redact_url`)."""
+    if not url.strip():
+        return text
+    for part, replacement in _secret_parts(url):
+        text = text.replace(part, replacement)
+    return text
+
+
+def mask_password(url: str) -> str:
+    """``url`` with its password replaced by ``***``; the rest (scheme, user, host, database)
+    stays readable. Works on mistyped URLs too (``postgresql//u:pw@h/db``), where a parser
+    would fail: the password is whatever follows the first ``:`` of the user info, which ends
+    at the last ``@``. Password-like query parameters are masked as well."""
+    head, at, tail = url.rpartition("@")
+    if at:
+        if "//" in head:
+            start = head.index("//") + 2
+        elif ":" in head:
+            start = head.index(":") + 1
+        else:
+            start = 0
+        user, colon, _password = head[start:].partition(":")
+        if colon:
+            head = f"{head[:start]}{user}:{HIDDEN}"
+        url = f"{head}@{tail}"
+    return _SECRET_QUERY.sub(rf"\g<1>{HIDDEN}", url)
+
+
+# --- log records ------------------------------------------------------------------------------
+
+
+class ScrubbingFilter(logging.Filter):
+    """Cleans every record that passes the handler it is attached to, whoever logged it (our
+    code, Celery, urllib3): the secret parts of ``secret_urls`` and the ``secret_values`` are
+    redacted, and with ``phones`` phone numbers are masked."""
+
+    def __init__(
+        self,
+        *,
+        phones: bool = True,
+        secret_urls: Iterable[str] = (),
+        secret_values: Iterable[str] = (),
+    ) -> None:
+        super().__init__()
+        self.phones = phones
+        # Worked out once: a filter sees every record its handler emits.
+        self._replacements = [
+            *(pair for url in secret_urls if url.strip() for pair in _secret_parts(url)),
+            *((value, REDACTED) for value in sorted(secret_values, key=len, reverse=True) if value),
+        ]
+
+    def clean(self, text: str) -> str:
+        for secret, replacement in self._replacements:
+            if secret in text:
+                text = text.replace(secret, replacement)
+        return scrub(text) if self.phones else text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        masked = scrub(message)
-        if masked != message:
-            record.msg, record.args = masked, None
+        try:
+            message = record.getMessage()
+        except Exception:  # a format bug of the caller: the handler reports it
+            return True
+        cleaned = self.clean(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        # The traceback is formatted by the handler's Formatter after every filter has run, and
+        # carries exception messages (a Reject's reason, SQL parameters): format it here, clean
+        # it, and leave it where every Formatter looks first (record.exc_text).
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _format_exception(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.clean(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.clean(record.stack_info)
         return True
 
 
-def mask_phones_in_logs(logger: logging.Logger | None = None) -> None:
-    """Attach the filter to every handler of ``logger`` (default: the root logger)."""
+_PLAIN = logging.Formatter()
+
+
+def _format_exception(exc_info: object) -> str | None:
+    """The traceback text a Formatter would print for a record's ``exc_info`` (a tuple, or
+    any true value meaning "the exception being handled", as Celery's formatter reads it)."""
+    if not isinstance(exc_info, tuple):
+        exc_info = sys.exc_info()
+    if exc_info[0] is None:
+        return None
+    return _PLAIN.formatException(exc_info)
+
+
+def scrub_logs(
+    logger: logging.Logger | None = None,
+    *,
+    phones: bool = True,
+    secret_urls: Iterable[str] = (),
+    secret_values: Iterable[str] = (),
+) -> None:
+    """Attach a :class:`ScrubbingFilter` to every handler of ``logger`` (default: the root
+    logger) that has none yet."""
+    urls, values = list(secret_urls), list(secret_values)
     for handler in (logger or logging.getLogger()).handlers:
-        if not any(isinstance(f, PhoneMaskingFilter) for f in handler.filters):
-            handler.addFilter(PhoneMaskingFilter())
+        if not any(isinstance(f, ScrubbingFilter) for f in handler.filters):
+            handler.addFilter(
+                ScrubbingFilter(phones=phones, secret_urls=urls, secret_values=values)
+            )

@@ -1,8 +1,17 @@
 """Prometheus metrics computed from the database (``receipts exporter``).
 
-Every number is read from the tables on each scrape instead of being counted in process memory,
-so that one exporter reports the truth however many workers run, and restarting any process
-loses nothing. Metric names are a contract (README "Metrics", deploy/prometheus-alerts.yml).
+Every number is read from the tables instead of being counted in process memory, so that one
+exporter reports the truth however many workers run, and restarting any process loses nothing.
+Metric names are a contract (README "Metrics", deploy/prometheus-alerts.yml).
+
+A scrape stays cheap as the tables grow:
+
+- The work in progress (pending sessions, unacknowledged escalations, undelivered webhooks) is
+  read on every scrape, through partial indexes whose size follows that work, not the history.
+- The totals that grow with history (resolved and escalated sessions, receipts by result) need
+  whole-table counts (0.8 s at 1M sessions): they are counted at most every
+  ``RECEIPTS_EXPORTER_TOTALS_INTERVAL``, in the background, one count at a time, and served
+  from a cache whose age is exported as ``receipts_totals_age_seconds``.
 
 A scrape that cannot read the database does not crash the exporter: it reports
 ``receipts_scrape_error 1`` and nothing else, so that no stale or zero value passes for health.
@@ -15,6 +24,7 @@ import math
 import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import FrameType
@@ -26,7 +36,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session
 
 from worker.clock import database_now
-from worker.db import read_scope
+from worker.db import error_text, read_scope
 from worker.domain import Result, SessionState
 from worker.models import (
     api_calls_table,
@@ -44,15 +54,21 @@ DEFAULT_INTERVAL_MAX_SECONDS = 600.0
 # A scrape must never pile up queries on a struggling database: Prometheus gives up after its
 # scrape_timeout (10 s by default) anyway.
 STATEMENT_TIMEOUT_MS = 5000
+# The history totals are counted off the scrape path, one count at a time, at most once per
+# interval: they may take longer, but not forever.
+TOTALS_STATEMENT_TIMEOUT_MS = 60_000
+DEFAULT_TOTALS_INTERVAL = timedelta(minutes=5)
+# How long the first scrape waits for the first totals before it answers without them.
+FIRST_TOTALS_WAIT_SECONDS = 5.0
 
 Now = Callable[[], datetime]
 
 
 @dataclass
 class Snapshot:
-    """What one scrape read from the database."""
+    """The work in progress, read by every scrape."""
 
-    sessions: dict[str, int] = field(default_factory=dict)
+    pending: int = 0
     unacknowledged: int = 0
     oldest_pending_sent_at: datetime | None = None
     overdue: int = 0
@@ -60,28 +76,22 @@ class Snapshot:
     api_calls: list[tuple[str, int, int]] = field(default_factory=list)
     webhooks_pending: int = 0
     webhook_failures: int = 0
-    receipts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Totals:
+    """What grows with history, counted over whole tables: the slow part, cached."""
+
+    sessions: dict[str, int]  # resolved and escalated (pending is work in progress)
+    receipts: dict[str, int]
+    computed_at: datetime
 
 
 def read_snapshot(session: Session, now: datetime) -> Snapshot:
-    """All the metrics' numbers, read in one transaction with a handful of cheap queries."""
-    sessions, receipts, outbox = sessions_table.c, receipts_table.c, outbox_table.c
+    """The work in progress, in one transaction. Each query matches a partial index, so its
+    cost follows the pending work and the open escalations, not the history."""
+    sessions, outbox = sessions_table.c, outbox_table.c
     snap = Snapshot()
-
-    # One pass over sms_sessions for both the per-state counts and the unacknowledged
-    # escalations. No index helps a GROUP BY over every state (resolved sessions are the whole
-    # history), so this is a full scan whose cost grows with the table: acceptable at scrape
-    # intervals of 15-60 s. Exact counts are the point (alerts fire on 1); should the table
-    # outgrow that, prune resolved history rather than estimate from pg_class.reltuples.
-    by_state = sa.select(
-        sessions.state,
-        sa.func.count(),
-        sa.func.count().filter(sessions.acknowledged_at.is_(None)),
-    ).group_by(sessions.state)
-    for state, count, unacknowledged in session.execute(by_state):
-        snap.sessions[state] = count
-        if state == SessionState.ESCALATED:
-            snap.unacknowledged = unacknowledged
 
     heartbeat = session.execute(
         sa.select(heartbeats_table.c.beat_at, heartbeats_table.c.poll_interval_max_seconds).where(
@@ -93,18 +103,28 @@ def read_snapshot(session: Session, now: datetime) -> Snapshot:
         snap.last_tick_at = heartbeat.beat_at
         interval_max = heartbeat.poll_interval_max_seconds
 
-    # Pending sessions only: the state = 'pending' predicate matches the partial indexes
-    # (ix_sms_sessions_pending_sent_at, ix_sms_sessions_due), so the cost follows the pending
-    # work, not the history. "Overdue" is the stale_sessions view's rule: a poll missed by
-    # more than two of the longest intervals.
+    # state = 'pending' is the predicate of the partial indexes ix_sms_sessions_due and
+    # ix_sms_sessions_pending_sent_at. Two statements, so that each reads one index alone:
+    # the counts need only next_poll_at (in ix_sms_sessions_due: an index-only scan where
+    # the table is vacuumed), the oldest sent_at is the first entry of the other. "Overdue" is
+    # the stale_sessions view's rule: a poll missed by more than two of the longest intervals.
+    pending = sessions.state == SessionState.PENDING.value
     overdue_before = now - timedelta(seconds=2 * interval_max)
-    pending_row = session.execute(
+    snap.pending, snap.overdue = session.execute(
         sa.select(
-            sa.func.min(sessions.sent_at),
-            sa.func.count().filter(sessions.next_poll_at < overdue_before),
-        ).where(sessions.state == SessionState.PENDING.value)
+            sa.func.count(), sa.func.count().filter(sessions.next_poll_at < overdue_before)
+        ).where(pending)
     ).one()
-    snap.oldest_pending_sent_at, snap.overdue = pending_row[0], pending_row[1]
+    snap.oldest_pending_sent_at = session.execute(
+        sa.select(sa.func.min(sessions.sent_at)).where(pending)
+    ).scalar_one()
+
+    # ix_sms_sessions_unacknowledged holds exactly these rows.
+    snap.unacknowledged = session.execute(
+        sa.select(sa.func.count()).where(
+            sessions.state == SessionState.ESCALATED.value, sessions.acknowledged_at.is_(None)
+        )
+    ).scalar_one()
 
     # A few rows at most: one per (outcome, RetCode) ever seen.
     calls = api_calls_table.c
@@ -122,11 +142,82 @@ def read_snapshot(session: Session, now: datetime) -> Snapshot:
         )
     ).one()
     snap.webhooks_pending, snap.webhook_failures = undelivered[0], undelivered[1]
-
-    # Like the sessions, a full scan of sms_receipts (one row per phone): the same trade-off.
-    by_result = sa.select(receipts.result, sa.func.count()).group_by(receipts.result)
-    snap.receipts = dict(session.execute(by_result).all())
     return snap
+
+
+def read_totals(session: Session, now: datetime) -> Totals:
+    """Resolved and escalated sessions, and receipts by result: whole-table counts, since no
+    index narrows a count over the history (it is the history). Exact, not estimated from
+    pg_class.reltuples: an estimate that drifts would read as a change."""
+    sessions, receipts = sessions_table.c, receipts_table.c
+    by_state = (
+        sa.select(sessions.state, sa.func.count())
+        .where(sessions.state != SessionState.PENDING.value)
+        .group_by(sessions.state)
+    )
+    by_result = sa.select(receipts.result, sa.func.count()).group_by(receipts.result)
+    return Totals(
+        sessions=dict(session.execute(by_state).all()),
+        receipts=dict(session.execute(by_result).all()),
+        computed_at=now,
+    )
+
+
+@contextmanager
+def _read_scope_with_timeout(milliseconds: int) -> Iterator[Session]:
+    with read_scope() as session:
+        if session.get_bind().dialect.name == "postgresql":
+            # LOCAL: ends with this transaction, so the pooled connection is unchanged.
+            session.execute(sa.text(f"SET LOCAL statement_timeout = {int(milliseconds)}"))
+        yield session
+
+
+class TotalsCache:
+    """The history totals, recounted in a background thread when a scrape finds them
+    ``interval`` old, one count at a time: however often Prometheus scrapes (and however many
+    Prometheus servers do), the tables are counted whole at most once per interval. A failed
+    count keeps the last totals (their age keeps growing, which is what an alert watches) and
+    is tried again an interval later. The first scrape waits a little for the first count."""
+
+    def __init__(self, interval: timedelta, *, first_wait: float = FIRST_TOTALS_WAIT_SECONDS):
+        self.interval = interval
+        self.first_wait = first_wait
+        self._lock = threading.Lock()
+        self._totals: Totals | None = None
+        self._attempted_at: datetime | None = None
+        self._counting: threading.Thread | None = None
+
+    def get(self, now: datetime) -> Totals | None:
+        with self._lock:
+            due = self._counting is None and (
+                self._attempted_at is None
+                or now - self._attempted_at >= self.interval
+                or now < self._attempted_at  # the clock went back: count again
+            )
+            if due:
+                self._attempted_at = now
+                self._counting = threading.Thread(
+                    target=self._count, args=(now,), name="receipts-totals", daemon=True
+                )
+                self._counting.start()
+            counting, totals = self._counting, self._totals
+        if totals is None and counting is not None:
+            counting.join(self.first_wait)
+            with self._lock:
+                totals = self._totals
+        return totals
+
+    def _count(self, now: datetime) -> None:
+        try:
+            with _read_scope_with_timeout(TOTALS_STATEMENT_TIMEOUT_MS) as session:
+                totals = read_totals(session, now)
+        except Exception as exc:  # any failure: keep the last totals, try again later
+            log.error("metrics totals count failed: %s", error_text(exc))
+            totals = None
+        with self._lock:
+            if totals is not None:
+                self._totals = totals
+            self._counting = None
 
 
 def _seconds_since(then: datetime | None, now: datetime) -> float | None:
@@ -134,26 +225,26 @@ def _seconds_since(then: datetime | None, now: datetime) -> float | None:
 
 
 class ReceiptsCollector(Collector):
-    """Reads the database on each ``collect()``; ``now`` is injectable for tests."""
+    """Reads the work in progress on each ``collect()`` and the history totals from its cache;
+    ``now`` is injectable for tests."""
 
-    def __init__(self, now: Now = database_now) -> None:
+    def __init__(
+        self, now: Now = database_now, *, totals_interval: timedelta = DEFAULT_TOTALS_INTERVAL
+    ) -> None:
         self._now = now
+        self._totals = TotalsCache(totals_interval)
 
     def collect(self) -> Iterable[Metric]:
-        now = self._now()
         try:
-            with read_scope() as session:
-                if session.get_bind().dialect.name == "postgresql":
-                    # LOCAL: ends with this transaction, so the pooled connection is unchanged.
-                    timeout = f"SET LOCAL statement_timeout = {STATEMENT_TIMEOUT_MS}"
-                    session.execute(sa.text(timeout))
+            now = self._now()
+            with _read_scope_with_timeout(STATEMENT_TIMEOUT_MS) as session:
                 snap = read_snapshot(session, now)
         except Exception as exc:  # any failure, settings included: report it, keep serving
             # One line, not a traceback: a broken database fails every scrape, every 15 s.
-            log.error("metrics scrape failed: %s: %s", type(exc).__name__, exc)
+            log.error("metrics scrape failed: %s", error_text(exc))
             yield _scrape_error(1)
             return
-        yield from _metrics(snap, now)
+        yield from _metrics(snap, self._totals.get(now), now)
         yield _scrape_error(0)
 
 
@@ -167,13 +258,20 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
 
 
-def _metrics(snap: Snapshot, now: datetime) -> Iterator[Metric]:
+def _metrics(snap: Snapshot, totals: Totals | None, now: datetime) -> Iterator[Metric]:
     sessions = GaugeMetricFamily(
-        "receipts_sessions", "Tracked sessions by state.", labels=["state"]
+        "receipts_sessions",
+        "Tracked sessions by state: pending on every scrape; resolved and escalated as of "
+        "receipts_totals_age_seconds ago.",
+        labels=["state"],
     )
-    # Every state always, 0 when none: a missing series would read as "unknown", not "none".
+    # Every state always, 0 when none: a missing series would read as "unknown", not "none";
+    # without totals yet, resolved and escalated are unknown, so they are left out.
     for state in SessionState:
-        sessions.add_metric([state.value], snap.sessions.get(state.value, 0))
+        if state == SessionState.PENDING:
+            sessions.add_metric([state.value], snap.pending)
+        elif totals is not None:
+            sessions.add_metric([state.value], totals.sessions.get(state.value, 0))
     yield sessions
 
     yield _gauge(
@@ -224,18 +322,30 @@ def _metrics(snap: Snapshot, now: datetime) -> Iterator[Metric]:
     )
 
     receipts = GaugeMetricFamily(
-        "receipts_receipts", "Latest known receipts (one per phone) by result.", labels=["result"]
+        "receipts_receipts",
+        "Latest known receipts (one per phone) by result, as of receipts_totals_age_seconds ago.",
+        labels=["result"],
     )
-    for result in Result:
-        receipts.add_metric([result.value], snap.receipts.get(result.value, 0))
+    if totals is not None:
+        for result in Result:
+            receipts.add_metric([result.value], totals.receipts.get(result.value, 0))
     yield receipts
 
+    yield _gauge(
+        "receipts_totals_age_seconds",
+        "Seconds since the totals that grow with history (resolved and escalated sessions, "
+        "receipts by result) were counted; NaN before the first count.",
+        (now - totals.computed_at).total_seconds() if totals is not None else math.nan,
+    )
 
-def make_registry(now: Now = database_now) -> CollectorRegistry:
+
+def make_registry(
+    now: Now = database_now, *, totals_interval: timedelta = DEFAULT_TOTALS_INTERVAL
+) -> CollectorRegistry:
     """A fresh registry holding only our collector: the exporter exposes the database's
     numbers, not the exporter process's own (those would differ per replica)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ReceiptsCollector(now))
+    registry.register(ReceiptsCollector(now, totals_interval=totals_interval))
     return registry
 
 
@@ -249,10 +359,16 @@ def metrics_url(host: str, port: int) -> str:
     return f"http://{shown}:{port}/metrics"
 
 
-def serve(port: int, host: str, *, announce: Callable[[str], None] | None = None) -> None:
+def serve(
+    port: int,
+    host: str,
+    *,
+    totals_interval: timedelta = DEFAULT_TOTALS_INTERVAL,
+    announce: Callable[[str], None] | None = None,
+) -> None:
     """Serve ``/metrics`` until Ctrl-C or SIGTERM. ``announce`` gets the URL once listening
     (with the real port when ``port`` is 0)."""
-    registry = make_registry()
+    registry = make_registry(totals_interval=totals_interval)
     server, thread = start_http_server(port, addr=host, registry=registry)
     stop = threading.Event()
 

@@ -102,6 +102,14 @@ class SmsSession(Base):
             postgresql_where=sa.text("held_by IS NOT NULL"),
             sqlite_where=sa.text("held_by IS NOT NULL"),
         ),
+        # The escalations still waiting for someone: counted by every metrics scrape and
+        # listed by the stale_sessions view, whatever the size of the history.
+        sa.Index(
+            "ix_sms_sessions_unacknowledged",
+            "escalated_at",
+            postgresql_where=sa.text("state = 'escalated' AND acknowledged_at IS NULL"),
+            sqlite_where=sa.text("state = 'escalated' AND acknowledged_at IS NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

@@ -1,16 +1,24 @@
-"""Read-only views of the tables for people: ``receipts status`` and ``receipts stale``."""
+"""Read-only views of the tables for people: ``receipts status`` and ``receipts stale``.
+
+Every value from the database reaches rich as a ``Text``, never as a ``str``: rich reads
+``[...]`` in a string as markup (``[/]`` in a SessionNo or an API error text raised
+``MarkupError``; ``[bold]`` changed what was shown) and ``:name:`` as an emoji code.
+"""
 
 from __future__ import annotations
 
 import csv
 from datetime import datetime
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import sqlalchemy as sa
 
 from worker.db import read_scope
 from worker.errors import SessionNotFound
 from worker.models import receipts_table, sessions_table, stale_sessions_view
+
+if TYPE_CHECKING:
+    from rich.text import Text
 
 S = sessions_table
 R = receipts_table
@@ -62,8 +70,7 @@ def print_status(found: dict[str, Any]) -> None:
         "poll_count",
         "last_error",
     ):
-        value = found.get(key)
-        summary.add_row(key, _text(value))
+        summary.add_row(key, _cell(found.get(key)))
     console.print(summary)
     table = Table(title="receipts")
     for column in ("phone", "result", "receipt_code", "receipt_desc", "receipt_time", "cost_count"):
@@ -71,7 +78,7 @@ def print_status(found: dict[str, Any]) -> None:
     for receipt in found["receipts"]:
         table.add_row(
             *(
-                _text(receipt.get(c))
+                _cell(receipt.get(c))
                 for c in (
                     "phone",
                     "result",
@@ -83,6 +90,13 @@ def print_status(found: dict[str, Any]) -> None:
             )
         )
     console.print(table)
+
+
+def _cell(value: Any) -> Text:
+    """A value as rich shows it: exactly its text (see the module's docstring)."""
+    from rich.text import Text
+
+    return Text(_text(value))
 
 
 def _text(value: Any) -> str:
@@ -147,12 +161,12 @@ def print_stale(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         phones = ", ".join(f"{p['phone']}={p['last_result'] or 'none'}" for p in row["phones"])
         table.add_row(
-            row["kind"],
-            _text(row["account_id"]),
-            _text(row["session_no"]),
-            _text(row["sent_at"]),
-            _text(row["poll_count"]),
-            phones,
-            _text(row["last_error"]),
+            _cell(row["kind"]),
+            _cell(row["account_id"]),
+            _cell(row["session_no"]),
+            _cell(row["sent_at"]),
+            _cell(row["poll_count"]),
+            _cell(phones),
+            _cell(row["last_error"]),
         )
     console.print(table)

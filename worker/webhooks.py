@@ -32,6 +32,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from worker import bounded_http
+from worker.logs import redact_url_in
 from worker.models import outbox_table
 
 if TYPE_CHECKING:
@@ -250,7 +251,9 @@ def _post(
 
     The status is the receiver's verdict: a 2xx acknowledges the delivery however much body
     follows it or however slowly. Of any body only ``EXCERPT_BYTES`` are read (the start of
-    a failure's body goes to last_error), so a huge answer costs no memory.
+    a failure's body goes to last_error), so a huge answer costs no memory. The text never
+    shows the URL's path, query or user info (a Slack-style webhook URL's path is its token):
+    it is stored in ``escalation_outbox.last_error`` and logged.
     """
     try:
         answer = bounded_http.post(
@@ -265,8 +268,9 @@ def _post(
             excerpt=True,
         )
     except requests.RequestException as exc:
-        return f"{type(exc).__name__}: {exc}"
+        return redact_url_in(f"{type(exc).__name__}: {exc}", url)
     if 200 <= answer.status < 300:
         return None
-    text = answer.body.decode("utf-8", errors="replace")[:EXCERPT_CHARS]
-    return f"HTTP {answer.status}: {text}"
+    # Redacted before it is cut short, so that no cut leaves part of a token behind.
+    text = answer.body.decode("utf-8", errors="replace")
+    return f"HTTP {answer.status}: {redact_url_in(text, url)[:EXCERPT_CHARS]}"

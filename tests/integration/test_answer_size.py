@@ -135,7 +135,7 @@ def measure_webhook_answer(size: int, status: int, folder: Path) -> dict[str, An
             {
                 "RECEIPTS_DATABASE_URL": url,
                 "RECEIPTS_ESCALATION_WEBHOOK_URL": receiver.url,
-                "RECEIPTS_WEBHOOK_TIMEOUT": "120",
+                "RECEIPTS_WEBHOOK_TIMEOUT": "60",
             },
         )
     engine = db.create_engine(url, poolclass=sa.pool.NullPool)

@@ -87,6 +87,8 @@ def expected(
         ("receipts_overdue_sessions", ()): overdue,
         ("receipts_webhooks_pending", ()): webhooks_pending,
         ("receipts_webhook_delivery_failures", ()): webhook_failures,
+        # A fresh registry counts the history totals at its first scrape: they are current.
+        ("receipts_totals_age_seconds", ()): 0,
         ("receipts_scrape_error", ()): 0,
     }
     for result, count in counts.items():

@@ -5,7 +5,8 @@ RECEIPTS_* variable (RECEIPTS_TEST_* excepted) and calls load_settings() directl
 from __future__ import annotations
 
 import os
-from datetime import timedelta
+import random
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -134,6 +135,8 @@ def test_defaults_match_the_contract() -> None:
     assert s.tick == timedelta(seconds=30)
     assert s.escalation_webhook_url is None
     assert s.webhook_secret is None
+    assert s.exporter_totals_interval == timedelta(minutes=5)
+    assert s.api_allow_http is False
 
 
 def test_default_poll_policy() -> None:
@@ -176,6 +179,13 @@ def test_default_poll_policy() -> None:
         ("RECEIPTS_TICK", "2m", "tick", timedelta(minutes=2)),
         (WEBHOOK_VAR, "https://hooks.example.com/x", WEBHOOK_ATTR, "https://hooks.example.com/x"),
         (WEBHOOK_VAR, "", WEBHOOK_ATTR, None),
+        (
+            "RECEIPTS_EXPORTER_TOTALS_INTERVAL",
+            "1m",
+            "exporter_totals_interval",
+            timedelta(minutes=1),
+        ),
+        ("RECEIPTS_API_ALLOW_HTTP", "true", "api_allow_http", True),
     ],
 )
 def test_each_variable_is_read(
@@ -544,7 +554,7 @@ def test_bad_max_answer_bytes_names_the_variable(
     assert "RECEIPTS_API_MAX_ANSWER_BYTES" in message
 
 
-@pytest.mark.parametrize(("timeout", "tick"), [("10", "30"), ("1", "0.5"), ("2m", "5")])
+@pytest.mark.parametrize(("timeout", "tick"), [("10", "30"), ("1", "0.5"), ("1m", "5")])
 def test_webhook_lease_outlasts_a_whole_post(
     monkeypatch: pytest.MonkeyPatch, timeout: str, tick: str
 ) -> None:
@@ -552,3 +562,282 @@ def test_webhook_lease_outlasts_a_whole_post(
     s = load_settings()
     # Longer than one POST (bounded as a whole by the timeout), with room to record it.
     assert s.webhook_lease > s.webhook_timeout + s.tick
+
+
+URL_TOKEN = "XXXXSECRETxxxx1234"
+SLACK = f"https://hooks.slack.com/services/T000/B000/{URL_TOKEN}"
+DB_PASSWORD = "hunter2-db-PW"
+BROKER_PASSWORD = "brokerPW-9876"
+
+
+# --- secrets inside URLs never shown (README "Settings") ----------------------------------
+
+
+def test_repr_and_str_of_settings_show_no_url_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    _env(
+        monkeypatch,
+        RECEIPTS_DATABASE_URL=f"postgresql://receipts:{DB_PASSWORD}@db.internal/receipts",
+        RECEIPTS_BROKER_URL=f"redis://:{BROKER_PASSWORD}@redis.internal:6379/0",
+        RECEIPTS_ESCALATION_WEBHOOK_URL=SLACK,
+    )
+    s = load_settings()
+    for text in (repr(s), str(s), f"{s!r}", f"{s}"):
+        assert DB_PASSWORD not in text
+        assert BROKER_PASSWORD not in text
+        assert URL_TOKEN not in text
+        # Still useful for debugging: where it points.
+        assert "db.internal" in text and "redis.internal" in text and "hooks.slack.com" in text
+    # The values themselves are intact.
+    assert s.database_url.endswith(f":{DB_PASSWORD}@db.internal/receipts")
+    assert s.escalation_webhook_url == SLACK
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "secret"),
+    [
+        ("RECEIPTS_DATABASE_URL", f"postgresql//receipts:{DB_PASSWORD}@db/receipts", DB_PASSWORD),
+        ("RECEIPTS_BROKER_URL", f"redis:/:{BROKER_PASSWORD}@redis", BROKER_PASSWORD),
+        (
+            "RECEIPTS_ESCALATION_WEBHOOK_URL",
+            f"htps://hooks.slack.com/services/T/B/{URL_TOKEN}",
+            URL_TOKEN,
+        ),
+        ("RECEIPTS_ESCALATION_WEBHOOK_URL", f"hooks.slack.com/services/T/B/{URL_TOKEN}", URL_TOKEN),
+        ("RECEIPTS_API_URL", f"ftp://key:{URL_TOKEN}@api.uspeedo.com/api", URL_TOKEN),
+    ],
+)
+def test_a_mistyped_url_is_refused_without_its_secret(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, secret: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    message = str(info.value)
+    assert f"{variable}:" in message
+    assert secret not in message
+
+
+def test_pydantic_errors_do_not_echo_their_input() -> None:
+    """Settings(...) called directly raises pydantic's own error, whose text would show every
+    input value; with hide_input_in_errors it shows none."""
+    with pytest.raises(ValueError, match="validation error") as info:
+        Settings(
+            database_url=f"postgresql//receipts:{DB_PASSWORD}@db/receipts",
+            escalation_webhook_url=f"htps://hooks.slack.com/{URL_TOKEN}",
+            tick="5x",
+        )
+    assert DB_PASSWORD not in str(info.value)
+    assert URL_TOKEN not in str(info.value)
+
+
+# --- settings that would pass and then fail or endanger (README "Settings") -------------------
+
+
+def _one_line_naming(message: str, variable: str) -> str:
+    """The one problem line of a settings error, which names ``variable``."""
+    lines = message.splitlines()
+    assert lines[0] == "invalid settings:"
+    assert len(lines) == 2, message
+    assert lines[1].startswith(f"  {variable}"), message
+    return lines[1]
+
+
+@pytest.mark.parametrize(
+    ("variable", "too_long", "maximum"),
+    [
+        ("RECEIPTS_CUTOFF", "1000000d", "30d"),
+        ("RECEIPTS_CUTOFF", "31d", "30d"),
+        ("RECEIPTS_FIRST_POLL_DELAY", "99999d", "30d"),
+        ("RECEIPTS_POLL_INTERVAL_MIN", "99999d", "30d"),
+        ("RECEIPTS_POLL_INTERVAL_MAX", "99999d", "30d"),
+        ("RECEIPTS_TICK", "2h", "1h"),
+        ("RECEIPTS_CLAIM_LEASE", "2d", "1d"),
+        ("RECEIPTS_WEBHOOK_TIMEOUT", "5m", "1m"),
+        ("RECEIPTS_EXPORTER_TOTALS_INTERVAL", "2d", "1d"),
+        ("RECEIPTS_API_CONNECT_TIMEOUT", "99999d", "4m"),
+        ("RECEIPTS_API_READ_TIMEOUT", "99999d", "4m"),
+        ("RECEIPTS_POLL_BUDGET", "99999d", "210s"),
+    ],
+)
+def test_every_duration_has_a_maximum(
+    monkeypatch: pytest.MonkeyPatch, variable: str, too_long: str, maximum: str
+) -> None:
+    line = _one_line_naming(_settings_error(monkeypatch, **{variable: too_long}), variable)
+    assert maximum in line
+
+
+def test_durations_at_their_maximum_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    _env(
+        monkeypatch,
+        RECEIPTS_CUTOFF="30d",
+        RECEIPTS_FIRST_POLL_DELAY="29d",
+        RECEIPTS_POLL_INTERVAL_MIN="30d",
+        RECEIPTS_POLL_INTERVAL_MAX="30d",
+        RECEIPTS_TICK="1h",
+        RECEIPTS_CLAIM_LEASE="1d",
+        RECEIPTS_WEBHOOK_TIMEOUT="1m",
+    )
+    s = load_settings()
+    assert s.cutoff == timedelta(days=30) and s.tick == timedelta(hours=1)
+
+
+def test_the_datetime_arithmetic_of_a_tick_stays_in_range_at_every_maximum() -> None:
+    """What a tick computes from the settings (store.escalate_due, claim_batch, start_poll,
+    the schedule), with every duration at its documented maximum and a sent_at anywhere
+    tracking accepts: no OverflowError, which is what RECEIPTS_CUTOFF=1000000d gave every tick."""
+    from worker.config import MAX_CLAIM_LEASE, MAX_SCHEDULE, MAX_TICK
+
+    s = load_settings(
+        cutoff=MAX_SCHEDULE,
+        first_poll_delay=MAX_SCHEDULE - timedelta(seconds=1),
+        poll_interval_min=MAX_SCHEDULE,
+        poll_interval_max=MAX_SCHEDULE,
+        claim_lease=MAX_CLAIM_LEASE,
+        tick=MAX_TICK,
+    )
+    policy = s.poll_policy()
+    now = datetime(2026, 11, 30, tzinfo=UTC)
+    for sent_at in (datetime.min.replace(tzinfo=UTC), now):
+        assert policy.first_poll_at(sent_at) < policy.cutoff_at(sent_at)
+        assert policy.next_poll_at(sent_at, now, random.Random(1)) <= policy.cutoff_at(sent_at)
+        policy.may_poll(sent_at, now - s.poll_interval_min, now)
+    assert now - s.cutoff < now + s.lease + s.poll_in_flight + 2 * s.tick
+
+
+def test_a_huge_cutoff_is_refused_before_any_tick(monkeypatch: pytest.MonkeyPatch) -> None:
+    line = _one_line_naming(
+        _settings_error(monkeypatch, RECEIPTS_CUTOFF="1000000d"), "RECEIPTS_CUTOFF"
+    )
+    assert "1000000d" in line and "30d" in line
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://api.uspeedo.com/api", "http://10.0.0.7:8700/api", "http://simulator:8700/api"],
+)
+def test_plain_http_to_another_host_is_refused(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    line = _one_line_naming(_settings_error(monkeypatch, RECEIPTS_API_URL=url), "RECEIPTS_API_URL")
+    assert "https://" in line
+    assert "RECEIPTS_API_ALLOW_HTTP" in line
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8700/api",
+        "http://localhost:8700/api",
+        "http://[::1]:8700/api",
+        "https://api.uspeedo.com/api",
+        "https://10.0.0.7/api",
+    ],
+)
+def test_https_or_loopback_api_urls_are_accepted(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("RECEIPTS_API_URL", url)
+    assert load_settings().api_url == url
+
+
+def test_plain_http_to_another_host_is_an_explicit_choice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _env(monkeypatch, RECEIPTS_API_URL="http://simulator:8700/api", RECEIPTS_API_ALLOW_HTTP="true")
+    assert load_settings().api_url == "http://simulator:8700/api"
+
+
+@pytest.mark.parametrize("value", ["", "   ", "hush-7", "fifteen-chars15"])
+def test_an_empty_or_short_webhook_secret_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    message = _settings_error(monkeypatch, RECEIPTS_WEBHOOK_SECRET=value)
+    line = _one_line_naming(message, "RECEIPTS_WEBHOOK_SECRET")
+    assert "16" in line
+    if value.strip():
+        assert value not in message
+
+
+def test_a_webhook_secret_of_16_characters_signs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECEIPTS_WEBHOOK_SECRET", "sixteen-chars-16")
+    secret = load_settings().webhook_secret
+    assert secret is not None and secret.get_secret_value() == "sixteen-chars-16"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "file:///var/lib/receipts.db",
+        "mysql://root@127.0.0.1/receipts",
+        "mariadb+pymysql://root@127.0.0.1/receipts",
+        "oracle://u@h/db",
+        "postgresql+asyncpg://u@h/db",
+        f"mysql://receipts:{DB_PASSWORD}@db/receipts",
+    ],
+)
+def test_a_database_url_of_another_backend_is_refused(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    message = _settings_error(monkeypatch, RECEIPTS_DATABASE_URL=url)
+    line = _one_line_naming(message, "RECEIPTS_DATABASE_URL")
+    assert "postgresql://" in line and "sqlite:///" in line
+    assert DB_PASSWORD not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///receipts.db",
+        "sqlite:////tmp/x.db",
+        "sqlite+pysqlite:///x.db",
+        "sqlite://",
+        "postgresql://u@h/db",
+        "postgresql+psycopg://u@h/db",
+        "postgres://u@h/db",
+    ],
+)
+def test_postgresql_and_sqlite_urls_are_accepted(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("RECEIPTS_DATABASE_URL", url)
+    assert load_settings().database_url == url
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"RECEIPTS_POLL_BUDGET": "20m"},
+        {"RECEIPTS_POLL_BUDGET": "200"},
+        {"RECEIPTS_POLL_BUDGET": "3m", "RECEIPTS_API_READ_TIMEOUT": "1m"},
+        {"RECEIPTS_API_READ_TIMEOUT": "210"},
+    ],
+)
+def test_a_poll_that_cannot_finish_inside_the_task_time_limit_is_refused(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str]
+) -> None:
+    line = _one_line_naming(_settings_error(monkeypatch, **env), "RECEIPTS_POLL_BUDGET")
+    assert "TASK_SOFT_TIME_LIMIT" in line
+    assert "RECEIPTS_API_CONNECT_TIMEOUT" in line and "RECEIPTS_API_READ_TIMEOUT" in line
+
+
+def test_a_poll_budget_that_leaves_room_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    _env(monkeypatch, RECEIPTS_POLL_BUDGET="3m", RECEIPTS_API_READ_TIMEOUT="15")
+    assert load_settings().poll_budget == timedelta(minutes=3)
+
+
+def test_the_task_time_limits_are_the_celery_apps() -> None:
+    from worker.celery import app
+    from worker.config import TASK_SOFT_TIME_LIMIT, TASK_TIME_LIMIT
+
+    assert app.conf.task_soft_time_limit == TASK_SOFT_TIME_LIMIT < TASK_TIME_LIMIT
+    assert app.conf.task_time_limit == TASK_TIME_LIMIT
+
+
+def test_several_cross_checks_are_reported_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    message = _settings_error(
+        monkeypatch,
+        RECEIPTS_POLL_INTERVAL_MIN="700",
+        RECEIPTS_POLL_INTERVAL_MAX="600",
+        RECEIPTS_POLL_BUDGET="20m",
+        RECEIPTS_API_URL="http://api.uspeedo.com/api",
+    )
+    lines = message.splitlines()[1:]
+    assert [line.split()[0] for line in lines] == [
+        "RECEIPTS_POLL_INTERVAL_MIN",
+        "RECEIPTS_POLL_BUDGET",
+        "RECEIPTS_API_URL",
+    ], message
