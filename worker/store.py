@@ -305,16 +305,21 @@ def _receipt_guard(existing: Any, incoming: Any) -> sa.ColumnElement[bool]:
     ]
     old_final = existing.result.in_(finals)
     new_final = incoming.result.in_(finals)
-    newer_or_unknown = sa.not_(
+    # Same kind: a timeless receipt only replaces a timeless one; a timed one replaces a
+    # timeless one or one not newer than itself.
+    not_below = sa.or_(
+        sa.and_(incoming.receipt_time.is_(None), existing.receipt_time.is_(None)),
         sa.and_(
-            existing.receipt_time.is_not(None),
             incoming.receipt_time.is_not(None),
-            incoming.receipt_time < existing.receipt_time,
-        )
+            sa.or_(
+                existing.receipt_time.is_(None),
+                incoming.receipt_time >= existing.receipt_time,
+            ),
+        ),
     )
     return sa.or_(
         sa.and_(sa.not_(old_final), new_final),
-        sa.and_(old_final == new_final, newer_or_unknown),
+        sa.and_(old_final == new_final, not_below),
     )
 
 
