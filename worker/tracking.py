@@ -34,7 +34,10 @@ CHUNK = 2_000
 PG_CHUNK = 10_000
 
 _SESSION_NO = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
-_PHONE = re.compile(r"\+?[0-9()\- ]+")
+# \d is any Unicode decimal digit, which is what domain.phone_key reads (in ASCII).
+_PHONE = re.compile(r"\+?[\d()\- ]+")
+# The full-width forms of that punctuation, as CJK input methods type it with the digits.
+_WIDE_PUNCTUATION = str.maketrans("\uff0b\uff08\uff09\uff0d\u3000", "+()- ")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -107,7 +110,10 @@ def parse_phones(value: Any) -> tuple[str, ...]:
         if not phone:
             raise ValueError("phones contains an empty entry")
         digits = phone_key(phone)
-        if not _PHONE.fullmatch(phone) or not MIN_PHONE_DIGITS <= len(digits) <= MAX_PHONE_DIGITS:
+        if (
+            not _PHONE.fullmatch(phone.translate(_WIDE_PUNCTUATION))
+            or not MIN_PHONE_DIGITS <= len(digits) <= MAX_PHONE_DIGITS
+        ):
             raise ValueError(
                 f"phone {phone!r} is malformed (digits, spaces, +, - and parentheses; "
                 f"{MIN_PHONE_DIGITS} to {MAX_PHONE_DIGITS} digits)"

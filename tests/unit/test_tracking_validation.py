@@ -159,7 +159,8 @@ def test_phones_keep_order() -> None:
         "(852)55311111,,+85255311112",
         "(852)55311111,",
         "+",
-        "\uff15\uff15\uff15\uff10\uff11\uff10\uff10\uff11",  # fullwidth digits
+        "\uff15\uff15\uff15\uff10",  # full-width digits, but only four of them
+        "\u2460\u2461\u2462\u2463\u2464",  # circled digits are not decimal digits
         "+1.555.0100",
     ],
 )
@@ -516,3 +517,38 @@ def test_parse_requests_on_arbitrary_json_raises_only_track_error(
     numbers = [int(re.match(r"item (\d+)", p).group(1)) for p in problems]  # type: ignore[union-attr]
     assert numbers == sorted(set(numbers))
     assert all(first_number <= n < first_number + len(rows) for n in numbers)
+
+
+# --- phones in any decimal digits (issue 13, item 15) ------------------------------------------
+
+
+def _digits(ascii_digits: str, zero: int) -> str:
+    """``ascii_digits`` written in the decimal digits whose zero is code point ``zero``."""
+    return "".join(chr(zero + int(d)) if d.isdigit() else d for d in ascii_digits)
+
+
+FULL_WIDTH, ARABIC_INDIC = 0xFF10, 0x0660
+
+
+@pytest.mark.parametrize(
+    "phone",
+    [
+        _digits("85255311111", FULL_WIDTH),  # as CJK input methods type them
+        # Full-width plus, hyphen and ideographic space.
+        "\uff0b" + _digits("852\u30005531\uff0d1111", FULL_WIDTH),
+        "\uff08" + _digits("852", FULL_WIDTH) + "\uff09" + _digits("55311111", FULL_WIDTH),
+        _digits("85255311111", ARABIC_INDIC),
+    ],
+)
+def test_phones_in_any_decimal_digits_are_accepted_and_match_ascii(phone: str) -> None:
+    """Receipts spelling a phone in full-width digits match the tracked phone on its digits;
+    tracking takes the same spellings, and they are the same phone as the ASCII one."""
+    assert parse_phones([phone]) == (phone,)
+    assert parse_phones([phone, "(852)55311111"]) == (phone,)
+    assert parse_phones(["85255311111", phone]) == ("85255311111",)
+
+
+def test_phones_digit_count_is_the_ascii_key_length() -> None:
+    with pytest.raises(ValueError, match="5 to 20 digits"):
+        parse_phones([_digits("8" * 21, FULL_WIDTH)])
+    assert parse_phones([_digits("8" * 20, FULL_WIDTH)]) == (_digits("8" * 20, FULL_WIDTH),)
