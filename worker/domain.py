@@ -37,6 +37,11 @@ _RESULT_ALIASES: dict[str, Result] = {
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# Bounds shared by what senders track and what the API reports: a SessionNo or a phone beyond
+# them cannot be one we track, and would not fit the unique index of sms_receipts.
+MAX_SESSION_NO_LENGTH = 128
+MIN_PHONE_DIGITS, MAX_PHONE_DIGITS = 5, 20
 T = TypeVar("T")
 
 

@@ -16,15 +16,19 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from worker.db import json_document, json_rows, upsert_insert
-from worker.domain import SessionState, phone_key
+from worker.domain import (
+    MAX_PHONE_DIGITS,
+    MAX_SESSION_NO_LENGTH,
+    MIN_PHONE_DIGITS,
+    SessionState,
+    phone_key,
+)
 from worker.errors import TrackError
 from worker.models import sessions_table
 from worker.schedule import PollPolicy
 
-MAX_SESSION_NO_LENGTH = 128
 MAX_USER_REF_LENGTH = 256
 MAX_ACCOUNT_ID = 2**63 - 1
-MIN_PHONE_DIGITS, MAX_PHONE_DIGITS = 5, 20
 # A sender's clock may run a little ahead of ours; more than this is a wrong timestamp.
 FUTURE_TOLERANCE = timedelta(minutes=5)
 # Enough rows per statement to amortise round trips, few enough for SQLite's bound-parameter cap.

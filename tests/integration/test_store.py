@@ -280,7 +280,7 @@ def test_an_answer_with_text_no_column_can_hold_is_written_whole() -> None:
         '{"SessionNo": "fine", "ReceiptSet": [{"Phone": "85255311112",'
         ' "ReceiptResult": "Success"}]}]}'
     )
-    batch = parse_receipts(payload, ["odd", "fine"])
+    batch = parse_receipts(payload, ["odd", "fine"], received_at=now)
     claim = _claim(1, now)
     assert claim is not None
     outcome = _answer(_start(claim, now), list(batch.receipts), now)
