@@ -352,6 +352,8 @@ def receipt_rows(
     candidates: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for receipt in receipts:
         key = phone_key(receipt.phone)
+        # The parser refuses a phone without digits and names it in the session's last_error;
+        # a Receipt built elsewhere without one has no key to be stored under.
         if receipt.session_no not in asked or not key:
             continue
         candidates[(receipt.session_no, key)].append(
