@@ -203,22 +203,39 @@ def parse_requests(
     first_number: int = 1,
 ) -> list[TrackRequest]:
     """Validate all rows; raise one TrackError listing every bad row (numbered from
-    ``first_number``) if any is bad."""
+    ``first_number``) if any is bad.
+
+    A ``TrackRequest`` is validated like the dict of its fields, with the same messages:
+    nothing but its type says it was validated, and anyone can build one.
+    """
     requests: list[TrackRequest] = []
     problems: list[str] = []
     for number, raw in enumerate(rows, start=first_number):
-        if isinstance(raw, TrackRequest):
-            requests.append(raw)
-            continue
         try:
-            requests.append(parse_request(raw, now=now))
+            requests.append(parse_row(raw, now=now, label=label, number=number))
         except ValueError as exc:
-            session = raw.get("session_no") if isinstance(raw, Mapping) else None
-            where = f"{label} {number}" + (f" (session_no {session!r})" if session else "")
-            problems.append(f"{where}: {exc}")
+            problems.append(str(exc))
     if problems:
         raise TrackError(problems, valid_rows=len(requests))
     return requests
+
+
+def parse_row(
+    raw: Mapping[str, Any] | TrackRequest, *, now: datetime, label: str, number: int
+) -> TrackRequest:
+    """Validate one row; ValueError names the row (``label`` ``number``, and its SessionNo
+    when it has one) and its first bad field."""
+    fields = _fields_of(raw) if isinstance(raw, TrackRequest) else raw
+    try:
+        return parse_request(fields, now=now)
+    except ValueError as exc:
+        session = fields.get("session_no") if isinstance(fields, Mapping) else None
+        where = f"{label} {number}" + (f" (session_no {session!r})" if session else "")
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _fields_of(request: TrackRequest) -> dict[str, Any]:
+    return {name: getattr(request, name) for name in _FIELDS}
 
 
 def _merge(requests: Iterable[TrackRequest]) -> dict[tuple[int, str], TrackRequest]:
