@@ -16,6 +16,7 @@ from worker.errors import (
     SessionNotFound,
     SettingsError,
     TrackError,
+    TrackInterrupted,
     TransportError,
     UspeedoError,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "SessionNotFound",
     "SettingsError",
     "TrackError",
+    "TrackInterrupted",
     "TrackResult",
     "TransportError",
     "UspeedoError",
