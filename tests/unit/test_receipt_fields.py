@@ -21,6 +21,7 @@ from worker.domain import phone_key
 from worker.receipts import (
     MAX_COUNTRY_CODE_LENGTH,
     MAX_PHONE_LENGTH,
+    MAX_PROBLEMS_PER_SESSION,
     MAX_RECEIPT_CODE_LENGTH,
     MAX_RECEIPT_DESC_LENGTH,
     MAX_USER_ID_LENGTH,
@@ -293,3 +294,14 @@ def test_every_kept_receipt_is_within_every_bound(
     assert all(len(problem) < 400 for problem in batch.problems)
     # The good neighbour always survives.
     assert "s2" in kept(batch)
+
+
+def test_a_session_with_many_odd_receipts_names_the_first_few_and_counts_the_rest() -> None:
+    """The session's problems become its last_error: one line each would grow without bound."""
+    odd = [receipt(Phone=f"phone {chr(65 + i)}") for i in range(MAX_PROBLEMS_PER_SESSION + 3)]
+    payload = {"Data": [{"SessionNo": "s1", "ReceiptSet": odd}]}
+    batch = parse_receipts(payload, ["s1"], received_at=RECEIVED)
+    assert len(batch.problems) == MAX_PROBLEMS_PER_SESSION + 3
+    lines = [problem for session_no, problem in batch.session_problems if session_no == "s1"]
+    assert lines[:-1] == list(batch.problems[:MAX_PROBLEMS_PER_SESSION])
+    assert lines[-1] == "and 3 more problem(s)"
