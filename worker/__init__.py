@@ -17,6 +17,7 @@ from worker.errors import (
     SessionNotFound,
     SettingsError,
     TrackError,
+    TrackInterrupted,
     TransportError,
     UspeedoError,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "SessionNotFound",
     "SettingsError",
     "TrackError",
+    "TrackInterrupted",
     "TrackResult",
     "TransportError",
     "UspeedoError",

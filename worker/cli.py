@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
@@ -15,7 +17,7 @@ from worker.config import Settings, get_settings
 from worker.errors import SettingsError
 
 if TYPE_CHECKING:
-    from worker.tracking import TrackRequest
+    from worker.api import NumberedRows
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -74,23 +76,46 @@ def _csv_rows(handle: TextIO) -> Iterator[tuple[int, dict[str, Any]]]:
         yield reader.line_num, cleaned
 
 
-def _csv_requests(handle: TextIO) -> list[TrackRequest]:
-    """Validated row by row, so that each error names the row's own line in the file."""
-    from worker.clock import database_now
-    from worker.errors import TrackError
-    from worker.tracking import parse_requests
+def _rewindable(handle: TextIO) -> TextIO:
+    """``handle`` if it can be read again from its start, else a temporary copy of it (stdin
+    from a pipe): the rows are read twice, validated and then recorded, never kept."""
+    if handle.seekable():
+        return handle
+    spool = tempfile.TemporaryFile("w+", encoding="utf-8", newline="")  # noqa: SIM115 - lives as long as the command
+    shutil.copyfileobj(handle, spool)
+    return spool
 
-    now = database_now()
-    requests: list[TrackRequest] = []
-    problems: list[str] = []
-    for line, row in _csv_rows(handle):
-        try:
-            requests += parse_requests([row], now=now, label="CSV line", first_number=line)
-        except TrackError as exc:
-            problems += exc.problems
-    if problems:
-        _fail(str(TrackError(problems, valid_rows=len(requests))))
-    return requests
+
+def _csv_source(handle: TextIO) -> NumberedRows:
+    """The CSV's rows, with their line numbers, read from its start at each call."""
+    rewindable = _rewindable(handle)
+
+    def rows() -> Iterator[tuple[int, dict[str, Any]]]:
+        rewindable.seek(0)
+        return _csv_rows(rewindable)
+
+    return rows
+
+
+def _session_no_source(session_nos: tuple[str, ...], fields: dict[str, Any]) -> NumberedRows:
+    """One row per SESSION_NO argument, numbered; ``-`` stands for stdin's non-empty lines."""
+    stdin = _rewindable(sys.stdin) if "-" in session_nos else None
+
+    def values() -> Iterator[str]:
+        read_stdin = stdin is not None
+        for arg in session_nos:
+            if arg != "-":
+                yield arg
+            elif read_stdin and stdin is not None:
+                read_stdin = False  # stdin holds its lines once, as it would without a copy
+                stdin.seek(0)
+                yield from (line.strip() for line in stdin if line.strip())
+
+    def rows() -> Iterator[tuple[int, dict[str, Any]]]:
+        for number, value in enumerate(values(), start=1):
+            yield number, {**fields, "session_no": value}
+
+    return rows
 
 
 @main.command()
@@ -102,7 +127,7 @@ def _csv_requests(handle: TextIO) -> list[TrackRequest]:
     "--csv",
     "csv_file",
     type=click.File("r", encoding="utf-8-sig"),
-    help="CSV with header account_id,session_no,phones,sent_at.",
+    help="CSV with header account_id,session_no,phones,sent_at ('-' reads it from stdin).",
 )
 @click.argument("session_nos", nargs=-1)
 def track(
@@ -115,42 +140,36 @@ def track(
 ) -> None:
     """Record sessions to poll. SESSION_NO '-' reads one SessionNo per line from stdin.
 
-    All rows are recorded, or none if any is invalid; the error names each bad row and field.
+    Every row is validated first: if any is invalid, nothing is recorded and the error names
+    each bad row and field. Then the rows are recorded in chunks, each its own transaction, so
+    that a big import never holds up the worker. If the database fails part way, the chunks
+    recorded stay recorded; running the same command again completes the import.
     """
-    from worker.api import track_many
-    from worker.errors import TrackError
+    from worker.api import track_stream
+    from worker.errors import TrackError, TrackInterrupted
 
     _settings()
-    rows: list[dict[str, Any]] | list[TrackRequest]
-    label, first_number = "SESSION_NO", 1
     if csv_file is not None:
         if session_nos:
             raise click.UsageError("give SESSION_NO arguments or --csv, not both")
-        rows = _csv_requests(csv_file)
+        rows, label = _csv_source(csv_file), "CSV line"
     else:
         if account_id is None:
             raise click.UsageError("--account-id is required (or use --csv)")
-        numbers: list[str] = []
-        for arg in session_nos:
-            if arg == "-":
-                numbers.extend(line.strip() for line in sys.stdin if line.strip())
-            else:
-                numbers.append(arg)
-        if not numbers:
+        fields = {
+            "account_id": account_id,
+            "phones": phones,
+            "sent_at": sent_at,
+            "user_ref": user_ref,
+        }
+        rows, label = _session_no_source(session_nos, fields), "SESSION_NO"
+        if next(iter(rows()), None) is None:
             raise click.UsageError("no SESSION_NO given")
-        rows = [
-            {
-                "account_id": account_id,
-                "session_no": number,
-                "phones": phones,
-                "sent_at": sent_at,
-                "user_ref": user_ref,
-            }
-            for number in numbers
-        ]
     try:
-        result = track_many(rows, label=label, first_number=first_number)
-    except TrackError as exc:
+        result = track_stream(rows, label=label)
+    except click.UsageError:
+        raise
+    except (TrackError, TrackInterrupted) as exc:
         _fail(str(exc))
     except Exception as exc:
         _fail(f"could not record sessions: {exc}")

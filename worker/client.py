@@ -22,7 +22,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Final, NoReturn, Self, TypeVar
 
@@ -192,7 +192,9 @@ class UspeedoClient:
             RECEIPT_ACTION,
             {"AccountId": account_id, "SessionNoSet": asked},
             deadline,
-            lambda body, uuid: parse_receipts(body, asked, uuid),
+            lambda body, uuid: parse_receipts(
+                body, asked, uuid, received_at=datetime.fromtimestamp(self._clock(), UTC)
+            ),
         )
         if batch.problems:
             log.warning(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 import re
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +37,11 @@ _RESULT_ALIASES: dict[str, Result] = {
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# Bounds shared by what senders track and what the API reports: a SessionNo or a phone beyond
+# them cannot be one we track, and would not fit the unique index of sms_receipts.
+MAX_SESSION_NO_LENGTH = 128
+MIN_PHONE_DIGITS, MAX_PHONE_DIGITS = 5, 20
 T = TypeVar("T")
 
 
@@ -61,19 +67,24 @@ _NON_DIGITS = re.compile(r"\D")
 
 
 def phone_key(phone: str) -> str:
-    """The digits of a phone number, which is what identifies it.
+    """The digits of a phone number, in ASCII, which is what identifies it.
 
     Uspeedo takes ``(852)55311111`` and may report ``85255311111`` or ``+852 5531 1111``; an
-    international ``00`` prefix is the same number as ``+``.
+    international ``00`` prefix is the same number as ``+``. Every Unicode decimal digit counts
+    as the ASCII digit of the same value: ``85255311111`` in full-width digits (U+FF10 to
+    U+FF19, as CJK input methods type them) is the same phone, and must match it.
     """
-    # Most phones arrive as bare digits or +digits: skip the regex for them (it was a visible
-    # share of a poll, with three phone keys per receipt).
-    if phone.isdecimal():
+    # Most phones arrive as bare ASCII digits or +digits: skip the regex for them (it was a
+    # visible share of a poll, with three phone keys per receipt).
+    if phone.isascii() and phone.isdecimal():
         digits = phone
-    elif phone[:1] == "+" and phone[1:].isdecimal():
+    elif phone[:1] == "+" and phone.isascii() and phone[1:].isdecimal():
         digits = phone[1:]
     else:
+        # \D keeps exactly the characters of category Nd, each of which has a decimal value.
         digits = _NON_DIGITS.sub("", phone)
+        if not digits.isascii():
+            digits = "".join(str(unicodedata.decimal(digit)) for digit in digits)
     if digits.startswith("00"):
         digits = digits[2:]
     return digits
@@ -93,19 +104,26 @@ def should_replace(old: ReceiptVersion | None, new: ReceiptVersion) -> bool:
     A final receipt is never overwritten by a non-final one, nor by an older one. A final
     receipt always replaces a non-final one, whatever their times: the outcome is what the
     sender needs, and an ``Unknow`` stamped later is an interim report, not news. Between two
-    of the same kind, the newer wins and equal or unknown times let the later observation win
-    (re-reading the same answer is a no-op in effect).
+    of the same kind (both final or both not):
+
+    - a receipt without a time never replaces one with a time: it cannot be shown to be newer,
+      and it says less (``Success`` at t then ``Fail`` with no time keeps ``Success`` at t);
+    - a receipt with a time replaces one without;
+    - of two with times the newer wins; equal times, or two without a time, let the later
+      observation win (re-reading the same answer is a no-op in effect).
+
+    So versions are ordered by (final, has a time, time), and ``new`` replaces ``old`` when it
+    is not below it: :func:`pick_latest_by` and the SQL guard in ``worker.store`` follow the
+    same order.
     """
     if old is None:
         return True
     old_final, new_final = is_final(old.result), is_final(new.result)
     if old_final != new_final:
         return new_final
-    return not (
-        old.receipt_time is not None
-        and new.receipt_time is not None
-        and new.receipt_time < old.receipt_time
-    )
+    if new.receipt_time is None:
+        return old.receipt_time is None
+    return old.receipt_time is None or new.receipt_time >= old.receipt_time
 
 
 def pick_latest(versions: Iterable[ReceiptVersion]) -> ReceiptVersion:
@@ -116,8 +134,10 @@ def pick_latest(versions: Iterable[ReceiptVersion]) -> ReceiptVersion:
 def pick_latest_by(items: Iterable[T], version: Callable[[T], ReceiptVersion]) -> T:
     """The item whose receipt version wins under :func:`should_replace`.
 
-    Items are folded in a canonical order (by time, then result), so that a tie between two
-    contradicting answers is decided the same way whatever order they arrived in.
+    :func:`should_replace` orders versions by (final, has a time, time), so folding them with
+    it picks a greatest one. Items are folded in a canonical order (timeless first, then by
+    time, then result), so that a tie between two contradicting answers (same kind, same time
+    or both without one) is decided the same way whatever order they arrived in.
     """
 
     def order(item: T) -> tuple[bool, datetime, str]:

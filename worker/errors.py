@@ -5,6 +5,8 @@
     ReceiptsError                       anything this package raises on purpose
     ├── SettingsError                   invalid RECEIPTS_* settings, one line per variable
     ├── TrackError (ValueError)         sessions that cannot be tracked; names every bad row
+    ├── TrackInterrupted                a streamed import stopped by the database part way;
+    │                                   ``recorded`` rows are in, running it again completes it
     ├── AckError (LookupError)          escalations that cannot be acknowledged; all or none
     ├── SessionNotFound (LookupError)   ``receipts status`` of a SessionNo that is not tracked
     └── UspeedoError                    a call to the Uspeedo API failed; ``retryable`` says
@@ -44,16 +46,34 @@ class TrackError(ReceiptsError, ValueError):
     """Input that cannot be tracked; the message names every bad row and field, and says that
     nothing was recorded."""
 
-    def __init__(self, problems: Sequence[str], *, valid_rows: int = 0) -> None:
+    def __init__(self, problems: Sequence[str], *, valid_rows: int = 0, omitted: int = 0) -> None:
         self.problems = list(problems)
         self.valid_rows = valid_rows
-        noun = "problem" if len(problems) == 1 else "problems"
+        # Bad rows counted but not named, past the cap of a streamed import.
+        self.omitted = omitted
+        total = len(problems) + omitted
+        noun = "problem" if total == 1 else "problems"
+        more = f"; and {omitted} more bad row(s)" if omitted else ""
         tail = (
             f"; nothing was recorded (the {valid_rows} valid row(s) were not recorded either)"
             if valid_rows
             else "; nothing was recorded"
         )
-        super().__init__(f"{len(problems)} {noun}: " + "; ".join(self.problems) + tail)
+        super().__init__(f"{total} {noun}: " + "; ".join(self.problems) + more + tail)
+
+
+class TrackInterrupted(ReceiptsError):
+    """A streamed import (``receipts track``) that the database stopped part way: the first
+    ``recorded`` of ``total`` valid rows were recorded, each chunk in its own transaction.
+    Tracking is idempotent, so running the same import again completes it."""
+
+    def __init__(self, cause: str, *, recorded: int, total: int) -> None:
+        self.recorded = recorded
+        self.total = total
+        super().__init__(
+            f"{cause}; {recorded} of {total} row(s) were recorded before it, and stay recorded; "
+            "running the same command again completes the import (tracking is idempotent)"
+        )
 
 
 class AckError(ReceiptsError, LookupError):

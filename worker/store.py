@@ -305,16 +305,21 @@ def _receipt_guard(existing: Any, incoming: Any) -> sa.ColumnElement[bool]:
     ]
     old_final = existing.result.in_(finals)
     new_final = incoming.result.in_(finals)
-    newer_or_unknown = sa.not_(
+    # Same kind: a timeless receipt only replaces a timeless one; a timed one replaces a
+    # timeless one or one not newer than itself.
+    not_below = sa.or_(
+        sa.and_(incoming.receipt_time.is_(None), existing.receipt_time.is_(None)),
         sa.and_(
-            existing.receipt_time.is_not(None),
             incoming.receipt_time.is_not(None),
-            incoming.receipt_time < existing.receipt_time,
-        )
+            sa.or_(
+                existing.receipt_time.is_(None),
+                incoming.receipt_time >= existing.receipt_time,
+            ),
+        ),
     )
     return sa.or_(
         sa.and_(sa.not_(old_final), new_final),
-        sa.and_(old_final == new_final, newer_or_unknown),
+        sa.and_(old_final == new_final, not_below),
     )
 
 
@@ -347,6 +352,8 @@ def receipt_rows(
     candidates: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for receipt in receipts:
         key = phone_key(receipt.phone)
+        # The parser refuses a phone without digits and names it in the session's last_error;
+        # a Receipt built elsewhere without one has no key to be stored under.
         if receipt.session_no not in asked or not key:
             continue
         candidates[(receipt.session_no, key)].append(

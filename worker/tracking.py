@@ -15,16 +15,20 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from worker.db import json_document, json_rows, upsert_insert
-from worker.domain import SessionState, phone_key
+from worker.db import json_document, json_rows
+from worker.domain import (
+    MAX_PHONE_DIGITS,
+    MAX_SESSION_NO_LENGTH,
+    MIN_PHONE_DIGITS,
+    SessionState,
+    phone_key,
+)
 from worker.errors import TrackError
 from worker.models import sessions_table
 from worker.schedule import PollPolicy
 
-MAX_SESSION_NO_LENGTH = 128
 MAX_USER_REF_LENGTH = 256
 MAX_ACCOUNT_ID = 2**63 - 1
-MIN_PHONE_DIGITS, MAX_PHONE_DIGITS = 5, 20
 # A sender's clock may run a little ahead of ours; more than this is a wrong timestamp.
 FUTURE_TOLERANCE = timedelta(minutes=5)
 # Enough rows per statement to amortise round trips, few enough for SQLite's bound-parameter cap.
@@ -34,7 +38,10 @@ CHUNK = 2_000
 PG_CHUNK = 10_000
 
 _SESSION_NO = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
-_PHONE = re.compile(r"\+?[0-9()\- ]+")
+# \d is any Unicode decimal digit, which is what domain.phone_key reads (in ASCII).
+_PHONE = re.compile(r"\+?[\d()\- ]+")
+# The full-width forms of that punctuation, as CJK input methods type it with the digits.
+_WIDE_PUNCTUATION = str.maketrans("\uff0b\uff08\uff09\uff0d\u3000", "+()- ")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -107,7 +114,10 @@ def parse_phones(value: Any) -> tuple[str, ...]:
         if not phone:
             raise ValueError("phones contains an empty entry")
         digits = phone_key(phone)
-        if not _PHONE.fullmatch(phone) or not MIN_PHONE_DIGITS <= len(digits) <= MAX_PHONE_DIGITS:
+        if (
+            not _PHONE.fullmatch(phone.translate(_WIDE_PUNCTUATION))
+            or not MIN_PHONE_DIGITS <= len(digits) <= MAX_PHONE_DIGITS
+        ):
             raise ValueError(
                 f"phone {phone!r} is malformed (digits, spaces, +, - and parentheses; "
                 f"{MIN_PHONE_DIGITS} to {MAX_PHONE_DIGITS} digits)"
@@ -193,22 +203,39 @@ def parse_requests(
     first_number: int = 1,
 ) -> list[TrackRequest]:
     """Validate all rows; raise one TrackError listing every bad row (numbered from
-    ``first_number``) if any is bad."""
+    ``first_number``) if any is bad.
+
+    A ``TrackRequest`` is validated like the dict of its fields, with the same messages:
+    nothing but its type says it was validated, and anyone can build one.
+    """
     requests: list[TrackRequest] = []
     problems: list[str] = []
     for number, raw in enumerate(rows, start=first_number):
-        if isinstance(raw, TrackRequest):
-            requests.append(raw)
-            continue
         try:
-            requests.append(parse_request(raw, now=now))
+            requests.append(parse_row(raw, now=now, label=label, number=number))
         except ValueError as exc:
-            session = raw.get("session_no") if isinstance(raw, Mapping) else None
-            where = f"{label} {number}" + (f" (session_no {session!r})" if session else "")
-            problems.append(f"{where}: {exc}")
+            problems.append(str(exc))
     if problems:
         raise TrackError(problems, valid_rows=len(requests))
     return requests
+
+
+def parse_row(
+    raw: Mapping[str, Any] | TrackRequest, *, now: datetime, label: str, number: int
+) -> TrackRequest:
+    """Validate one row; ValueError names the row (``label`` ``number``, and its SessionNo
+    when it has one) and its first bad field."""
+    fields = _fields_of(raw) if isinstance(raw, TrackRequest) else raw
+    try:
+        return parse_request(fields, now=now)
+    except ValueError as exc:
+        session = fields.get("session_no") if isinstance(fields, Mapping) else None
+        where = f"{label} {number}" + (f" (session_no {session!r})" if session else "")
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def _fields_of(request: TrackRequest) -> dict[str, Any]:
+    return {name: getattr(request, name) for name in _FIELDS}
 
 
 def _merge(requests: Iterable[TrackRequest]) -> dict[tuple[int, str], TrackRequest]:
@@ -244,7 +271,6 @@ def track_requests(
     """
     result = TrackResult()
     merged = _merge(requests)
-    table = sessions_table
     # Sorted, so that every chunk takes its locks (new rows' unique index entries included) in
     # the global (account_id, session_no) order.
     items = [merged[key] for key in sorted(merged)]
@@ -278,14 +304,9 @@ def track_requests(
             }
             for r in chunk
         ]
-        insert = (
-            upsert_insert(session, table)
-            .on_conflict_do_nothing(index_elements=["account_id", "session_no"])
-            .values(rows)
-        )
         inserted = {
             (row.account_id, row.session_no)
-            for row in session.execute(insert.returning(table.c.account_id, table.c.session_no))
+            for row in session.execute(_insert_new_statement_sqlite(), rows)
         }
         result.inserted += len(inserted)
         existing = [r for r in chunk if (r.account_id, r.session_no) not in inserted]
@@ -293,6 +314,22 @@ def track_requests(
             _merge_existing(session, existing, result, policy=policy, now=now)
     result.keys = list(merged)
     return result
+
+
+@functools.cache
+def _insert_new_statement_sqlite() -> Any:
+    """SQLite: one ``INSERT … ON CONFLICT DO NOTHING RETURNING`` compiled once and executed with
+    many rows (SQLAlchemy's "insertmanyvalues" batches them). A multi-row ``.values(rows)``
+    was compiled afresh for every chunk: 2,000 rows took seconds to compile, all of them with
+    SQLite's write lock held."""
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    table = sessions_table
+    return (
+        sqlite_insert(table)
+        .on_conflict_do_nothing(index_elements=["account_id", "session_no"])
+        .returning(table.c.account_id, table.c.session_no)
+    )
 
 
 def _insert_new_pg(

@@ -213,7 +213,7 @@ def test_an_answer_with_text_no_column_can_hold_is_written_whole() -> None:
         '{"SessionNo": "fine", "ReceiptSet": [{"Phone": "85255311112",'
         ' "ReceiptResult": "Success"}]}]}'
     )
-    batch = parse_receipts(payload, ["odd", "fine"])
+    batch = parse_receipts(payload, ["odd", "fine"], received_at=now)
     claim = claim_due(1, now)
     assert claim is not None
     outcome = answer(start(claim, now), list(batch.receipts), now)
@@ -288,15 +288,19 @@ _TIMES = {"older": -60, "same": 0, "newer": 60, "unknown": None}
 
 
 @pytest.mark.parametrize(
-    ("old", "new", "when"),
-    list(itertools.product(list(Result), list(Result), list(_TIMES))),
+    ("old", "new", "when", "old_timed"),
+    list(itertools.product(list(Result), list(Result), list(_TIMES), [True, False])),
 )
-def test_sql_upsert_guard_agrees_with_the_pure_rule(old: Result, new: Result, when: str) -> None:
-    """The WHERE clause of the bulk upsert is the SQL twin of domain.should_replace."""
+def test_sql_upsert_guard_agrees_with_the_pure_rule(
+    old: Result, new: Result, when: str, old_timed: bool
+) -> None:
+    """The WHERE clause of the bulk upsert is the SQL twin of domain.should_replace, for a
+    stored receipt with a time and one without."""
     track({"account_id": 1, "session_no": "s", "phones": ["1234567"]})
     base = T0 + timedelta(hours=1)
     offset = _TIMES[when]
     new_time = None if offset is None else base + timedelta(seconds=offset)
+    old_time = base if old_timed else None
     targets = [
         store.PollTarget(
             id=0, account_id=1, session_no="s", phones=("1234567",), sent_at=T0, polled_at=base
@@ -305,7 +309,7 @@ def test_sql_upsert_guard_agrees_with_the_pure_rule(old: Result, new: Result, wh
     with db.session_scope() as session:
         store.upsert_receipts(
             session,
-            store.receipt_rows(targets, [receipt("s", "1234567", old, base)]),
+            store.receipt_rows(targets, [receipt("s", "1234567", old, old_time)]),
             account_id=1,
             now=base,
         )
@@ -317,13 +321,13 @@ def test_sql_upsert_guard_agrees_with_the_pure_rule(old: Result, new: Result, wh
             now=base,
         )
     expected_replaced = should_replace(
-        ReceiptVersion(result=old, receipt_time=base),
+        ReceiptVersion(result=old, receipt_time=old_time),
         ReceiptVersion(result=new, receipt_time=new_time),
     )
     stored = stored_receipts()[("s", "1234567")]
     expected = new if expected_replaced else old
     assert stored["result"] == expected.value
-    assert stored["receipt_time"] == (new_time if expected_replaced else base)
+    assert stored["receipt_time"] == (new_time if expected_replaced else old_time)
     if old in FINAL_RESULTS and new not in FINAL_RESULTS:
         assert stored["result"] == old.value
 

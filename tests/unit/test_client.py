@@ -45,6 +45,7 @@ KEY_ID = "AKID-test"
 SECRET = "s3cr3t-Never-Show-Me"
 UUID = "6f1c2d3e-0000-4000-8000-00000000abcd"
 T0 = 1_700_000_000.25
+RECEIVED = datetime.fromtimestamp(T0, UTC)  # when parsed answers were received
 ACTION = "GetUSMSSendReceipt"
 
 OK_BODY: dict[str, Any] = {"RetCode": 0, "Action": "GetUSMSSendReceiptResponse", "Data": []}
@@ -752,25 +753,31 @@ def test_get_send_receipts_credentials_error(client: UspeedoClient) -> None:
 
 
 def parse_one(**overrides: Any) -> Receipt:
-    return Receipt.from_payload("s1", receipt_json(**overrides))
+    return Receipt.from_payload("s1", receipt_json(**overrides), received_at=RECEIVED)
+
+
+_DOCUMENTED_RECEIPT = {
+    "CostCount": 6,
+    "ReceiptTime": 6,
+    "UserId": "1213",
+    "ReceiptCode": "0",
+    "Phone": "QbPtKJPa",
+    "ReceiptResult": "Success",
+    "ReceiptDesc": "DxMRsuET",
+}
 
 
 def test_receipt_from_the_documented_example() -> None:
+    # The documentation's Phone is a placeholder without digits: no phone_key to store it
+    # under, so it is refused by name (it used to vanish silently in the store).
+    with pytest.raises(ValueError, match="Phone: no digits"):
+        Receipt.from_payload("BmThtoRB", _DOCUMENTED_RECEIPT, received_at=RECEIVED)
     receipt = Receipt.from_payload(
-        "BmThtoRB",
-        {
-            "CostCount": 6,
-            "ReceiptTime": 6,
-            "UserId": "1213",
-            "ReceiptCode": "0",
-            "Phone": "QbPtKJPa",
-            "ReceiptResult": "Success",
-            "ReceiptDesc": "DxMRsuET",
-        },
+        "BmThtoRB", {**_DOCUMENTED_RECEIPT, "Phone": "85255311111"}, received_at=RECEIVED
     )
     assert receipt == Receipt(
         session_no="BmThtoRB",
-        phone="QbPtKJPa",
+        phone="85255311111",
         result=Result.SUCCESS,
         receipt_code="0",
         receipt_desc="DxMRsuET",
@@ -927,7 +934,7 @@ def test_extra_fields_are_kept_where_useful_and_ignored_otherwise() -> None:
 
 def test_from_payload_refuses_a_non_object() -> None:
     with pytest.raises(ValueError, match="not an object"):
-        Receipt.from_payload("s1", ["Phone"])  # type: ignore[arg-type]
+        Receipt.from_payload("s1", ["Phone"], received_at=RECEIVED)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------
@@ -940,7 +947,7 @@ def test_from_payload_refuses_a_non_object() -> None:
 )
 def test_parse_receipts_fatal_shapes(payload: Any) -> None:
     with pytest.raises(MalformedResponse) as info:
-        parse_receipts(payload, ["s1"], "u-1")
+        parse_receipts(payload, ["s1"], "u-1", received_at=RECEIVED)
     check_error(info.value)
     assert info.value.retryable
     assert info.value.request_uuid == "u-1"
@@ -949,7 +956,7 @@ def test_parse_receipts_fatal_shapes(payload: Any) -> None:
 
 @pytest.mark.parametrize("payload", [{"RetCode": 0}, {"Data": None}, {"Data": []}])
 def test_parse_receipts_nothing_yet(payload: Any) -> None:
-    batch = parse_receipts(payload, ["s1"], "u-1")
+    batch = parse_receipts(payload, ["s1"], "u-1", received_at=RECEIVED)
     assert batch.receipts == ()
     assert batch.problems == ()
     assert batch.request_uuid == "u-1"
@@ -986,7 +993,7 @@ def test_parse_receipts_skips_bad_entries_and_keeps_the_rest() -> None:
             },
         ]
     }
-    batch = parse_receipts(payload, {"s1", "s2"}, "u-1")
+    batch = parse_receipts(payload, {"s1", "s2"}, "u-1", received_at=RECEIVED)
 
     assert [(r.session_no, r.phone, r.result) for r in batch.receipts] == [
         ("s2", "(852)55311111", Result.SUCCESS),
@@ -1018,7 +1025,7 @@ def test_parse_receipts_keeps_duplicates_for_the_domain_to_pick() -> None:
             {"SessionNo": "s1", "ReceiptSet": [receipt_json()]},
         ]
     }
-    batch = parse_receipts(payload, ["s1"])
+    batch = parse_receipts(payload, ["s1"], received_at=RECEIVED)
     assert [r.result for r in batch.receipts] == [Result.UNKNOW, Result.SUCCESS]
     assert batch.request_uuid is None
 
@@ -1027,25 +1034,22 @@ def test_parse_receipts_accepts_the_documented_example() -> None:
     payload = {
         "Action": "GetUSMSSendReceiptResponse",
         "Message": "OnVhSPcD",
-        "Data": [
-            {
-                "SessionNo": "BmThtoRB",
-                "ReceiptSet": [
-                    {
-                        "CostCount": 6,
-                        "ReceiptTime": 6,
-                        "UserId": "1213",
-                        "ReceiptCode": "0",
-                        "Phone": "QbPtKJPa",
-                        "ReceiptResult": "Success",
-                        "ReceiptDesc": "DxMRsuET",
-                    }
-                ],
-            }
-        ],
+        "Data": [{"SessionNo": "BmThtoRB", "ReceiptSet": [_DOCUMENTED_RECEIPT]}],
         "RetCode": 0,
     }
-    batch = parse_receipts(payload, ["BmThtoRB"])
+    batch = parse_receipts(payload, ["BmThtoRB"], received_at=RECEIVED)
+    # Its placeholder Phone has no digits: named, as a problem of its session.
+    assert batch.receipts == ()
+    assert batch.session_problems == (
+        (
+            "BmThtoRB",
+            "Data[0] (SessionNo 'BmThtoRB') ReceiptSet[0]: Phone: no digits in 'QbPtKJPa'",
+        ),
+    )
+    payload["Data"] = [
+        {"SessionNo": "BmThtoRB", "ReceiptSet": [{**_DOCUMENTED_RECEIPT, "Phone": "852553111"}]}
+    ]
+    batch = parse_receipts(payload, ["BmThtoRB"], received_at=RECEIVED)
     assert len(batch.receipts) == 1
     assert batch.problems == ()
 
@@ -1091,7 +1095,7 @@ _payloads = st.fixed_dictionaries({"Data": st.lists(_entries, max_size=4) | _jso
 @given(_payloads)
 def test_parse_receipts_only_ever_raises_malformed(payload: Any) -> None:
     try:
-        batch = parse_receipts(payload, ["s1", "s2"])
+        batch = parse_receipts(payload, ["s1", "s2"], received_at=RECEIVED)
     except MalformedResponse:
         return
     for receipt in batch.receipts:
@@ -1128,7 +1132,9 @@ def _storable_in_postgresql(text: str) -> bool:
 def test_text_no_database_can_hold_is_replaced_not_refused(raw: str, stored: str) -> None:
     """One odd character from the API must not make a whole answer unwritable."""
     entry = {"Phone": "85255311111", "ReceiptResult": "Success", "ReceiptDesc": raw}
-    batch = parse_receipts({"Data": [{"SessionNo": "s1", "ReceiptSet": [entry]}]}, ["s1"])
+    batch = parse_receipts(
+        {"Data": [{"SessionNo": "s1", "ReceiptSet": [entry]}]}, ["s1"], received_at=RECEIVED
+    )
     assert [r.receipt_desc for r in batch.receipts] == [stored]
     assert batch.problems == ()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import unicodedata
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -144,9 +145,9 @@ def test_phone_key_is_the_digits_without_an_international_00(phone: str) -> None
 
 @given(st.text(max_size=25) | st.from_regex(r"\+?[0-9\u0660-\u0669\u00b2]{0,20}", fullmatch=True))
 def test_phone_key_fast_paths_agree_with_the_regex(phone: str) -> None:
-    """Bare digits and +digits skip the regex; any text gives what the regex alone gives
-    (Unicode digits included: ``isdecimal`` and ``\\d`` both mean category Nd)."""
-    digits = re.sub(r"\D", "", phone)
+    """Bare digits and +digits skip the regex; any text gives what the regex alone gives, with
+    every Unicode decimal digit (category Nd, what ``\\d`` matches) written in ASCII."""
+    digits = "".join(str(unicodedata.decimal(ch)) for ch in re.findall(r"\d", phone))
     assert phone_key(phone) == (digits[2:] if digits.startswith("00") else digits)
 
 
@@ -169,12 +170,13 @@ def _times(order: str) -> tuple[datetime | None, datetime | None]:
 def _contract_says_replace(old: str, new: str, order: str) -> bool:
     """The documented rule: a final receipt is never overwritten by a non-final one, nor by an
     older one. Beyond it, the module's documented choices: a final receipt replaces a non-final
-    one whatever their times; between two of the same kind, anything not known to be older
-    (equal or unknown times) is the later observation and wins."""
+    one whatever their times; between two of the same kind, a receipt without a time never
+    replaces one with a time, a timed one replaces a timeless one, and otherwise anything not
+    known to be older (equal times, or both unknown) is the later observation and wins."""
     old_final, new_final = old in DOCUMENTED_FINAL, new in DOCUMENTED_FINAL
     if old_final != new_final:
         return new_final
-    return order != "older"
+    return order not in ("older", "new_unknown")
 
 
 @pytest.mark.parametrize("order", ORDERS)
@@ -504,3 +506,108 @@ def test_unresolved_phones_without_anything_is_empty() -> None:
 def test_unresolved_phones_accepts_iterators() -> None:
     assert unresolved_phones(iter([A]), {}) == [(A, None)]
     assert not is_resolved(iter(_keys(A)), {})
+
+
+# --- receipts without a time, Unicode digits (issue 13, item 15) ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [("Success", "Fail"), ("Fail", "Success"), ("Unknow", "Unknow"), ("SubmitFail", "Success")],
+)
+def test_a_receipt_without_a_time_never_replaces_one_of_the_same_kind_with_a_time(
+    old: str, new: str
+) -> None:
+    """``Success@t`` then ``Fail`` with no time used to end ``Fail`` with no time: the report
+    that says less (no time) overwrote the one that said more."""
+    stored = ReceiptVersion(result=old, receipt_time=T0)
+    assert not should_replace(stored, ReceiptVersion(result=new, receipt_time=None))
+    # The other way round, the timed one wins, whatever the order they arrive in.
+    timeless = ReceiptVersion(result=new, receipt_time=None)
+    assert should_replace(timeless, stored)
+    assert pick_latest([stored, timeless]) == pick_latest([timeless, stored]) == stored
+
+
+def test_a_final_receipt_without_a_time_still_replaces_a_timed_non_final_one() -> None:
+    assert should_replace(
+        ReceiptVersion(result="Unknow", receipt_time=T0),
+        ReceiptVersion(result="Fail", receipt_time=None),
+    )
+
+
+def test_two_timeless_receipts_of_the_same_kind_the_later_observation_wins() -> None:
+    first = ReceiptVersion(result="Success", receipt_time=None)
+    assert should_replace(first, ReceiptVersion(result="Fail", receipt_time=None))
+
+
+_SOME_VERSIONS = st.lists(
+    st.builds(ReceiptVersion, result=st.sampled_from(ALL_RESULTS), receipt_time=_ANY_TIME),
+    min_size=1,
+    max_size=6,
+)
+
+
+@given(_SOME_VERSIONS)
+def test_no_version_replaces_the_one_pick_latest_chose_unless_they_tie(
+    versions: list[ReceiptVersion],
+) -> None:
+    """pick_latest agrees with should_replace: whatever a later poll brings among the same
+    versions, the stored winner gives way only to a version that it would replace in turn
+    (an equal under the rule: same kind, and same time or both without one)."""
+    winner = pick_latest(versions)
+    for version in versions:
+        if should_replace(winner, version):
+            assert should_replace(version, winner)
+
+
+@given(
+    st.lists(
+        st.builds(ReceiptVersion, result=st.sampled_from(ALL_RESULTS), receipt_time=_ANY_TIME),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_storing_versions_one_by_one_ends_on_an_equal_of_pick_latest(
+    versions: list[ReceiptVersion],
+) -> None:
+    """Observed poll after poll (each under should_replace, as the upsert guard does) or all
+    in one answer (pick_latest), the same versions end on the same result and time, up to a
+    tie between contradicting reports."""
+    stored = versions[0]
+    for version in versions[1:]:
+        if should_replace(stored, version):
+            stored = version
+    winner = pick_latest(versions)
+    assert should_replace(stored, winner) and should_replace(winner, stored)
+
+
+def _digits(ascii_digits: str, zero: int) -> str:
+    """``ascii_digits`` written in the decimal digits whose zero is code point ``zero``."""
+    return "".join(chr(zero + int(d)) if d.isdigit() else d for d in ascii_digits)
+
+
+FULL_WIDTH, ARABIC_INDIC, MATH_BOLD = 0xFF10, 0x0660, 0x1D7CE
+
+
+@pytest.mark.parametrize(
+    ("spelling", "expected"),
+    [
+        # Full-width, as CJK input methods type them.
+        (_digits("85255311111", FULL_WIDTH), "85255311111"),
+        ("\uff0b" + _digits("852 5531 1111", FULL_WIDTH), "85255311111"),
+        ("(" + _digits("852", FULL_WIDTH) + ")55311111", "85255311111"),
+        (_digits("0085255311111", FULL_WIDTH), "85255311111"),
+        (_digits("85255311111", ARABIC_INDIC), "85255311111"),
+        (_digits("85255311111", MATH_BOLD), "85255311111"),  # outside the BMP
+    ],
+)
+def test_phone_key_writes_every_decimal_digit_in_ascii(spelling: str, expected: str) -> None:
+    """A receipt spelling the tracked phone in full-width digits must match it."""
+    assert phone_key(spelling) == expected
+
+
+@given(st.text(alphabet=st.characters(categories=["Nd"]), max_size=20))
+def test_phone_key_of_any_decimal_digits_is_ascii(phone: str) -> None:
+    key = phone_key(phone)
+    assert key.isascii() and key == key.strip() and (key == "" or key.isdigit())
+    assert len(key) in (len(phone), len(phone) - 2)

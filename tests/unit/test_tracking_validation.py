@@ -159,7 +159,8 @@ def test_phones_keep_order() -> None:
         "(852)55311111,,+85255311112",
         "(852)55311111,",
         "+",
-        "\uff15\uff15\uff15\uff10\uff11\uff10\uff10\uff11",  # fullwidth digits
+        "\uff15\uff15\uff15\uff10",  # full-width digits, but only four of them
+        "\u2460\u2461\u2462\u2463\u2464",  # circled digits are not decimal digits
         "+1.555.0100",
     ],
 )
@@ -365,7 +366,7 @@ def test_parse_requests_all_valid_keeps_order_and_passes_track_requests_through(
         now=NOW,
     )
     assert [r.session_no for r in requests] == ["a", "ready", "b"]
-    assert requests[1] is ready
+    assert requests[1] == ready
 
 
 def test_parse_requests_empty() -> None:
@@ -516,3 +517,126 @@ def test_parse_requests_on_arbitrary_json_raises_only_track_error(
     numbers = [int(re.match(r"item (\d+)", p).group(1)) for p in problems]  # type: ignore[union-attr]
     assert numbers == sorted(set(numbers))
     assert all(first_number <= n < first_number + len(rows) for n in numbers)
+
+
+# --- phones in any decimal digits (issue 13, item 15) ------------------------------------------
+
+
+def _digits(ascii_digits: str, zero: int) -> str:
+    """``ascii_digits`` written in the decimal digits whose zero is code point ``zero``."""
+    return "".join(chr(zero + int(d)) if d.isdigit() else d for d in ascii_digits)
+
+
+FULL_WIDTH, ARABIC_INDIC = 0xFF10, 0x0660
+
+
+@pytest.mark.parametrize(
+    "phone",
+    [
+        _digits("85255311111", FULL_WIDTH),  # as CJK input methods type them
+        # Full-width plus, hyphen and ideographic space.
+        "\uff0b" + _digits("852\u30005531\uff0d1111", FULL_WIDTH),
+        "\uff08" + _digits("852", FULL_WIDTH) + "\uff09" + _digits("55311111", FULL_WIDTH),
+        _digits("85255311111", ARABIC_INDIC),
+    ],
+)
+def test_phones_in_any_decimal_digits_are_accepted_and_match_ascii(phone: str) -> None:
+    """Receipts spelling a phone in full-width digits match the tracked phone on its digits;
+    tracking takes the same spellings, and they are the same phone as the ASCII one."""
+    assert parse_phones([phone]) == (phone,)
+    assert parse_phones([phone, "(852)55311111"]) == (phone,)
+    assert parse_phones(["85255311111", phone]) == ("85255311111",)
+
+
+def test_phones_digit_count_is_the_ascii_key_length() -> None:
+    with pytest.raises(ValueError, match="5 to 20 digits"):
+        parse_phones([_digits("8" * 21, FULL_WIDTH)])
+    assert parse_phones([_digits("8" * 20, FULL_WIDTH)]) == (_digits("8" * 20, FULL_WIDTH),)
+
+
+# --- TrackRequest instances are validated like dicts (issue 13, item 14) -----------------------
+
+
+def _request(**overrides: Any) -> TrackRequest:
+    fields: dict[str, Any] = {"account_id": 1, "session_no": "S1", "sent_at": NOW - HOUR}
+    fields.update(overrides)
+    return TrackRequest(**fields)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"session_no": "S 1"}, "(session_no 'S 1'): session_no"),
+        ({"session_no": ""}, "row 1: session_no: session_no is empty"),
+        ({"session_no": "X" * 200}, "session_no is 200 characters long"),
+        ({"phones": ("call me",)}, "phones: phone 'call me' is malformed"),
+        ({"phones": ("12",)}, "phones: phone '12' is malformed"),
+        ({"sent_at": NOW.replace(tzinfo=None)}, "sent_at: sent_at 2024-06-01T12:00:00 has no"),
+        ({"sent_at": NOW + 2 * HOUR}, "is in the future"),
+        ({"user_ref": "r" * 5000}, "user_ref: user_ref is longer than 256"),
+        ({"user_ref": "a\x00b"}, "user_ref: user_ref contains a NUL"),
+        ({"account_id": 0}, "account_id: account_id must be a positive 64-bit integer"),
+        ({"account_id": True}, "account_id: account_id must be a positive integer"),
+    ],
+    ids=[
+        "session-no-with-space",
+        "empty-session-no",
+        "long-session-no",
+        "non-phone",
+        "too-few-digits",
+        "naive-sent-at",
+        "future-sent-at",
+        "5000-char-user-ref",
+        "nul-in-user-ref",
+        "account-id-zero",
+        "account-id-bool",
+    ],
+)
+def test_a_track_request_instance_is_validated_like_a_dict(
+    overrides: dict[str, Any], message: str
+) -> None:
+    """TrackRequest instances used to be stored as they came, whatever they held."""
+    bad = _request(**overrides)
+    with pytest.raises(TrackError) as info:
+        parse_requests([bad], now=NOW)
+    assert message in str(info.value)
+    assert str(info.value).startswith("1 problem: row 1")
+    # The same rules, the same message, as the dict with the same fields.
+    as_dict = {name: getattr(bad, name) for name in FIELDS}
+    with pytest.raises(TrackError) as from_dict:
+        parse_requests([as_dict], now=NOW)
+    assert str(from_dict.value) == str(info.value)
+
+
+def test_track_request_instances_are_numbered_among_dict_rows() -> None:
+    rows: list[Any] = [
+        {"account_id": 1, "session_no": "a"},
+        _request(session_no="b c"),
+        _request(session_no="ok"),
+        _request(phones=("+852 5531 1111", "nope")),
+    ]
+    with pytest.raises(TrackError) as info:
+        parse_requests(rows, now=NOW, label="item", first_number=5)
+    assert [p.split(":")[0] for p in info.value.problems] == [
+        "item 6 (session_no 'b c')",
+        "item 8 (session_no 'S1')",
+    ]
+    assert info.value.valid_rows == 2
+
+
+def test_a_valid_track_request_comes_back_normalized() -> None:
+    in_hong_kong = timezone(timedelta(hours=8))
+    request = _request(
+        session_no=" S1 ",
+        phones=["(852)55311111", "+852 5531 1111"],  # type: ignore[arg-type]
+        sent_at=datetime(2024, 6, 1, 19, 0, tzinfo=in_hong_kong),
+        account_id="7",  # type: ignore[arg-type]
+    )
+    (parsed,) = parse_requests([request], now=NOW)
+    assert parsed == TrackRequest(
+        account_id=7,
+        session_no="S1",
+        phones=("(852)55311111",),
+        sent_at=datetime(2024, 6, 1, 11, 0, tzinfo=UTC),
+    )
+    assert parsed.sent_at.tzinfo is UTC
