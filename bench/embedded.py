@@ -61,7 +61,9 @@ STOP_TIMEOUT = 20.0
 
 _LOG_TIME = r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): \w+/[\w-]+\]"
 _RECEIVED = re.compile(_LOG_TIME + r" Task (receipts\.\w+)\[[^\]]+\] received")
-_POLL_DONE = re.compile(r"Task receipts\.poll\[[^\]]+\] succeeded in [\d.e-]+s: \{'polled': (\d+)")
+_POLL_DONE = re.compile(
+    _LOG_TIME + r" Task receipts\.poll\[[^\]]+\] succeeded in [\d.e-]+s: \{'polled': (\d+)"
+)
 _DISCARDED = re.compile(r"Discarding revoked task: (receipts\.\w+)\[")
 
 
@@ -79,6 +81,9 @@ class Outcome:
     poll_tasks_expired: int = 0  # dropped on receipt, their claim's lease over
     received: dict[str, int] = field(default_factory=dict)  # tasks received, by name
     received_per_second: float = 0.0  # every task, over the span from first to last
+    # Poll tasks that polled, and sessions they polled, per second from the first to the last
+    polls_per_second: float = 0.0
+    sessions_polled_per_second: float = 0.0
     states: dict[str, int] = field(default_factory=dict)
     escalated_unpolled: int = 0
     escalated_resolvable: int = 0
@@ -199,6 +204,7 @@ def run(
     folder: Path,
     broker_url: str | None = None,
     extra_env: Mapping[str, str] | None = None,
+    worker_args: Sequence[str] = (),
     settle: float | None = None,
     progress: bool = False,
 ) -> Outcome:
@@ -228,7 +234,7 @@ def run(
         sessions=sessions, accounts=accounts, broker=broker_url or "embedded", timings=dict(timings)
     )
     worker_log = folder / "run.log"
-    process = _start(["run", "--loglevel", "INFO"], env, folder, worker_log)
+    process = _start(["run", "--loglevel", "INFO", *worker_args], env, folder, worker_log)
     try:
         _wait_ticking(process, database, worker_log)
         say("receipts run is ticking")
@@ -331,14 +337,20 @@ def _collect(outcome: Outcome, database: Path, sim: Simulator, worker_log: Path)
     stamps: list[datetime] = []
     for match in _RECEIVED.finditer(text):
         received[match.group(2)] += 1
-        stamps.append(datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f"))  # noqa: DTZ007
+        stamps.append(_stamp(match.group(1)))
     outcome.received = dict(received)
     if len(stamps) > 1:
         span = (stamps[-1] - stamps[0]).total_seconds()
         outcome.received_per_second = round(len(stamps) / span, 1) if span > 0 else 0.0
-    polled = [int(m.group(1)) for m in _POLL_DONE.finditer(text)]
-    outcome.poll_tasks_run = len(polled)
-    outcome.poll_tasks_idle = sum(1 for n in polled if n == 0)
+    done = [(_stamp(m.group(1)), int(m.group(2))) for m in _POLL_DONE.finditer(text)]
+    outcome.poll_tasks_run = len(done)
+    outcome.poll_tasks_idle = sum(1 for _, n in done if n == 0)
+    working = [(at, n) for at, n in done if n]
+    if len(working) > 1:
+        span = (working[-1][0] - working[0][0]).total_seconds()
+        if span > 0:
+            outcome.polls_per_second = round(len(working) / span, 1)
+            outcome.sessions_polled_per_second = round(sum(n for _, n in working) / span)
     outcome.poll_tasks_expired = sum(
         1 for m in _DISCARDED.finditer(text) if m.group(1) == "receipts.poll"
     )
@@ -347,6 +359,11 @@ def _collect(outcome: Outcome, database: Path, sim: Simulator, worker_log: Path)
         for line in text.splitlines()
         if ("WARNING/" in line or "ERROR/" in line) and "escalated session" not in line
     ]
+
+
+def _stamp(text: str) -> datetime:
+    """A Celery log line's time (the worker's local time; only differences are used)."""
+    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f")  # noqa: DTZ007
 
 
 def main() -> None:
@@ -359,6 +376,9 @@ def main() -> None:
     parser.add_argument(
         "--env", action="append", default=[], metavar="NAME=VALUE", help="extra settings"
     )
+    parser.add_argument(
+        "--worker-arg", action="append", default=[], help="an option for `receipts run`"
+    )
     args = parser.parse_args()
     extra = dict(item.split("=", 1) for item in args.env)
     folder = Path(tempfile.mkdtemp(prefix="receipts-embedded-"))
@@ -369,6 +389,7 @@ def main() -> None:
         folder=folder,
         broker_url=args.broker,
         extra_env=extra,
+        worker_args=args.worker_arg,
         progress=True,
     )
     print(json.dumps(outcome.summary(), indent=2, default=str))
