@@ -70,12 +70,23 @@ def deliver_webhooks() -> dict[str, int]:
 
 
 def _dispatch(claim: Claim) -> None:
+    """Queue the poll of a claim that has just been committed.
+
+    The task expires when the claim's lease ends: by then its sessions are due again and the
+    next tick claims them with a new token, so the old task could only find its token gone.
+    A worker drops an expired task as it receives it, without a pool process or a database
+    transaction, so a queue that fell behind drains its dead claims at once instead of
+    running them one by one ahead of the live ones. The expiry is read on the receiving
+    host's clock: a host running fast drops a task early, which only delays its sessions to
+    the re-claim; a late run is still refused by the token (``store.start_poll``).
+    """
     poll.apply_async(
         kwargs={
             "account_id": claim.account_id,
             "session_ids": list(claim.session_ids),
             "token": claim.token,
-        }
+        },
+        expires=get_settings().lease.total_seconds(),
     )
 
 
