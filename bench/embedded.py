@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import itertools
 import json
 import os
 import re
@@ -57,6 +58,8 @@ TIMINGS: dict[str, dict[str, str]] = {
 # steps after sending): a session of theirs that ends escalated could have been resolved.
 RESOLVABLE = ("quick_success", "slow_final")
 SAMPLE_EVERY = 0.5
+# Bounds the delay between the worker deciding to poll and the simulator stamping the call.
+LATENCY = 0.3
 STOP_TIMEOUT = 20.0
 
 _LOG_TIME = r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): \w+/[\w-]+\]"
@@ -87,6 +90,9 @@ class Outcome:
     states: dict[str, int] = field(default_factory=dict)
     escalated_unpolled: int = 0
     escalated_resolvable: int = 0
+    # Broken schedule rules seen in the simulator's call log: a session polled before its
+    # first delay, after its cutoff, or twice inside the minimum interval (first few).
+    rule_breaks: list[str] = field(default_factory=list)
     poll_counts: dict[int, int] = field(default_factory=dict)  # sessions by poll_count
     broker_files: list[tuple[float, int]] = field(default_factory=list)  # (seconds, files)
     warnings: list[str] = field(default_factory=list)  # the worker's WARNING/ERROR lines (some)
@@ -97,7 +103,12 @@ class Outcome:
         return self.states.get("pending", 0)
 
     def ok(self) -> bool:
-        return self.escalated_resolvable == 0 and self.escalated_unpolled == 0 and not self.pending
+        return (
+            self.escalated_resolvable == 0
+            and self.escalated_unpolled == 0
+            and not self.pending
+            and not self.rule_breaks
+        )
 
     def summary(self) -> dict[str, Any]:
         files = [n for _, n in self.broker_files]
@@ -331,6 +342,7 @@ def _collect(outcome: Outcome, database: Path, sim: Simulator, worker_log: Path)
         )
     outcome.escalated_unpolled = sum(1 for _, count in escalated if count == 0)
     outcome.escalated_resolvable = sum(1 for no, _ in escalated if no in resolvable)
+    outcome.rule_breaks = _rule_breaks(calls, truth, outcome.timings)
     text = worker_log.read_text(errors="replace")
     outcome.log = text
     received: Counter[str] = Counter()
@@ -359,6 +371,38 @@ def _collect(outcome: Outcome, database: Path, sim: Simulator, worker_log: Path)
         for line in text.splitlines()
         if ("WARNING/" in line or "ERROR/" in line) and "escalated session" not in line
     ]
+
+
+def _rule_breaks(
+    calls: Sequence[Mapping[str, Any]],
+    truth: Mapping[str, Mapping[str, Any]],
+    timings: Mapping[str, str],
+    limit: int = 20,
+) -> list[str]:
+    """The schedule's rules checked against when the simulator received each session's polls
+    (it stamps a call on arrival, a moment after the worker decided: ``LATENCY``)."""
+    first = float(timings["RECEIPTS_FIRST_POLL_DELAY"])
+    cutoff = float(timings["RECEIPTS_CUTOFF"])
+    interval_min = float(timings["RECEIPTS_POLL_INTERVAL_MIN"])
+    polled: dict[str, list[float]] = {}
+    for call in calls:
+        if call["outcome"] == "ok":
+            for session_no in call["session_nos"]:
+                polled.setdefault(session_no, []).append(call["t"])
+    breaks = []
+    for session_no, times in sorted(polled.items()):
+        sent = truth[session_no]["sent_at"]
+        times.sort()
+        if times[0] < sent + first:
+            breaks.append(f"{session_no}: polled {times[0] - sent:.3f}s after sending")
+        if times[-1] > sent + cutoff + LATENCY:
+            breaks.append(f"{session_no}: polled {times[-1] - sent:.3f}s after sending")
+        breaks.extend(
+            f"{session_no}: polled twice {b - a:.3f}s apart"
+            for a, b in itertools.pairwise(times)
+            if b - a < interval_min - LATENCY
+        )
+    return breaks[:limit]
 
 
 def _stamp(text: str) -> datetime:

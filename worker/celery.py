@@ -31,6 +31,7 @@ from celery.signals import (
     worker_process_init,
     worker_process_shutdown,
 )
+from kombu.connection import Connection
 
 from worker.config import Settings, get_settings
 
@@ -120,9 +121,22 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def queued(celery_app: Celery, queue: str) -> int:
+def embedded_claim_bound(settings: Settings) -> int | None:
+    """On the embedded broker, how many polls a tick may queue: those the worker starts
+    within one claim lease, less those still waiting. None (no bound) on a real broker, whose
+    workers can be any number."""
+    if settings.broker_url:
+        return None
+    can_start = int(EMBEDDED_POLLS_PER_SECOND * settings.lease.total_seconds())
+    return max(0, can_start - queued(settings, POLL_QUEUE))
+
+
+def queued(settings: Settings, queue: str) -> int:
     """Messages waiting in ``queue`` (received ones excluded): one look at the broker."""
-    with celery_app.connection_for_read() as connection:
+    url, transport_options = broker_options(settings)
+    # kombu's Connection and its channels carry no annotations.
+    connection: Any = Connection(url, transport_options=transport_options)  # type: ignore[no-untyped-call]
+    with connection:
         declared = connection.default_channel.queue_declare(queue=queue, passive=True)
         count: int = declared.message_count
         return count

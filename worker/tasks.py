@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery.exceptions import Reject
 
 from worker import poller, runtime, store, webhooks
-from worker.celery import EMBEDDED_POLLS_PER_SECOND, POLL_QUEUE, app, queued
+from worker.celery import EMBEDDED_POLLS_PER_SECOND, app, embedded_claim_bound
 from worker.config import Settings, get_settings
 from worker.db import read_scope, session_scope
 from worker.errors import TrackError
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 @app.task(name="receipts.tick", ignore_result=True)
 def tick() -> dict[str, int]:
     settings = get_settings()
-    max_claims = _embedded_claim_bound(settings)
+    max_claims = embedded_claim_bound(settings)
     report = poller.tick(
         session_factory=session_scope,
         clock=runtime.utcnow,
@@ -40,7 +40,7 @@ def tick() -> dict[str, int]:
         reconcile=_dispatch_reconcile,
     )
     if report.bounded and max_claims is not None:
-        _warn_embedded_behind(settings)
+        _warn_embedded_behind(settings, now=runtime.utcnow())
     if report.webhooks_due:
         # Delivery runs as its own task so that a slow receiver never delays the clock.
         deliver_webhooks.apply_async()
@@ -74,39 +74,29 @@ def deliver_webhooks() -> dict[str, int]:
     return {"delivered": report.delivered, "failed": report.failed}
 
 
-def _embedded_claim_bound(settings: Settings) -> int | None:
-    """On the embedded broker, how many polls a tick may queue: those the worker can start
-    within one claim lease, less those still waiting. None (no bound) on a real broker, whose
-    workers can be any number."""
-    if settings.broker_url:
-        return None
-    can_start = int(EMBEDDED_POLLS_PER_SECOND * settings.lease.total_seconds())
-    return max(0, can_start - queued(app, POLL_QUEUE))
-
-
 # Monotonic time of this process's last warning that the embedded broker fell behind.
 _behind_warned_at: float | None = None
 BEHIND_WARNING_EVERY = 60.0
 
 
-def _warn_embedded_behind(settings: Settings) -> None:
+def _warn_embedded_behind(settings: Settings, *, now: datetime) -> None:
     """One WARNING a minute (per pool process) while ticks on the embedded broker leave due
     sessions unclaimed: they wait in the database for a later tick, and when that goes on
     they can reach their cutoff unpolled."""
     global _behind_warned_at  # noqa: PLW0603 - per-process rate limit of one log line
-    now = time.monotonic()
-    if _behind_warned_at is not None and now - _behind_warned_at < BEHIND_WARNING_EVERY:
+    since = time.monotonic()
+    if _behind_warned_at is not None and since - _behind_warned_at < BEHIND_WARNING_EVERY:
         return
     with read_scope() as session:
-        waiting = store.count_due(session, now=runtime.utcnow(), policy=settings.poll_policy())
+        waiting = store.count_due(session, now=now, policy=settings.poll_policy())
     if not waiting:
         return
-    _behind_warned_at = now
+    _behind_warned_at = since
     log.warning(
-        "the embedded broker is behind: %d due session(s) wait for a later tick; it starts "
-        "about %d polls/s (%d sessions/s in full batches), and sessions due faster than that "
-        "can reach their cutoff unpolled. Set RECEIPTS_BROKER_URL to a Redis server for "
-        "this load (README: Embedded defaults)",
+        "the embedded broker is behind: %d due session(s) wait for a later tick, as it starts "
+        "about %d polls/s (up to %d sessions/s); sessions falling due faster than that can "
+        "reach their cutoff unpolled: use PostgreSQL and Redis for this load "
+        "(README: Embedded defaults)",
         waiting,
         EMBEDDED_POLLS_PER_SECOND,
         EMBEDDED_POLLS_PER_SECOND * settings.batch_size,
