@@ -14,6 +14,10 @@ Every setting below is chosen on purpose:
 - No result backend: nothing reads task results; the database holds every outcome.
 - Ticks go to their own queue so a backlog of polls cannot delay the clock, and they expire
   after one tick: ticks missed while no worker ran are dropped, not replayed in a burst.
+  Poll tasks expire when their claim's lease ends (``worker/tasks.py``).
+- The embedded broker (no ``RECEIPTS_BROKER_URL``) is kombu's filesystem transport writing
+  each message whole (``worker/embedded_broker.py``), its folder polled every 0.1 s, and a
+  tick on it queues no more polls than the worker starts within a claim lease.
 """
 
 from __future__ import annotations
@@ -81,6 +85,24 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
     }
 
 
+# The embedded broker's kombu transport: the filesystem one, writing each message whole.
+EMBEDDED_TRANSPORT = "worker.embedded_broker:Transport"
+
+
+def broker_transport(settings: Settings) -> str | None:
+    """The kombu transport class to use: ours for the embedded broker, else the URL's."""
+    return None if settings.broker_url else EMBEDDED_TRANSPORT
+
+
+def broker_connection(settings: Settings) -> Any:
+    """A kombu connection to the configured broker (not connected until used)."""
+    url, transport_options = broker_options(settings)
+    # kombu's Connection and its channels carry no annotations.
+    return Connection(  # type: ignore[no-untyped-call]
+        url, transport=broker_transport(settings), transport_options=transport_options
+    )
+
+
 def make_broker_folders(settings: Settings) -> None:
     """Create the embedded broker's folders (nothing to do for a real broker)."""
     if settings.broker_url:
@@ -95,6 +117,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     tick = settings.tick.total_seconds()
     return {
         "broker_url": broker_url,
+        "broker_transport": broker_transport(settings),
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
         "result_backend": None,
@@ -133,10 +156,7 @@ def embedded_claim_bound(settings: Settings) -> int | None:
 
 def queued(settings: Settings, queue: str) -> int:
     """Messages waiting in ``queue`` (received ones excluded): one look at the broker."""
-    url, transport_options = broker_options(settings)
-    # kombu's Connection and its channels carry no annotations.
-    connection: Any = Connection(url, transport_options=transport_options)  # type: ignore[no-untyped-call]
-    with connection:
+    with broker_connection(settings) as connection:
         declared = connection.default_channel.queue_declare(queue=queue, passive=True)
         count: int = declared.message_count
         return count

@@ -1,0 +1,116 @@
+"""The embedded broker's transport (worker/embedded_broker.py): a reader never takes a message
+half written, every message written by several processes at once is read exactly once, in
+the order written, and a file that cannot be decoded is set aside instead of stopping the
+worker."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+from pathlib import Path
+from queue import Empty
+from typing import Any
+
+import pytest
+from kombu.connection import Connection
+
+from worker.celery import EMBEDDED_TRANSPORT
+
+QUEUE = "receipts"
+
+
+def _connection(folder: Path) -> Any:
+    for sub in ("queue", "processed", "control"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    return Connection(
+        "filesystem://",
+        transport=EMBEDDED_TRANSPORT,
+        transport_options={
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
+        },
+    )
+
+
+class _SlowToEncode:
+    """A value whose JSON encoding waits until released: the writer is then mid-message."""
+
+    def __init__(self) -> None:
+        self.encoding = threading.Event()
+        self.release = threading.Event()
+
+    def __json__(self) -> str:
+        self.encoding.set()
+        self.release.wait(10)
+        return "whole"
+
+
+def test_a_reader_never_takes_a_message_being_written(tmp_path: Path) -> None:
+    """kombu's own transport creates the file first and writes it after: a reader in between
+    got an empty file, and the worker stopped on "Unrecoverable error: JSONDecodeError"."""
+    slow = _SlowToEncode()
+    with _connection(tmp_path) as writing, _connection(tmp_path) as reading:
+        writer = threading.Thread(
+            target=writing.default_channel._put, args=(QUEUE, {"body": slow}), daemon=True
+        )
+        writer.start()
+        assert slow.encoding.wait(10)
+        try:
+            with pytest.raises(Empty):
+                reading.default_channel._get(QUEUE)
+        finally:
+            slow.release.set()
+            writer.join(10)
+        assert reading.default_channel._get(QUEUE) == {"body": "whole"}
+    assert list((tmp_path / "processed").iterdir()) == []
+
+
+def _write(folder: Path, writer: int, count: int) -> None:
+    with _connection(folder) as connection:
+        for n in range(count):
+            connection.default_channel._put(QUEUE, {"writer": writer, "n": n})
+
+
+def test_messages_from_several_processes_are_read_once_each_in_the_order_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    writers, count = 4, 400
+    fork = multiprocessing.get_context("fork")
+    processes = [fork.Process(target=_write, args=(tmp_path, w, count)) for w in range(writers)]
+    got: list[tuple[int, int]] = []
+    with caplog.at_level(logging.ERROR), _connection(tmp_path) as reading:
+        for process in processes:
+            process.start()
+        while any(p.is_alive() for p in processes) or len(got) < writers * count:
+            try:
+                message = reading.default_channel._get(QUEUE)
+            except Empty:
+                if not any(p.is_alive() for p in processes):
+                    break
+                continue
+            got.append((message["writer"], message["n"]))
+        for process in processes:
+            process.join(30)
+    assert sorted(got) == [(w, n) for w in range(writers) for n in range(count)]
+    for w in range(writers):
+        assert [n for writer, n in got if writer == w] == list(range(count)), "in order"
+    assert caplog.records == []
+
+
+def test_an_unreadable_file_is_set_aside_and_the_next_message_delivered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with _connection(tmp_path) as connection:
+        channel = connection.default_channel
+        (tmp_path / "queue" / f"{0:020d}_broken.{QUEUE}.msg").write_bytes(b'{"trunc')
+        channel._put(QUEUE, {"n": 1})
+        with caplog.at_level(logging.ERROR, logger="worker.embedded_broker"):
+            assert channel._get(QUEUE) == {"n": 1}
+        with pytest.raises(Empty):
+            channel._get(QUEUE)
+    aside = tmp_path / "processed" / f"{0:020d}_broken.{QUEUE}.msg.unreadable"
+    assert aside.read_bytes() == b'{"trunc'
+    assert "set aside an unreadable broker message" in caplog.text

@@ -1,0 +1,107 @@
+"""The embedded broker: kombu's filesystem transport, with every message written whole.
+
+kombu's own transport creates a message's file and only then writes into it, while a reader
+takes any file whose name matches its queue. Under load (a worker's tick and beat writing,
+its main process reading) a reader took a file still empty, failed to decode it, lost the
+message, and the worker stopped on an "Unrecoverable error" (seen at 5,000 sessions over 500
+accounts with `receipts run`). Here a message is written under a name no reader takes and
+renamed into its queue once complete, which is atomic on one filesystem; a reader claims a
+file by renaming it into the processed folder (inside the broker folder, so that rename is
+atomic too: two readers never get the same message); and a file that still cannot be decoded
+(written by something else) is set aside with an error instead of stopping the worker.
+
+Names sort in the order messages were written: the system's monotonic clock in nanoseconds,
+zero-padded (kombu's unpadded milliseconds sort out of order each time they gain a digit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections import deque
+from functools import cached_property
+from pathlib import Path
+from queue import Empty
+from typing import Any
+
+from kombu.exceptions import ChannelError
+from kombu.transport import filesystem
+from kombu.utils.json import JSONEncoder, object_hook
+
+log = logging.getLogger(__name__)
+
+# A file being written ends in this, so that no queue's name pattern matches it.
+WRITING_SUFFIX = ".writing"
+# A file that could not be decoded is kept in the processed folder under this suffix.
+UNREADABLE_SUFFIX = ".unreadable"
+
+
+class Channel(filesystem.Channel):
+    """kombu's filesystem channel with atomic writes and reads."""
+
+    # The parent names the message ``payload``, its own base ``message``: keep the parent's.
+    def _put(self, queue: Any, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        """Put a message onto ``queue``: write it aside, then rename it into the queue."""
+        data = json.dumps(payload, cls=JSONEncoder).encode("utf-8")
+        name = f"{time.monotonic_ns():020d}_{uuid.uuid4()}.{queue}.msg"
+        final = os.path.join(self.data_folder_out, name)
+        writing = final + WRITING_SUFFIX
+        try:
+            with open(writing, "wb") as handle:
+                handle.write(data)
+            os.replace(writing, final)
+        except OSError as exc:
+            raise ChannelError(f"cannot add message {name!r} to {queue}") from exc
+
+    def _get(self, queue: Any, timeout: Any = None) -> Any:
+        """The oldest message of ``queue``.
+
+        The folder is listed when this channel's list of the queue's messages has run out,
+        not for every message (a listing of 3,000 messages took 8 ms, a message 0.2 ms): a
+        message written since comes after those listed anyway, as its name sorts after theirs.
+        """
+        names = self._listed.setdefault(queue, deque())
+        if not names:
+            wanted = f"{queue}.msg"
+            names.extend(
+                sorted(n for n in os.listdir(self.data_folder_in) if n.partition(".")[2] == wanted)
+            )
+        while names:
+            message = self._take(names.popleft())
+            if message is not None:
+                return message
+        raise Empty()
+
+    @cached_property
+    def _listed(self) -> dict[str, deque[str]]:
+        """Per queue, the names of its messages at the last listing, oldest first."""
+        return {}
+
+    def _take(self, name: str) -> Any:
+        """The message in file ``name``, taken by renaming it into the processed folder (None
+        when another reader took it first, or when it cannot be decoded: it is then set
+        aside with an error, never handed to a task)."""
+        taken = Path(self.processed_folder) / name
+        try:
+            os.replace(os.path.join(self.data_folder_in, name), taken)
+        except FileNotFoundError:
+            return None
+        try:
+            message = json.loads(taken.read_bytes(), object_hook=object_hook)
+        except (OSError, ValueError) as exc:
+            aside = taken.with_name(name + UNREADABLE_SUFFIX)
+            with contextlib.suppress(OSError):
+                taken.replace(aside)
+            log.error("set aside an unreadable broker message %s: %s", aside, exc)
+            return None
+        if not self.store_processed:
+            taken.unlink()
+        return message
+
+
+class Transport(filesystem.Transport):
+    Channel = Channel
