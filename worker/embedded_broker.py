@@ -7,16 +7,19 @@ message, and the worker stopped on an "Unrecoverable error" (seen at 5,000 sessi
 accounts with `receipts run`). Here a message is written under a name no reader takes and
 renamed into its queue once complete, which is atomic on one filesystem; a reader claims a
 file by renaming it into the processed folder (inside the broker folder, so that rename is
-atomic too: two readers never get the same message); and a file that still cannot be decoded
-(written by something else) is set aside with an error instead of stopping the worker.
+atomic too: two readers never get the same message), waits for a file that kombu's own
+writer (another codebase sharing the folder) is still writing, and sets a file that still
+cannot be decoded aside with an error instead of stopping the worker.
 
 Names sort in the order messages were written: the system's monotonic clock in nanoseconds,
-zero-padded (kombu's unpadded milliseconds sort out of order each time they gain a digit).
+zero-padded (kombu's milliseconds leave the messages of one millisecond in random order, and
+sort out of order each time they gain a digit).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -38,6 +41,8 @@ log = logging.getLogger(__name__)
 WRITING_SUFFIX = ".writing"
 # A file that could not be decoded is kept in the processed folder under this suffix.
 UNREADABLE_SUFFIX = ".unreadable"
+# How long a reader waits for a message file that another process is still writing.
+WRITER_PATIENCE = 1.0
 
 
 class Channel(filesystem.Channel):
@@ -91,7 +96,7 @@ class Channel(filesystem.Channel):
         except FileNotFoundError:
             return None
         try:
-            message = json.loads(taken.read_bytes(), object_hook=object_hook)
+            message = json.loads(_read_whole(taken), object_hook=object_hook)
         except (OSError, ValueError) as exc:
             aside = taken.with_name(name + UNREADABLE_SUFFIX)
             with contextlib.suppress(OSError):
@@ -101,6 +106,30 @@ class Channel(filesystem.Channel):
         if not self.store_processed:
             taken.unlink()
         return message
+
+
+def _read_whole(path: Path) -> bytes:
+    """A message file's bytes once its writer is done with it.
+
+    This module's writer renames a file into the queue only once it is complete. kombu's own
+    (another codebase sending ``receipts.track`` into this folder) creates the file, then
+    locks it and writes: wait for its lock, and for a file still empty to fill, at most
+    ``WRITER_PATIENCE`` seconds.
+    """
+    deadline = time.monotonic() + WRITER_PATIENCE
+    with path.open("rb") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                data = b""
+            else:
+                handle.seek(0)
+                data = handle.read()
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            if data or time.monotonic() >= deadline:
+                return data
+            time.sleep(0.005)
 
 
 class Transport(filesystem.Transport):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import threading
+import time
 from pathlib import Path
 from queue import Empty
 from typing import Any
@@ -20,12 +21,13 @@ from worker.celery import EMBEDDED_TRANSPORT
 QUEUE = "receipts"
 
 
-def _connection(folder: Path) -> Any:
+def _connection(folder: Path, transport: str | None = EMBEDDED_TRANSPORT) -> Any:
+    """A connection to the broker folder with the embedded transport (None: kombu's own)."""
     for sub in ("queue", "processed", "control"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     return Connection(
         "filesystem://",
-        transport=EMBEDDED_TRANSPORT,
+        transport=transport,
         transport_options={
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
@@ -66,6 +68,33 @@ def test_a_reader_never_takes_a_message_being_written(tmp_path: Path) -> None:
             writer.join(10)
         assert reading.default_channel._get(QUEUE) == {"body": "whole"}
     assert list((tmp_path / "processed").iterdir()) == []
+
+
+def test_a_message_that_kombus_own_writer_is_still_writing_is_read_once_written(
+    tmp_path: Path,
+) -> None:
+    """Another codebase may send ``receipts.track`` into the folder with kombu's transport,
+    which creates the file before it writes it: the reader waits for it."""
+    slow = _SlowToEncode()
+    got: list[Any] = []
+    with _connection(tmp_path, transport=None) as writing, _connection(tmp_path) as reading:
+        writer = threading.Thread(
+            target=writing.default_channel._put, args=(QUEUE, {"body": slow}), daemon=True
+        )
+        writer.start()
+        assert slow.encoding.wait(10)
+        reader = threading.Thread(
+            target=lambda: got.append(reading.default_channel._get(QUEUE)), daemon=True
+        )
+        reader.start()
+        # Released once the reader has taken the file that is still being written.
+        deadline = time.monotonic() + 10
+        while not list((tmp_path / "processed").iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        slow.release.set()
+        writer.join(10)
+        reader.join(10)
+    assert got == [{"body": "whole"}]
 
 
 def _write(folder: Path, writer: int, count: int) -> None:
