@@ -93,6 +93,8 @@ class Outcome:
     # Broken schedule rules seen in the simulator's call log: a session polled before its
     # first delay, after its cutoff, or twice inside the minimum interval (first few).
     rule_breaks: list[str] = field(default_factory=list)
+    # `receipts run`'s exit status if it stopped by itself during the run (it must not).
+    worker_exit: int | None = None
     poll_counts: dict[int, int] = field(default_factory=dict)  # sessions by poll_count
     broker_files: list[tuple[float, int]] = field(default_factory=list)  # (seconds, files)
     warnings: list[str] = field(default_factory=list)  # the worker's WARNING/ERROR lines (some)
@@ -108,6 +110,7 @@ class Outcome:
             and self.escalated_unpolled == 0
             and not self.pending
             and not self.rule_breaks
+            and self.worker_exit is None
         )
 
     def summary(self) -> dict[str, Any]:
@@ -252,7 +255,8 @@ def run(
         _track(sim, make_plan(sessions, accounts), env, folder)
         say(f"tracked {sessions} sessions over {accounts} account(s)")
         cutoff = float(timings["RECEIPTS_CUTOFF"])
-        _watch(outcome, database, broker_dir, cutoff + (cutoff if settle is None else settle), say)
+        limit = cutoff + (cutoff if settle is None else settle)
+        _watch(outcome, process, database, broker_dir, limit, say)
     finally:
         _stop(process)
         sim.stop()
@@ -292,12 +296,14 @@ def _track(
 
 def _watch(
     outcome: Outcome,
+    process: Any,
     database: Path,
     broker_dir: Path | None,
     limit: float,
     say: Callable[[str], None],
 ) -> None:
-    """Sample states and the broker folder until no session is pending or ``limit`` seconds."""
+    """Sample states and the broker folder until no session is pending, ``limit`` seconds
+    passed, or ``receipts run`` stopped."""
     tracked = time.monotonic()
     next_report = 0.0
     while (elapsed := time.monotonic() - tracked) < limit:
@@ -308,6 +314,10 @@ def _watch(
             say(f"t={elapsed:5.1f}s states={states} broker files={files}")
             next_report += 5
         if states and not states.get("pending"):
+            break
+        if process.poll() is not None:
+            outcome.worker_exit = process.returncode
+            say(f"receipts run exited with status {process.returncode}")
             break
         time.sleep(SAMPLE_EVERY)
     outcome.seconds = round(time.monotonic() - tracked, 1)

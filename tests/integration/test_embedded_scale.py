@@ -189,6 +189,7 @@ def test_receipts_run_on_the_embedded_defaults_polls_thousands_of_sessions_in_ti
         settle=10,
     )
     summary = outcome.summary()
+    assert outcome.worker_exit is None, outcome.log[-3000:]
     assert outcome.escalated_unpolled == 0, summary
     assert outcome.escalated_resolvable == 0, summary
     assert outcome.states == {"resolved": 3000}, summary
