@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from worker.domain import phone_key
 from worker.simulator import Simulator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +94,8 @@ class Outcome:
     # Broken schedule rules seen in the simulator's call log: a session polled before its
     # first delay, after its cutoff, or twice inside the minimum interval (first few).
     rule_breaks: list[str] = field(default_factory=list)
+    # Resolved sessions whose stored receipts differ from the simulator's final ones.
+    wrongly_resolved: int = 0
     # `receipts run`'s exit status if it stopped by itself during the run (it must not).
     worker_exit: int | None = None
     poll_counts: dict[int, int] = field(default_factory=dict)  # sessions by poll_count
@@ -110,6 +113,7 @@ class Outcome:
             and self.escalated_unpolled == 0
             and not self.pending
             and not self.rule_breaks
+            and not self.wrongly_resolved
             and self.worker_exit is None
         )
 
@@ -350,9 +354,22 @@ def _collect(outcome: Outcome, database: Path, sim: Simulator, worker_log: Path)
         escalated = list(
             conn.execute("SELECT session_no, poll_count FROM sms_sessions WHERE state='escalated'")
         )
+        resolved = conn.execute("SELECT session_no FROM sms_sessions WHERE state = 'resolved'")
+        stored: dict[str, dict[str, str]] = {no: {} for (no,) in resolved}
+        for session_no, key, result in conn.execute(
+            "SELECT r.session_no, r.phone_key, r.result FROM sms_receipts r JOIN sms_sessions s"
+            " USING (account_id, session_no) WHERE s.state = 'resolved'"
+        ):
+            stored.setdefault(session_no, {})[key] = result
     outcome.escalated_unpolled = sum(1 for _, count in escalated if count == 0)
     outcome.escalated_resolvable = sum(1 for no, _ in escalated if no in resolvable)
     outcome.rule_breaks = _rule_breaks(calls, truth, outcome.timings)
+    outcome.wrongly_resolved = sum(
+        1
+        for session_no, results in stored.items()
+        if results
+        != {phone_key(p): t["final_result"] for p, t in truth[session_no]["phones"].items()}
+    )
     text = worker_log.read_text(errors="replace")
     outcome.log = text
     received: Counter[str] = Counter()

@@ -55,10 +55,12 @@ TASK_SOFT_TIME_LIMIT = 240
 # a tick, and a smaller value did not move the throughput (measured: bench/embedded.py).
 EMBEDDED_POLLING_INTERVAL = 0.1
 # Poll tasks `receipts run` starts per second on the embedded defaults (SQLite and the folder
-# broker, two pool processes), measured on 2 cores with the simulator: 6 to 10. A tick on the
-# embedded broker queues no more than this many in one claim lease (minus those still queued),
-# so that every claim it queues starts before its lease ends: the queue does not fill with
-# claims that expire unpolled while their sessions wait. See README "Embedded defaults".
+# broker, two pool processes), at the low end of what bench/embedded.py measured on 2 cores
+# with the simulator when saturated (8 to 18). A tick on the embedded broker queues no more
+# than this many per claim lease (less those still queued), so that what it queues starts
+# before its lease ends: the queue does not fill with claims that expire while their
+# sessions wait. It bounds the queue, not the rate: a faster worker drains it sooner and the
+# next tick refills it. See README "Embedded defaults".
 EMBEDDED_POLLS_PER_SECOND = 8
 
 # The embedded broker's subfolders inside RECEIPTS_BROKER_DIR: messages, processed messages, and

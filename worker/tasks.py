@@ -93,13 +93,12 @@ def _warn_embedded_behind(settings: Settings, *, now: datetime) -> None:
         return
     _behind_warned_at = since
     log.warning(
-        "the embedded broker is behind: %d due session(s) wait for a later tick, as it starts "
-        "about %d polls/s (up to %d sessions/s); sessions falling due faster than that can "
-        "reach their cutoff unpolled: use PostgreSQL and Redis for this load "
-        "(README: Embedded defaults)",
+        "the embedded broker is behind: %d due session(s) wait for a later tick (a tick "
+        "queues no more than the worker starts within a claim lease, about %d polls/s); "
+        "sessions falling due faster than they are polled can reach their cutoff unpolled: "
+        "use PostgreSQL and Redis for this load (README: Embedded defaults)",
         waiting,
         EMBEDDED_POLLS_PER_SECOND,
-        EMBEDDED_POLLS_PER_SECOND * settings.batch_size,
     )
 
 

@@ -194,5 +194,6 @@ def test_receipts_run_on_the_embedded_defaults_polls_thousands_of_sessions_in_ti
     assert outcome.escalated_resolvable == 0, summary
     assert outcome.states == {"resolved": 3000}, summary
     assert outcome.rule_breaks == [], summary
+    assert outcome.wrongly_resolved == 0, summary
     # Every session was asked for at least once, and each call named one account's sessions.
     assert outcome.sessions_asked >= 3000 and outcome.api_calls >= 30, summary
