@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 WRITING_SUFFIX = ".writing"
 # A file that could not be decoded is kept in the processed folder under this suffix.
 UNREADABLE_SUFFIX = ".unreadable"
+# A message's name starts with the monotonic clock in nanoseconds, zero-padded to this width.
+NAME_DIGITS = 20
 # How long a reader waits for a message file that another process is still writing.
 WRITER_PATIENCE = 1.0
 
@@ -52,7 +54,7 @@ class Channel(filesystem.Channel):
     def _put(self, queue: Any, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
         """Put a message onto ``queue``: write it aside, then rename it into the queue."""
         data = json.dumps(payload, cls=JSONEncoder).encode("utf-8")
-        name = f"{time.monotonic_ns():020d}_{uuid.uuid4()}.{queue}.msg"
+        name = f"{time.monotonic_ns():0{NAME_DIGITS}d}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
         writing = final + WRITING_SUFFIX
         try:
@@ -71,15 +73,29 @@ class Channel(filesystem.Channel):
         """
         names = self._listed.setdefault(queue, deque())
         if not names:
-            wanted = f"{queue}.msg"
-            names.extend(
-                sorted(n for n in os.listdir(self.data_folder_in) if n.partition(".")[2] == wanted)
-            )
+            names.extend(self._list(queue))
         while names:
             message = self._take(names.popleft())
             if message is not None:
                 return message
         raise Empty()
+
+    def _list(self, queue: str) -> list[str]:
+        """The names of ``queue``'s messages, oldest first.
+
+        A listing of a folder that changes meanwhile may show a file added during it and miss
+        an older one added just before it; so it keeps only the messages named before it
+        began. Each of those was renamed into the folder after every earlier message of its
+        writer, all there for the whole listing, so none is read ahead of its predecessors.
+        (Names not of this module's form, from kombu's own writer, are all kept.)
+        """
+        began = time.monotonic_ns()
+        wanted = f"{queue}.msg"
+        return sorted(
+            name
+            for name in os.listdir(self.data_folder_in)
+            if name.partition(".")[2] == wanted and _named_before(name, began)
+        )
 
     @cached_property
     def _listed(self) -> dict[str, deque[str]]:
@@ -106,6 +122,15 @@ class Channel(filesystem.Channel):
         if not self.store_processed:
             taken.unlink()
         return message
+
+
+def _named_before(name: str, instant: int) -> bool:
+    """Whether a message of this module was named before ``instant`` (monotonic ns); True
+    for any other name."""
+    stamp, underscore, _ = name.partition("_")
+    if not underscore or len(stamp) != NAME_DIGITS or not stamp.isdigit():
+        return True
+    return int(stamp) < instant
 
 
 def _read_whole(path: Path) -> bytes:
