@@ -43,6 +43,8 @@ WRITING_SUFFIX = ".writing"
 UNREADABLE_SUFFIX = ".unreadable"
 # A message's name starts with the monotonic clock in nanoseconds, zero-padded to this width.
 NAME_DIGITS = 20
+# A message named this far after a listing began was named on another machine's clock.
+OTHER_CLOCK_NS = 10 * 1_000_000_000
 # How long a reader waits for a message file that another process is still writing.
 WRITER_PATIENCE = 1.0
 
@@ -94,7 +96,7 @@ class Channel(filesystem.Channel):
         return sorted(
             name
             for name in os.listdir(self.data_folder_in)
-            if name.partition(".")[2] == wanted and _named_before(name, began)
+            if name.partition(".")[2] == wanted and not _named_since(name, began)
         )
 
     @cached_property
@@ -124,13 +126,15 @@ class Channel(filesystem.Channel):
         return message
 
 
-def _named_before(name: str, instant: int) -> bool:
-    """Whether a message of this module was named before ``instant`` (monotonic ns); True
-    for any other name."""
+def _named_since(name: str, instant: int) -> bool:
+    """Whether a message of this module was named at or after ``instant`` (monotonic ns) on
+    this machine. A stamp further ahead than any listing lasts comes from another machine's
+    clock (a folder shared over the network): waiting for it could take days, so it counts
+    as older, as does any name of another form."""
     stamp, underscore, _ = name.partition("_")
     if not underscore or len(stamp) != NAME_DIGITS or not stamp.isdigit():
-        return True
-    return int(stamp) < instant
+        return False
+    return instant <= int(stamp) < instant + OTHER_CLOCK_NS
 
 
 def _read_whole(path: Path) -> bytes:

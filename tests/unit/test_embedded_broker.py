@@ -132,6 +132,17 @@ def test_messages_from_several_processes_are_read_once_each_in_the_order_written
     assert caplog.records == []
 
 
+def test_a_message_named_on_another_machines_clock_is_still_read(tmp_path: Path) -> None:
+    """Names carry this machine's monotonic clock; one far ahead (written on a machine up for
+    longer, sharing the folder) is not held back until this clock catches up."""
+    ahead = time.monotonic_ns() + 86_400 * 1_000_000_000
+    name = f"{ahead:020d}_elsewhere.{QUEUE}.msg"
+    (tmp_path / "queue").mkdir(parents=True)
+    (tmp_path / "queue" / name).write_bytes(b'{"n": 2}')
+    with _connection(tmp_path) as connection:
+        assert connection.default_channel._get(QUEUE) == {"n": 2}
+
+
 def test_an_unreadable_file_is_set_aside_and_the_next_message_delivered(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
