@@ -14,6 +14,10 @@ Every setting below is chosen on purpose:
 - No result backend: nothing reads task results; the database holds every outcome.
 - Ticks go to their own queue so a backlog of polls cannot delay the clock, and they expire
   after one tick: ticks missed while no worker ran are dropped, not replayed in a burst.
+  Poll tasks expire when their claim's lease ends (``worker/tasks.py``).
+- The embedded broker (no ``RECEIPTS_BROKER_URL``) is kombu's filesystem transport writing
+  each message whole (``worker/embedded_broker.py``), its folder polled every 0.1 s, and a
+  tick on it queues no more polls than the worker starts within a claim lease.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from celery.signals import (
     worker_process_init,
     worker_process_shutdown,
 )
+from kombu.connection import Connection
 
 # The task time limits are defined with the settings, which check that a poll fits inside them.
 from worker.config import TASK_SOFT_TIME_LIMIT, TASK_TIME_LIMIT, Settings, get_settings
@@ -42,6 +47,20 @@ CLOCK_QUEUE = "receipts-clock"
 FOREIGN_QUEUE = "celery"
 QUEUES = (POLL_QUEUE, CLOCK_QUEUE, FOREIGN_QUEUE)
 
+
+# How long the embedded broker's consumer sleeps when every queue is empty or the worker holds
+# as many messages as it may. kombu's default, 1 s, capped a worker at about 2 messages/s;
+# 0.1 s costs an idle worker 0.3% of a core (0.02 s: 1.3%) and a message at most 0.1 s of
+# a tick, and a smaller value did not move the throughput (measured: bench/embedded.py).
+EMBEDDED_POLLING_INTERVAL = 0.1
+# Poll tasks `receipts run` starts per second on the embedded defaults (SQLite and the folder
+# broker, two pool processes), at the low end of what bench/embedded.py measured on 2 cores
+# with the simulator when saturated (8 to 18). A tick on the embedded broker queues no more
+# than this many per claim lease (less those still queued), so that what it queues starts
+# before its lease ends: the queue does not fill with claims that expire while their
+# sessions wait. It bounds the queue, not the rate: a faster worker drains it sooner and the
+# next tick refills it. See README "Embedded defaults".
+EMBEDDED_POLLS_PER_SECOND = 8
 
 # The embedded broker's subfolders inside RECEIPTS_BROKER_DIR: messages, processed messages, and
 # kombu's exchange tables (which it would otherwise write to ./control).
@@ -63,7 +82,26 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
         "processed_folder": str(folder / "processed"),
         "control_folder": str(folder / "control"),
         "store_processed": False,
+        "polling_interval": EMBEDDED_POLLING_INTERVAL,
     }
+
+
+# The embedded broker's kombu transport: the filesystem one, writing each message whole.
+EMBEDDED_TRANSPORT = "worker.embedded_broker:Transport"
+
+
+def broker_transport(settings: Settings) -> str | None:
+    """The kombu transport class to use: ours for the embedded broker, else the URL's."""
+    return None if settings.broker_url else EMBEDDED_TRANSPORT
+
+
+def broker_connection(settings: Settings) -> Any:
+    """A kombu connection to the configured broker (not connected until used)."""
+    url, transport_options = broker_options(settings)
+    # kombu's Connection and its channels carry no annotations.
+    return Connection(  # type: ignore[no-untyped-call]
+        url, transport=broker_transport(settings), transport_options=transport_options
+    )
 
 
 def make_broker_folders(settings: Settings) -> None:
@@ -80,6 +118,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     tick = settings.tick.total_seconds()
     return {
         "broker_url": broker_url,
+        "broker_transport": broker_transport(settings),
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
         "result_backend": None,
@@ -104,6 +143,24 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "enable_utc": True,
         "timezone": "UTC",
     }
+
+
+def embedded_claim_bound(settings: Settings) -> int | None:
+    """On the embedded broker, how many polls a tick may queue: those the worker starts
+    within one claim lease, less those still waiting. None (no bound) on a real broker, whose
+    workers can be any number."""
+    if settings.broker_url:
+        return None
+    can_start = int(EMBEDDED_POLLS_PER_SECOND * settings.lease.total_seconds())
+    return max(0, can_start - queued(settings, POLL_QUEUE))
+
+
+def queued(settings: Settings, queue: str) -> int:
+    """Messages waiting in ``queue`` (received ones excluded): one look at the broker."""
+    with broker_connection(settings) as connection:
+        declared = connection.default_channel.queue_declare(queue=queue, passive=True)
+        count: int = declared.message_count
+        return count
 
 
 def make_app(settings: Settings | None = None) -> Celery:

@@ -54,6 +54,8 @@ class TickReport:
     claims: int
     sessions_claimed: int
     webhooks_due: bool = False  # with an outbox: some delivery is waiting for an attempt
+    # The tick reached its bound (max_sessions or max_claims) with sessions possibly still due.
+    bounded: bool = False
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -75,6 +77,7 @@ def tick(
     tick_every: timedelta,
     batch_size: int = 100,
     max_sessions: int = 200_000,
+    max_claims: int | None = None,
     show_phones: bool = False,
     outbox: bool = False,
     reconcile: Callable[[int, list[int]], None] | None = None,
@@ -82,7 +85,9 @@ def tick(
     """Record the heartbeat, release the polls of worker processes that stopped heartbeating,
     escalate what passed its cutoff (queuing webhooks with ``outbox``), hand the sessions whose
     cutoff passed while their poll was lost to ``reconcile``, then claim due sessions in
-    batches of at most ``batch_size`` of one account and hand each batch to ``dispatch``.
+    batches of at most ``batch_size`` of one account and hand each batch to ``dispatch``: at
+    most ``max_sessions`` sessions in at most ``max_claims`` batches, the accounts whose
+    sessions fell due first first. Sessions left unclaimed stay due for the next tick.
 
     Each claim commits on its own before it is dispatched, so a poll task never runs ahead
     of the claim it carries, and transactions stay short.
@@ -120,12 +125,50 @@ def tick(
         for account_id, ids in released.reconcile.items():
             reconcile(account_id, ids)
 
-    now = clock()
+    claims, claimed, bounded = _claim_due(
+        session_factory=session_factory,
+        clock=clock,
+        policy=policy,
+        dispatch=dispatch,
+        lease=lease,
+        batch_size=batch_size,
+        max_sessions=max_sessions,
+        max_claims=max_claims,
+    )
+    webhooks_due = False
+    if outbox:
+        with session_factory() as session:
+            webhooks_due = webhooks.deliveries_due(session, now=clock())
+    return TickReport(
+        escalated=escalated,
+        claims=claims,
+        sessions_claimed=claimed,
+        webhooks_due=webhooks_due,
+        bounded=bounded,
+    )
+
+
+def _claim_due(
+    *,
+    session_factory: SessionFactory,
+    clock: Clock,
+    policy: PollPolicy,
+    dispatch: Callable[[Claim], None],
+    lease: timedelta,
+    batch_size: int,
+    max_sessions: int,
+    max_claims: int | None,
+) -> tuple[int, int, bool]:
+    """Claim and dispatch due sessions account by account, within the bounds: (claims,
+    sessions claimed, whether a bound stopped the tick)."""
     with session_factory() as session:
-        accounts = store.due_accounts(session, now=now, policy=policy)
+        accounts = store.due_accounts(session, now=clock(), policy=policy)
     claims = claimed = 0
     for account_id in accounts:
-        while claimed < max_sessions:
+        full = True
+        while full:
+            if claimed >= max_sessions or (max_claims is not None and claims >= max_claims):
+                return claims, claimed, True
             now = clock()
             with session_factory() as session:
                 claim = store.claim_batch(
@@ -141,15 +184,8 @@ def tick(
             dispatch(claim)
             claims += 1
             claimed += len(claim.session_ids)
-            if len(claim.session_ids) < batch_size:
-                break
-    webhooks_due = False
-    if outbox:
-        with session_factory() as session:
-            webhooks_due = webhooks.deliveries_due(session, now=clock())
-    return TickReport(
-        escalated=escalated, claims=claims, sessions_claimed=claimed, webhooks_due=webhooks_due
-    )
+            full = len(claim.session_ids) == batch_size
+    return claims, claimed, False
 
 
 def log_escalation(escalation: store.Escalation, *, show_phones: bool = False) -> None:

@@ -105,15 +105,27 @@ def _is_pg(session: Session) -> bool:
 # --- claiming -------------------------------------------------------------------------------
 
 
+def _due(now: datetime, policy: PollPolicy) -> tuple[sa.ColumnElement[bool], ...]:
+    return (S.c.state == PENDING, S.c.next_poll_at <= now, S.c.sent_at > now - policy.cutoff)
+
+
 def due_accounts(session: Session, *, now: datetime, policy: PollPolicy) -> list[int]:
-    """Accounts with sessions due for a poll, read from the partial index of pending sessions."""
+    """Accounts with sessions due for a poll, read from the partial index of pending sessions,
+    the account whose oldest due session has waited longest first: a tick that may claim only
+    so much (see :func:`worker.poller.tick`) serves sessions in the order they fell due, and
+    no account waits behind others that keep falling due."""
     query = (
         sa.select(S.c.account_id)
-        .where(S.c.state == PENDING, S.c.next_poll_at <= now, S.c.sent_at > now - policy.cutoff)
-        .distinct()
-        .order_by(S.c.account_id)
+        .where(*_due(now, policy))
+        .group_by(S.c.account_id)
+        .order_by(sa.func.min(S.c.next_poll_at), S.c.account_id)
     )
     return list(session.scalars(query))
+
+
+def count_due(session: Session, *, now: datetime, policy: PollPolicy) -> int:
+    """How many sessions are due for a poll and not claimed."""
+    return session.scalar(sa.select(sa.func.count()).where(*_due(now, policy))) or 0
 
 
 def claim_batch(

@@ -4,15 +4,16 @@ resources they run with are in ``worker.runtime``)."""
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+import time
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery.exceptions import Reject
 
-from worker import poller, runtime, webhooks
-from worker.celery import app
-from worker.config import get_settings
-from worker.db import session_scope
+from worker import poller, runtime, store, webhooks
+from worker.celery import EMBEDDED_POLLS_PER_SECOND, app, embedded_claim_bound
+from worker.config import Settings, get_settings
+from worker.db import read_scope, session_scope
 from worker.errors import TrackError
 from worker.store import Claim
 from worker.tracking import parse_requests, track_requests
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 @app.task(name="receipts.tick", ignore_result=True)
 def tick() -> dict[str, int]:
     settings = get_settings()
+    max_claims = embedded_claim_bound(settings)
     report = poller.tick(
         session_factory=session_scope,
         clock=runtime.utcnow,
@@ -32,10 +34,13 @@ def tick() -> dict[str, int]:
         tick_every=settings.tick,
         batch_size=settings.batch_size,
         max_sessions=settings.max_claim_per_tick,
+        max_claims=max_claims,
         show_phones=settings.log_phones,
         outbox=settings.escalation_webhook_url is not None,
         reconcile=_dispatch_reconcile,
     )
+    if report.bounded and max_claims is not None:
+        _warn_embedded_behind(settings, now=runtime.utcnow())
     if report.webhooks_due:
         # Delivery runs as its own task so that a slow receiver never delays the clock.
         deliver_webhooks.apply_async()
@@ -69,13 +74,52 @@ def deliver_webhooks() -> dict[str, int]:
     return {"delivered": report.delivered, "failed": report.failed}
 
 
+# Monotonic time of this process's last warning that the embedded broker fell behind.
+_behind_warned_at: float | None = None
+BEHIND_WARNING_EVERY = 60.0
+
+
+def _warn_embedded_behind(settings: Settings, *, now: datetime) -> None:
+    """One WARNING a minute (per pool process) while ticks on the embedded broker leave due
+    sessions unclaimed: they wait in the database for a later tick, and when that goes on
+    they can reach their cutoff unpolled."""
+    global _behind_warned_at  # noqa: PLW0603 - per-process rate limit of one log line
+    since = time.monotonic()
+    if _behind_warned_at is not None and since - _behind_warned_at < BEHIND_WARNING_EVERY:
+        return
+    with read_scope() as session:
+        waiting = store.count_due(session, now=now, policy=settings.poll_policy())
+    if not waiting:
+        return
+    _behind_warned_at = since
+    log.warning(
+        "the embedded broker is behind: %d due session(s) wait for a later tick (a tick "
+        "queues no more than the worker starts within a claim lease, about %d polls/s); "
+        "sessions falling due faster than they are polled can reach their cutoff unpolled: "
+        "use PostgreSQL and Redis for this load (README: Embedded defaults)",
+        waiting,
+        EMBEDDED_POLLS_PER_SECOND,
+    )
+
+
 def _dispatch(claim: Claim) -> None:
+    """Queue the poll of a claim that has just been committed.
+
+    The task expires when the claim's lease ends: by then its sessions are due again and the
+    next tick claims them with a new token, so the old task could only find its token gone.
+    A worker drops an expired task as it receives it, without a pool process or a database
+    transaction, so a queue that fell behind drains its dead claims at once instead of
+    running them one by one ahead of the live ones. The expiry is read on the receiving
+    host's clock: a host running fast drops a task early, which only delays its sessions to
+    the re-claim; a late run is still refused by the token (``store.start_poll``).
+    """
     poll.apply_async(
         kwargs={
             "account_id": claim.account_id,
             "session_ids": list(claim.session_ids),
             "token": claim.token,
-        }
+        },
+        expires=get_settings().lease.total_seconds(),
     )
 
 
