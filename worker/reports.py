@@ -1,4 +1,5 @@
-"""Read-only views of the tables for people: ``receipts status`` and ``receipts stale``.
+"""Read-only views of the tables for people: ``receipts status``, ``receipts stale`` and
+``receipts rejected``.
 
 Every value from the database reaches rich as a ``Text``, never as a ``str``: rich reads
 ``[...]`` in a string as markup (``[/]`` in a SessionNo or an API error text raised
@@ -8,6 +9,7 @@ Every value from the database reaches rich as a ``Text``, never as a ``str``: ri
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -19,6 +21,8 @@ from worker.models import receipts_table, sessions_table, stale_sessions_view
 
 if TYPE_CHECKING:
     from rich.text import Text
+
+    from worker.intake import RejectedTrack
 
 S = sessions_table
 R = receipts_table
@@ -168,5 +172,41 @@ def print_stale(rows: list[dict[str, Any]]) -> None:
             _cell(row["poll_count"]),
             _cell(phones),
             _cell(row["last_error"]),
+        )
+    console.print(table)
+
+
+# --- refused receipts.track tasks ---------------------------------------------------------------
+
+
+def rejected_rows(rows: Sequence[RejectedTrack], *, show_phones: bool) -> list[dict[str, Any]]:
+    """Rows of ``rejected_tracks`` as ``receipts rejected`` shows them (phones masked unless
+    ``show_phones``, see :func:`worker.intake.for_display`)."""
+    from worker.intake import for_display
+
+    return [for_display(row, show_phones=show_phones) for row in rows]
+
+
+def print_rejected(rows: list[dict[str, Any]], *, closed_too: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not rows:
+        console.print("no rejected tracks" if closed_too else "no open rejected tracks")
+        return
+    table = Table(title=f"{len(rows)} rejected receipts.track task(s)")
+    for column in ("id", "received_at", "state", "origin", "arguments", "reason"):
+        # Folded, never cut: an operator needs all of a reason to fix the arguments.
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        arguments = ", ".join(f"{k}={_text(v)}" for k, v in row["arguments"].items())
+        table.add_row(
+            _cell(row["id"]),
+            _cell(row["received_at"]),
+            _cell(row["state"]),
+            _cell(row["origin"]),
+            _cell(arguments),
+            _cell(row["reason"]),
         )
     console.print(table)
