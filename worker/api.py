@@ -1,5 +1,6 @@
-"""The Python API: ``worker.track`` and ``worker.track_many`` for senders; acknowledging
-escalations and handling refused ``receipts.track`` tasks for operators."""
+"""The Python API: ``worker.track`` and ``worker.track_many`` for senders, ``worker.status`` to
+read a session back; acknowledging escalations and handling refused ``receipts.track`` tasks
+for operators."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from worker import intake, store
+from worker import intake, records, store
 from worker.clock import database_now
 from worker.config import get_settings
 from worker.db import error_text, get_engine, read_scope, session_scope
@@ -69,6 +70,15 @@ def acknowledge(
         return store.acknowledge(
             session, list(session_nos), now=database_now(), note=note, account_id=account_id
         )
+
+
+def status(session_no: str, *, account_id: int | None = None) -> records.SessionStatus:
+    """A tracked session, where its polling stands and every phone's receipt, as a frozen
+    :class:`worker.SessionStatus`. ``account_id`` is needed only when two accounts share the
+    SessionNo. Raises :class:`worker.SessionNotFound` for a SessionNo that is not tracked (or is
+    ambiguous without ``account_id``)."""
+    with read_scope() as session:
+        return records.read_status(session, session_no, account_id=account_id)
 
 
 def track_many(

@@ -16,43 +16,19 @@ from typing import TYPE_CHECKING, Any, TextIO
 import sqlalchemy as sa
 
 from worker.db import read_scope
-from worker.errors import SessionNotFound
-from worker.models import receipts_table, sessions_table, stale_sessions_view
+from worker.models import stale_sessions_view
 
 if TYPE_CHECKING:
     from rich.text import Text
 
     from worker.intake import RejectedTrack
 
-S = sessions_table
-R = receipts_table
-
 
 def session_status(session_no: str, *, account_id: int | None = None) -> dict[str, Any]:
-    query = sa.select(S).where(S.c.session_no == session_no)
-    if account_id is not None:
-        query = query.where(S.c.account_id == account_id)
-    with read_scope() as session:
-        rows = list(session.execute(query).mappings())
-        if not rows:
-            raise SessionNotFound(f"session {session_no!r} is not tracked")
-        if len(rows) > 1:
-            accounts = ", ".join(str(r["account_id"]) for r in rows)
-            raise SessionNotFound(
-                f"session {session_no!r} exists in accounts {accounts}: add --account-id"
-            )
-        found = dict(rows[0])
-        receipts = session.execute(
-            sa.select(R)
-            .where(R.c.account_id == found["account_id"], R.c.session_no == session_no)
-            .order_by(R.c.phone)
-        ).mappings()
-        found["receipts"] = [dict(r) for r in receipts]
-    for private in ("id", "claim_token", "claimed_at"):
-        found.pop(private, None)
-    for receipt in found["receipts"]:
-        receipt.pop("id", None)
-    return found
+    """What ``receipts status`` shows: the record ``worker.status()`` returns, as plain data."""
+    from worker.api import status
+
+    return status(session_no, account_id=account_id).as_dict()
 
 
 def print_status(found: dict[str, Any]) -> None:
