@@ -164,25 +164,32 @@ def rejected_rows(rows: Sequence[RejectedTrack], *, show_phones: bool) -> list[d
 
 
 def print_rejected(rows: list[dict[str, Any]], *, closed_too: bool) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    """One block of plain lines per row, never cut however narrow the terminal or whatever
+    reads the pipe: an operator needs all of the arguments and the reason to fix them. Values
+    are shown as JSON, so that ``"7"`` (a string) and ``7`` (a number) differ as they did in
+    the message."""
+    import json
 
-    console = Console()
+    import click
+
     if not rows:
-        console.print("no rejected tracks" if closed_too else "no open rejected tracks")
+        click.echo("no rejected tracks" if closed_too else "no open rejected tracks")
         return
-    table = Table(title=f"{len(rows)} rejected receipts.track task(s)")
-    for column in ("id", "received_at", "state", "origin", "arguments", "reason"):
-        # Folded, never cut: an operator needs all of a reason to fix the arguments.
-        table.add_column(column, overflow="fold")
+    noun = "rejected" if closed_too else "open rejected"
+    click.echo(f"{len(rows)} {noun} receipts.track task(s):")
     for row in rows:
-        arguments = ", ".join(f"{k}={_text(v)}" for k, v in row["arguments"].items())
-        table.add_row(
-            _cell(row["id"]),
-            _cell(row["received_at"]),
-            _cell(row["state"]),
-            _cell(row["origin"]),
-            _cell(arguments),
-            _cell(row["reason"]),
+        sender = f" from {row['origin']}" if row["origin"] else ""
+        click.echo(f"\n{row['id']}  received {_text(row['received_at'])}{sender}: {row['state']}")
+        values = " ".join(
+            f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in row["arguments"].items()
         )
-    console.print(table)
+        click.echo(f"    arguments: {values or '(none)'}")
+        click.echo(f"    refused:   {row['reason']}")
+        if row["resolved_at"] is not None:
+            fixes = json.dumps(row["corrections"], ensure_ascii=False) if row["corrections"] else ""
+            done = f"    {row['state']} {_text(row['resolved_at'])}"
+            click.echo(
+                done
+                + (f" with {fixes}" if fixes else "")
+                + (f": {row['note']}" if row["note"] else "")
+            )
