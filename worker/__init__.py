@@ -13,6 +13,7 @@ from worker.errors import (
     ParameterError,
     PollWindowClosed,
     ReceiptsError,
+    RejectedTrackError,
     ServerError,
     SessionNotFound,
     SettingsError,
@@ -23,7 +24,8 @@ from worker.errors import (
 )
 
 if TYPE_CHECKING:
-    from worker.api import acknowledge, track, track_many
+    from worker.api import acknowledge, status, track, track_many
+    from worker.records import PhoneReceipt, SessionStatus
     from worker.tracking import TrackResult
 
 __all__ = [
@@ -33,10 +35,13 @@ __all__ = [
     "CredentialsError",
     "MalformedResponse",
     "ParameterError",
+    "PhoneReceipt",
     "PollWindowClosed",
     "ReceiptsError",
+    "RejectedTrackError",
     "ServerError",
     "SessionNotFound",
+    "SessionStatus",
     "SettingsError",
     "TrackError",
     "TrackInterrupted",
@@ -44,6 +49,7 @@ __all__ = [
     "TransportError",
     "UspeedoError",
     "acknowledge",
+    "status",
     "track",
     "track_many",
 ]
@@ -52,10 +58,17 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # Lazy, so that `import worker.celery` in a worker does not pull the sender API's imports
     # and `import worker` stays cheap for senders (the errors module imports nothing).
-    if name in ("track", "track_many", "acknowledge"):
+    if name in ("track", "track_many", "acknowledge", "status"):
         from worker import api
 
         return getattr(api, name)
+    # One call, worker.status(), gives a session with its receipts: a worker.receipts()
+    # function could not exist, since importing the module worker.receipts (the API answers'
+    # parser, which the status read itself imports) replaces the package's attribute.
+    if name in ("SessionStatus", "PhoneReceipt"):
+        from worker import records
+
+        return getattr(records, name)
     if name == "TrackResult":
         from worker import tracking
 

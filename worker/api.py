@@ -1,4 +1,6 @@
-"""The Python API for senders: ``worker.track`` and ``worker.track_many``."""
+"""The Python API: ``worker.track`` and ``worker.track_many`` for senders, ``worker.status`` to
+read a session back; acknowledging escalations and handling refused ``receipts.track`` tasks
+for operators."""
 
 from __future__ import annotations
 
@@ -8,10 +10,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from worker import store
+from worker import intake, records, store
 from worker.clock import database_now
 from worker.config import get_settings
-from worker.db import error_text, get_engine, session_scope
+from worker.db import error_text, get_engine, read_scope, session_scope
 from worker.errors import TrackError, TrackInterrupted
 from worker.schedule import PollPolicy
 from worker.tracking import (
@@ -68,6 +70,15 @@ def acknowledge(
         return store.acknowledge(
             session, list(session_nos), now=database_now(), note=note, account_id=account_id
         )
+
+
+def status(session_no: str, *, account_id: int | None = None) -> records.SessionStatus:
+    """A tracked session, where its polling stands and every phone's receipt, as a frozen
+    :class:`worker.SessionStatus`. ``account_id`` is needed only when two accounts share the
+    SessionNo. Raises :class:`worker.SessionNotFound` for a SessionNo that is not tracked (or is
+    ambiguous without ``account_id``)."""
+    with read_scope() as session:
+        return records.read_status(session, session_no, account_id=account_id)
 
 
 def track_many(
@@ -166,3 +177,68 @@ def _record_chunk(
     result.updated += done.updated
     result.unchanged += done.unchanged
     return len(chunk)
+
+
+# --- refused receipts.track tasks (worker/intake.py) -----------------------------------------
+
+
+def rejected_tracks(*, include_closed: bool = False) -> list[intake.RejectedTrack]:
+    """The ``receipts.track`` tasks refused by validation and still open (or all of them),
+    oldest first, arguments as received."""
+    with read_scope() as session:
+        return intake.list_rejections(session, include_closed=include_closed)
+
+
+def resubmit_rejected(
+    ids: Sequence[int],
+    *,
+    corrections: Mapping[str, Any] | None = None,
+    note: str | None = None,
+) -> TrackResult:
+    """Track refused tasks again, each with ``corrections`` applied to its stored arguments
+    (a value replaces a field, ``None`` drops it), and mark them resubmitted, in one
+    transaction. All or none: :class:`worker.RejectedTrackError` for an unknown or closed row,
+    :class:`worker.TrackError` naming every row that is still invalid.
+
+    Each row is validated as of when it was received: without a ``sent_at`` it was sent then,
+    and a ``sent_at`` after it is in the future. A session resubmitted after its cutoff is
+    escalated at the next tick, without a poll.
+    """
+    fixes = dict(corrections or {})
+    now = database_now()
+    with session_scope() as session:
+        rows = intake.lock_open(session, ids)
+        requests: list[TrackRequest] = []
+        problems: list[str] = []
+        for row in rows:
+            arguments = intake.corrected(row.arguments, fixes)
+            try:
+                requests.append(
+                    parse_row(arguments, now=row.received_at, label="rejected track", number=row.id)
+                )
+            except ValueError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise TrackError(problems, valid_rows=len(requests))
+        result = track_requests(session, requests, policy=get_settings().poll_policy(), now=now)
+        intake.close(
+            session,
+            [row.id for row in rows],
+            state=intake.RejectionState.RESUBMITTED,
+            now=now,
+            corrections=fixes,
+            note=note,
+        )
+    return result
+
+
+def dismiss_rejected(ids: Sequence[int], *, note: str | None = None) -> list[int]:
+    """Close refused tasks without tracking anything. All or none:
+    :class:`worker.RejectedTrackError` names each unknown or closed row."""
+    with session_scope() as session:
+        rows = intake.lock_open(session, ids)
+        closed = [row.id for row in rows]
+        intake.close(
+            session, closed, state=intake.RejectionState.DISMISSED, now=database_now(), note=note
+        )
+    return closed

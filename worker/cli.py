@@ -353,6 +353,92 @@ def repoll(session_nos: tuple[str, ...], account_id: int | None) -> None:
     )
 
 
+# --- refused receipts.track tasks --------------------------------------------------------
+
+
+@main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--all", "show_all", is_flag=True, help="Resubmitted and dismissed ones too.")
+@click.pass_context
+def rejected(ctx: click.Context, as_json: bool, show_all: bool) -> None:
+    """receipts.track tasks refused by validation: list the open ones (phones masked unless
+    RECEIPTS_LOG_PHONES), resubmit them once fixed, or dismiss them."""
+    if ctx.invoked_subcommand is not None:
+        if as_json or show_all:
+            raise click.UsageError("--json and --all list rejected tracks: give no subcommand")
+        return
+    from worker import reports
+    from worker.api import rejected_tracks
+
+    settings = _settings()
+    rows = reports.rejected_rows(
+        rejected_tracks(include_closed=show_all), show_phones=settings.log_phones
+    )
+    if as_json:
+        click.echo(json.dumps(rows, default=_json_default, indent=2))
+    else:
+        reports.print_rejected(rows, closed_too=show_all)
+
+
+def _corrections(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]) -> Any:
+    from worker.intake import parse_corrections
+
+    try:
+        return parse_corrections(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _masked(text: str, settings: Settings) -> str:
+    """An error text about stored arguments, phones masked as the listing shows them."""
+    from worker.logs import scrub
+
+    return text if settings.log_phones else scrub(text)
+
+
+@rejected.command()
+@click.argument("ids", nargs=-1, required=True, type=int)
+@click.option(
+    "--set",
+    "corrections",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    callback=_corrections,
+    help="Replace a field of the stored arguments (repeatable); FIELD= drops it.",
+)
+@click.option("--note", help="Kept with the rows.")
+def resubmit(ids: tuple[int, ...], corrections: dict[str, str | None], note: str | None) -> None:
+    """Track refused tasks again with corrections, and close them (all or none)."""
+    from worker.api import resubmit_rejected
+    from worker.errors import RejectedTrackError, TrackError
+
+    settings = _settings()
+    try:
+        result = resubmit_rejected(ids, corrections=corrections, note=note)
+    except (RejectedTrackError, TrackError) as exc:
+        _fail(_masked(str(exc), settings), code=1)
+    click.echo(
+        f"resubmitted {len(set(ids))} rejected track(s): {result.inserted} new, "
+        f"{result.updated} merged, {result.unchanged} unchanged"
+    )
+
+
+@rejected.command()
+@click.argument("ids", nargs=-1, required=True, type=int)
+@click.option("--note", help="Why (kept with the rows).")
+def dismiss(ids: tuple[int, ...], note: str | None) -> None:
+    """Close refused tasks without tracking them (all or none)."""
+    from worker.api import dismiss_rejected
+    from worker.errors import RejectedTrackError
+
+    _settings()
+    try:
+        closed = dismiss_rejected(ids, note=note)
+    except RejectedTrackError as exc:
+        _fail(str(exc), code=1)
+    click.echo(f"dismissed {len(closed)} rejected track(s)")
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         return _iso(value)

@@ -9,6 +9,8 @@
     │                                   ``recorded`` rows are in, running it again completes it
     ├── AckError (LookupError)          escalations that cannot be acknowledged; all or none
     ├── SessionNotFound (LookupError)   ``receipts status`` of a SessionNo that is not tracked
+    ├── RejectedTrackError              refused receipts.track tasks that cannot be resubmitted
+    │   (LookupError)                   or dismissed (unknown, or closed already); all or none
     └── UspeedoError                    a call to the Uspeedo API failed; ``retryable`` says
         │                               whether polling again later may succeed
         ├── TransportError              no usable HTTP answer (connection, timeout, HTTP error)
@@ -82,6 +84,12 @@ class AckError(ReceiptsError, LookupError):
 
 class SessionNotFound(ReceiptsError, LookupError):
     """A SessionNo that is not tracked (or is ambiguous across accounts without an account)."""
+
+
+class RejectedTrackError(ReceiptsError, LookupError):
+    """Rejected ``receipts.track`` tasks (``rejected_tracks`` rows) that cannot be resubmitted
+    or dismissed: unknown ids, or rows already resubmitted or dismissed. The message names each;
+    nothing was changed."""
 
 
 class UspeedoError(ReceiptsError):

@@ -6,12 +6,13 @@ Metric names are a contract (README "Metrics", deploy/prometheus-alerts.yml).
 
 A scrape stays cheap as the tables grow:
 
-- The work in progress (pending sessions, unacknowledged escalations, undelivered webhooks) is
-  read on every scrape, through partial indexes whose size follows that work, not the history.
-- The totals that grow with history (resolved and escalated sessions, receipts by result) need
-  whole-table counts (0.8 s at 1M sessions): they are counted at most every
-  ``RECEIPTS_EXPORTER_TOTALS_INTERVAL``, in the background, one count at a time, and served
-  from a cache whose age is exported as ``receipts_totals_age_seconds``.
+- The work in progress (pending sessions, unacknowledged escalations, undelivered webhooks,
+  open refused tasks) is read on every scrape, through partial indexes whose size follows that
+  work, not the history.
+- The totals that grow with history (resolved and escalated sessions, receipts by result,
+  closed refused tasks) need whole-table counts (0.8 s at 1M sessions): they are counted at
+  most every ``RECEIPTS_EXPORTER_TOTALS_INTERVAL``, in the background, one count at a time,
+  and served from a cache whose age is exported as ``receipts_totals_age_seconds``.
 
 A scrape that cannot read the database does not crash the exporter: it reports
 ``receipts_scrape_error 1`` and nothing else, so that no stale or zero value passes for health.
@@ -38,11 +39,13 @@ from sqlalchemy.orm import Session
 from worker.clock import database_now
 from worker.db import error_text, read_scope
 from worker.domain import Result, SessionState
+from worker.intake import RejectionState
 from worker.models import (
     api_calls_table,
     heartbeats_table,
     outbox_table,
     receipts_table,
+    rejected_table,
     sessions_table,
 )
 
@@ -76,6 +79,7 @@ class Snapshot:
     api_calls: list[tuple[str, int, int]] = field(default_factory=list)
     webhooks_pending: int = 0
     webhook_failures: int = 0
+    rejected_open: int = 0
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ class Totals:
     sessions: dict[str, int]  # resolved and escalated (pending is work in progress)
     receipts: dict[str, int]
     computed_at: datetime
+    rejected: dict[str, int] = field(default_factory=dict)  # resubmitted and dismissed
 
 
 def read_snapshot(session: Session, now: datetime) -> Snapshot:
@@ -142,6 +147,11 @@ def read_snapshot(session: Session, now: datetime) -> Snapshot:
         )
     ).one()
     snap.webhooks_pending, snap.webhook_failures = undelivered[0], undelivered[1]
+
+    # Refused receipts.track tasks nobody has handled: the partial index ix_rejected_tracks_open.
+    snap.rejected_open = session.execute(
+        sa.select(sa.func.count()).where(rejected_table.c.state == RejectionState.OPEN.value)
+    ).scalar_one()
     return snap
 
 
@@ -156,10 +166,17 @@ def read_totals(session: Session, now: datetime) -> Totals:
         .group_by(sessions.state)
     )
     by_result = sa.select(receipts.result, sa.func.count()).group_by(receipts.result)
+    rejected = rejected_table.c
+    closed = (
+        sa.select(rejected.state, sa.func.count())
+        .where(rejected.state != RejectionState.OPEN.value)
+        .group_by(rejected.state)
+    )
     return Totals(
         sessions=dict(session.execute(by_state).all()),
         receipts=dict(session.execute(by_result).all()),
         computed_at=now,
+        rejected=dict(session.execute(closed).all()),
     )
 
 
@@ -330,6 +347,18 @@ def _metrics(snap: Snapshot, totals: Totals | None, now: datetime) -> Iterator[M
         for result in Result:
             receipts.add_metric([result.value], totals.receipts.get(result.value, 0))
     yield receipts
+
+    rejected = GaugeMetricFamily(
+        "receipts_rejected_tracks",
+        "receipts.track tasks refused by validation (receipts rejected): open on every scrape; "
+        "resubmitted and dismissed as of receipts_totals_age_seconds ago.",
+        labels=["state"],
+    )
+    rejected.add_metric([RejectionState.OPEN.value], snap.rejected_open)
+    if totals is not None:
+        for closed in (RejectionState.RESUBMITTED, RejectionState.DISMISSED):
+            rejected.add_metric([closed.value], totals.rejected.get(closed.value, 0))
+    yield rejected
 
     yield _gauge(
         "receipts_totals_age_seconds",

@@ -1,5 +1,5 @@
-"""The public schema: ``sms_sessions`` and ``sms_receipts``. Users query these tables in SQL, so
-names and meanings here are a contract (see README "Tables")."""
+"""The public schema: ``sms_sessions``, ``sms_receipts`` and the tables around them. Users query
+these tables in SQL, so names and meanings here are a contract (see README "Tables")."""
 
 from __future__ import annotations
 
@@ -297,12 +297,49 @@ class ApiCallCount(Base):
     calls: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
 
 
+class RejectedTrack(Base):
+    """A ``receipts.track`` task refused by validation, kept so that nothing a sender handed
+    over is lost: the arguments as received, why they were refused, and what became of the
+    row (``receipts rejected``; README "Refused tasks")."""
+
+    __tablename__ = "rejected_tracks"
+    __table_args__ = (
+        sa.CheckConstraint("state IN ('open', 'resubmitted', 'dismissed')", name="state"),
+        # The ones still waiting for someone: counted by every metrics scrape and listed by
+        # `receipts rejected`, whatever the history holds.
+        sa.Index(
+            "ix_rejected_tracks_open",
+            "received_at",
+            postgresql_where=sa.text("state = 'open'"),
+            sqlite_where=sa.text("state = 'open'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    received_at: Mapped[timestamp]
+    # The Celery task id: a message delivered twice (a worker lost mid-task, Redis'
+    # visibility timeout) is recorded once.
+    task_id: Mapped[str | None] = mapped_column(sa.Text, unique=True)
+    # The sending Celery app's node name (the message's ``origin`` header), e.g. gen42@host.
+    origin: Mapped[str | None] = mapped_column(sa.Text)
+    # The task's arguments as received, phones in clear (like sms_sessions.phones), so that
+    # the row can be resubmitted; commands show them masked.
+    arguments: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    reason: Mapped[str] = mapped_column(sa.Text)
+    state: Mapped[str] = mapped_column(sa.Text, server_default="open")
+    resolved_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # What an operator changed to resubmit it: {field: new value, or null to drop it}.
+    corrections: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    note: Mapped[str | None] = mapped_column(sa.Text)
+
+
 outbox_table: sa.Table = EscalationOutbox.__table__  # type: ignore[assignment]
 heartbeats_table: sa.Table = Heartbeat.__table__  # type: ignore[assignment]
 api_calls_table: sa.Table = ApiCallCount.__table__  # type: ignore[assignment]
 workers_table: sa.Table = WorkerProcess.__table__  # type: ignore[assignment]
 inbox_table: sa.Table = ReceiptInbox.__table__  # type: ignore[assignment]
 push_counts_table: sa.Table = PushCount.__table__  # type: ignore[assignment]
+rejected_table: sa.Table = RejectedTrack.__table__  # type: ignore[assignment]
 
 
 # The views (created by migration 0002), described for reading only: their own metadata

@@ -1,4 +1,5 @@
-"""Read-only views of the tables for people: ``receipts status`` and ``receipts stale``.
+"""Read-only views of the tables for people: ``receipts status``, ``receipts stale`` and
+``receipts rejected``.
 
 Every value from the database reaches rich as a ``Text``, never as a ``str``: rich reads
 ``[...]`` in a string as markup (``[/]`` in a SessionNo or an API error text raised
@@ -8,47 +9,26 @@ Every value from the database reaches rich as a ``Text``, never as a ``str``: ri
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TextIO
 
 import sqlalchemy as sa
 
 from worker.db import read_scope
-from worker.errors import SessionNotFound
-from worker.models import receipts_table, sessions_table, stale_sessions_view
+from worker.models import stale_sessions_view
 
 if TYPE_CHECKING:
     from rich.text import Text
 
-S = sessions_table
-R = receipts_table
+    from worker.intake import RejectedTrack
 
 
 def session_status(session_no: str, *, account_id: int | None = None) -> dict[str, Any]:
-    query = sa.select(S).where(S.c.session_no == session_no)
-    if account_id is not None:
-        query = query.where(S.c.account_id == account_id)
-    with read_scope() as session:
-        rows = list(session.execute(query).mappings())
-        if not rows:
-            raise SessionNotFound(f"session {session_no!r} is not tracked")
-        if len(rows) > 1:
-            accounts = ", ".join(str(r["account_id"]) for r in rows)
-            raise SessionNotFound(
-                f"session {session_no!r} exists in accounts {accounts}: add --account-id"
-            )
-        found = dict(rows[0])
-        receipts = session.execute(
-            sa.select(R)
-            .where(R.c.account_id == found["account_id"], R.c.session_no == session_no)
-            .order_by(R.c.phone)
-        ).mappings()
-        found["receipts"] = [dict(r) for r in receipts]
-    for private in ("id", "claim_token", "claimed_at"):
-        found.pop(private, None)
-    for receipt in found["receipts"]:
-        receipt.pop("id", None)
-    return found
+    """What ``receipts status`` shows: the record ``worker.status()`` returns, as plain data."""
+    from worker.api import status
+
+    return status(session_no, account_id=account_id).as_dict()
 
 
 def print_status(found: dict[str, Any]) -> None:
@@ -170,3 +150,46 @@ def print_stale(rows: list[dict[str, Any]]) -> None:
             _cell(row["last_error"]),
         )
     console.print(table)
+
+
+# --- refused receipts.track tasks ---------------------------------------------------------------
+
+
+def rejected_rows(rows: Sequence[RejectedTrack], *, show_phones: bool) -> list[dict[str, Any]]:
+    """Rows of ``rejected_tracks`` as ``receipts rejected`` shows them (phones masked unless
+    ``show_phones``, see :func:`worker.intake.for_display`)."""
+    from worker.intake import for_display
+
+    return [for_display(row, show_phones=show_phones) for row in rows]
+
+
+def print_rejected(rows: list[dict[str, Any]], *, closed_too: bool) -> None:
+    """One block of plain lines per row, never cut however narrow the terminal or whatever
+    reads the pipe: an operator needs all of the arguments and the reason to fix them. Values
+    are shown as JSON, so that ``"7"`` (a string) and ``7`` (a number) differ as they did in
+    the message."""
+    import json
+
+    import click
+
+    if not rows:
+        click.echo("no rejected tracks" if closed_too else "no open rejected tracks")
+        return
+    noun = "rejected" if closed_too else "open rejected"
+    click.echo(f"{len(rows)} {noun} receipts.track task(s):")
+    for row in rows:
+        sender = f" from {row['origin']}" if row["origin"] else ""
+        click.echo(f"\n{row['id']}  received {_text(row['received_at'])}{sender}: {row['state']}")
+        values = " ".join(
+            f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in row["arguments"].items()
+        )
+        click.echo(f"    arguments: {values or '(none)'}")
+        click.echo(f"    refused:   {row['reason']}")
+        if row["resolved_at"] is not None:
+            fixes = json.dumps(row["corrections"], ensure_ascii=False) if row["corrections"] else ""
+            done = f"    {row['state']} {_text(row['resolved_at'])}"
+            click.echo(
+                done
+                + (f" with {fixes}" if fixes else "")
+                + (f": {row['note']}" if row["note"] else "")
+            )

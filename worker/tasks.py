@@ -8,16 +8,17 @@ import time
 from datetime import datetime, timedelta
 from typing import Any
 
+import sqlalchemy as sa
 from celery.exceptions import Reject
 
-from worker import poller, runtime, store, webhooks
+from worker import intake, poller, runtime, store, webhooks
 from worker.celery import EMBEDDED_POLLS_PER_SECOND, app, embedded_claim_bound
 from worker.config import Settings, get_settings
-from worker.db import read_scope, session_scope
+from worker.db import error_text, read_scope, session_scope
 from worker.domain import ReceiptSource
-from worker.errors import TrackError
+from worker.errors import show
 from worker.store import Claim
-from worker.tracking import parse_requests, track_requests
+from worker.tracking import parse_request, track_requests
 
 log = logging.getLogger(__name__)
 
@@ -178,29 +179,73 @@ def reconcile(account_id: Any, session_ids: Any) -> dict[str, int]:
     return {"polled": report.polled, "resolved": report.resolved, "failed": report.failed}
 
 
+# Stands for an argument the message did not carry: None is a value a sender may send.
+_ABSENT: Any = object()
+
+
 @app.task(name="receipts.track", ignore_result=True, reject_on_worker_lost=True)
 def track(
-    session_no: Any,
-    account_id: Any,
+    session_no: Any = _ABSENT,
+    account_id: Any = _ABSENT,
     phones: Any = None,
     sent_at: Any = None,
     user_ref: Any = None,
+    *surplus: Any,
+    **unknown: Any,
 ) -> dict[str, int]:
-    """Track one session on behalf of a service that only shares the broker."""
+    """Track one session on behalf of a service that only shares the broker.
+
+    Arguments that fail validation (a missing, misspelt or surplus one included, which Celery
+    would otherwise refuse with a bare TypeError) are kept in ``rejected_tracks`` for an
+    operator to resubmit once fixed (worker/intake.py), and the message is rejected: retrying
+    cannot fix it."""
     settings = get_settings()
     now = runtime.utcnow()
-    raw = {
-        "session_no": session_no,
-        "account_id": account_id,
-        "phones": phones,
-        "sent_at": sent_at,
-        "user_ref": user_ref,
-    }
+    raw: dict[str, Any] = {}
+    if session_no is not _ABSENT:
+        raw["session_no"] = session_no
+    if account_id is not _ABSENT:
+        raw["account_id"] = account_id
+    for name, value in (("phones", phones), ("sent_at", sent_at), ("user_ref", user_ref)):
+        if value is not None:
+            raw[name] = value
+    if surplus:
+        raw["*args"] = list(surplus)
+    raw.update(unknown)
     try:
-        requests = parse_requests([raw], now=now, label="task receipts.track")
-    except TrackError as exc:
-        log.error("receipts.track refused: %s", exc)
-        raise Reject(str(exc), requeue=False) from None
+        request = parse_request(raw, now=now)
+    except ValueError as exc:
+        raise _rejected(raw, str(exc), now) from None
     with session_scope() as session:
-        result = track_requests(session, requests, policy=settings.poll_policy(), now=now)
+        result = track_requests(session, [request], policy=settings.poll_policy(), now=now)
     return {"inserted": result.inserted, "updated": result.updated}
+
+
+def _rejected(raw: dict[str, Any], reason: str, now: datetime) -> Reject:
+    """Keep a refused ``receipts.track`` in its own transaction, log it once, and give the
+    Reject to raise. If even that fails (the database is down or not migrated), the log line is
+    all that remains of it, so it says so."""
+    request = track.request
+    named = f"session_no {show(raw['session_no'])}" if "session_no" in raw else "no session_no"
+    where = f"receipts.track refused ({named})"
+    try:
+        with session_scope() as session:
+            kept = intake.record_rejection(
+                session,
+                arguments=raw,
+                reason=reason,
+                now=now,
+                task_id=request.id,
+                origin=request.origin,
+            )
+    except sa.exc.SQLAlchemyError as exc:
+        log.error(
+            "%s and could not be kept in rejected_tracks (%s): %s; arguments %s",
+            where,
+            error_text(exc),
+            reason,
+            show(raw, limit=2000),
+        )
+        return Reject(reason, requeue=False)
+    log.error("%s, kept as rejected track %d (see `receipts rejected`): %s", where, kept, reason)
+    return Reject(f"{reason} (kept as rejected track {kept})", requeue=False)

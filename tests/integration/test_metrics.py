@@ -73,6 +73,7 @@ def expected(
     webhooks_pending: int = 0,
     webhook_failures: int = 0,
     receipts: dict[str, int] | None = None,
+    rejected: dict[str, int] | None = None,
 ) -> Samples:
     """The full exposition of a successful scrape: every metric, nothing else."""
     pending, resolved, escalated = sessions
@@ -93,6 +94,9 @@ def expected(
     }
     for result, count in counts.items():
         samples["receipts_receipts", (("result", result),)] = count
+    refused = {"open": 0, "resubmitted": 0, "dismissed": 0, **(rejected or {})}
+    for state, count in refused.items():
+        samples["receipts_rejected_tracks", (("state", state),)] = count
     for (outcome, ret_code), calls in (api_calls or {}).items():
         labels = (("outcome", outcome), ("ret_code", ret_code))
         samples["receipts_api_calls_total", labels] = calls

@@ -33,6 +33,7 @@ TABLES = (
     "receipts_workers",
     "sms_receipt_inbox",
     "receipts_push_counts",
+    "rejected_tracks",
 )
 
 
