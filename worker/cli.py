@@ -264,6 +264,29 @@ def simulate(
     )
 
 
+@main.command()
+@click.option(
+    "--account-id",
+    type=click.IntRange(min=1),
+    help="AccountId (project id) to ask under [default: RECEIPTS_CHECK_ACCOUNT_ID, else 1].",
+)
+def check(account_id: int | None) -> None:
+    """One harmless signed call: credentials, clock skew and reachability in one line.
+
+    Exit codes: 0 accepted; 1 the API said no (credentials, clock, parameters, not the API);
+    2 usage or settings; 3 unreachable or failing for now (DNS, connection, TLS, timeout,
+    HTTP 429/5xx).
+    """
+    from worker.check import check_api
+
+    settings = _settings()
+    _require_api(settings)
+    result = check_api(settings, account_id=account_id)
+    if result.exit_code:
+        _fail(result.line, code=result.exit_code)
+    click.echo(result.line)
+
+
 # --- inspecting -------------------------------------------------------------------------
 
 
