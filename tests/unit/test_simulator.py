@@ -222,9 +222,7 @@ def test_timestamp_within_five_minutes_is_accepted(api: Api) -> None:
     assert api.post(get_body(["s"]), timestamp=int(T0) + 300).json()["RetCode"] == 0
 
 
-def test_every_answer_carries_a_date_by_the_simulators_clock(
-    api: Api, clock: FakeClock
-) -> None:
+def test_every_answer_carries_a_date_by_the_simulators_clock(api: Api, clock: FakeClock) -> None:
     """``receipts check`` measures a host's clock offset from the API's Date header: the
     simulator's must come from the clock it judges X-Timestamp by (injected here), or a test
     of a skewed clock would measure nothing."""
