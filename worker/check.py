@@ -36,6 +36,7 @@ import requests
 from worker.client import Probe, UspeedoClient
 from worker.config import Settings
 from worker.errors import (
+    CREDENTIALS_HINT,
     AnswerTooLarge,
     ApiError,
     CredentialsError,
@@ -55,10 +56,6 @@ CLOCK_TOLERANCE: Final = 300
 # counts whole seconds and the call takes its round trip.
 CLOCK_MARGIN: Final = 5
 
-CREDENTIALS_HINT: Final = (
-    "the AccessKey id/secret is wrong or expired: check RECEIPTS_ACCESS_KEY_ID and "
-    "RECEIPTS_ACCESS_KEY_SECRET"
-)
 CLOCK_CAVEAT: Final = "or this host's clock is more than 5 minutes off, which Uspeedo refuses too"
 
 EXIT_OK: Final = 0

@@ -73,6 +73,7 @@ def expected(
     webhooks_pending: int = 0,
     webhook_failures: int = 0,
     receipts: dict[str, int] | None = None,
+    credentials_failing: int = 0,
 ) -> Samples:
     """The full exposition of a successful scrape: every metric, nothing else."""
     pending, resolved, escalated = sessions
@@ -87,6 +88,7 @@ def expected(
         ("receipts_overdue_sessions", ()): overdue,
         ("receipts_webhooks_pending", ()): webhooks_pending,
         ("receipts_webhook_delivery_failures", ()): webhook_failures,
+        ("receipts_credentials_failing", ()): credentials_failing,
         # A fresh registry counts the history totals at its first scrape: they are current.
         ("receipts_totals_age_seconds", ()): 0,
         ("receipts_scrape_error", ()): 0,

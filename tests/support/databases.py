@@ -31,6 +31,7 @@ TABLES = (
     "receipts_heartbeats",
     "api_call_counts",
     "receipts_workers",
+    "receipts_credentials",
 )
 
 

@@ -31,6 +31,15 @@ def clock_stopped() -> list[dict[str, Any]]:
         return [dict(r) for r in rows]
 
 
+def credentials_refused() -> list[dict[str, Any]]:
+    """The ``credentials`` rows of ``stale_sessions`` (one at most)."""
+    with db.session_scope() as session:
+        rows = session.execute(
+            sa.text("SELECT * FROM stale_sessions WHERE kind = 'credentials'")
+        ).mappings()
+        return [dict(r) for r in rows]
+
+
 SUMMARY_COLUMNS = (
     "phones_tracked",
     "phones_reported",
