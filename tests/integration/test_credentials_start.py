@@ -9,7 +9,6 @@ that nothing here needs a server; the clocks are moved with tests/support/skew.p
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ import pytest
 from tests.support import skew
 from tests.support.databases import FAST_TIMINGS
 from tests.support.processes import Processes, processes, wait_for
+from tests.support.servers import free_port
 from worker.simulator import Simulator
 
 pytestmark = [pytest.mark.slow]
@@ -107,9 +107,7 @@ def test_a_clock_beyond_five_minutes_refuses_the_start(sim: Simulator, tmp_path:
 
 
 def test_an_unreachable_api_is_a_warning_and_the_worker_starts(tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        port = taken.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     with processes(_env(url), tmp_path) as group:
         group.start("worker", *START["worker"])

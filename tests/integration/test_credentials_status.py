@@ -22,16 +22,14 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.cli import invoke, ok
 from tests.support.databases import Configure
 from tests.support.factories import stored_sessions
-from tests.support.views import credentials_refused
+from tests.support.views import credentials_refused, gauge
 from worker import credentials, db, poller, track_many
 from worker.client import UspeedoClient
 from worker.config import get_settings
-from worker.metrics import make_registry, render
 from worker.models import credentials_table
 from worker.simulator import Simulator
 from worker.store import Claim
@@ -114,12 +112,7 @@ def _poll_due(client: UspeedoClient, *, ahead: timedelta = timedelta(0)) -> poll
 
 
 def _failing_gauge() -> float:
-    text = render(make_registry(lambda: datetime.now(UTC))).decode()
-    for family in text_string_to_metric_families(text):
-        if family.name == "receipts_credentials_failing":
-            [sample] = family.samples
-            return sample.value
-    raise AssertionError(f"no receipts_credentials_failing in\n{text}")
+    return gauge("receipts_credentials_failing")
 
 
 def _stale_kinds() -> list[str]:

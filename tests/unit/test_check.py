@@ -19,6 +19,7 @@ import responses
 
 from tests.support.cli import invoke
 from tests.support.databases import Configure
+from tests.support.servers import free_port
 from worker.check import (
     EXIT_REFUSED,
     EXIT_UNREACHABLE,
@@ -188,9 +189,7 @@ def test_a_clock_off_within_the_tolerance_is_accepted_and_shown() -> None:
 
 
 def test_a_closed_port_is_unreachable(configure: Configure) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        port = taken.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     _settings(configure, url)
     result = invoke("check")
