@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -272,6 +273,15 @@ def test_acknowledging_an_escalation_lowers_the_unacknowledged_count() -> None:
     assert samples["receipts_escalations_unacknowledged", ()] == 1
     # Still escalated: acknowledging silences the alert, not the history.
     assert samples["receipts_sessions", (("state", "escalated"),)] == 3
+
+
+@pytest.mark.usefixtures("database")
+def test_every_metric_the_alert_rules_name_is_exported() -> None:
+    rules = (Path(__file__).resolve().parents[2] / "deploy" / "prometheus-alerts.yml").read_text()
+    named = set(re.findall(r"\breceipts_[a-z_]+", rules)) - {"receipts_api_calls_total"}
+    exported = {name for name, _labels in scrape()} | {"receipts_api_calls"}
+    assert "receipts_credentials_failing" in named
+    assert named <= exported, named - exported
 
 
 @pytest.mark.parametrize("where", ["missing-sqlite-dir", "unmigrated-sqlite", "closed-pg-port"])
