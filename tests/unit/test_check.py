@@ -111,6 +111,17 @@ def test_an_impossible_account_id_is_a_usage_error(
     assert sim.calls() == []
 
 
+@pytest.mark.parametrize("account_id", ["0", "x"])
+def test_an_impossible_account_id_setting_is_a_settings_error(
+    configure: Configure, sim: Simulator, account_id: str
+) -> None:
+    _settings(configure, sim.url, RECEIPTS_CHECK_ACCOUNT_ID=account_id)
+    result = invoke("check")
+    assert result.exit_code == 2
+    assert "RECEIPTS_CHECK_ACCOUNT_ID" in result.stderr
+    assert sim.calls() == []
+
+
 def test_missing_credentials_are_a_settings_error(configure: Configure, sim: Simulator) -> None:
     configure(RECEIPTS_API_URL=sim.url, RECEIPTS_ACCESS_KEY_ID=KEY_ID)
     result = invoke("check")
