@@ -22,6 +22,7 @@ exit 2 before any call (worker/cli.py).
 
 from __future__ import annotations
 
+import math
 import secrets
 import socket
 import ssl
@@ -57,6 +58,10 @@ CLOCK_TOLERANCE: Final = 300
 CLOCK_MARGIN: Final = 5
 
 CLOCK_CAVEAT: Final = "or this host's clock is more than 5 minutes off, which Uspeedo refuses too"
+
+# The start of a worker waits at most this long for the check: an API that answers slowly
+# (or not at all) must not hold a worker up for a poll's whole timeouts.
+START_CHECK_WITHIN: Final = 5.0
 
 EXIT_OK: Final = 0
 EXIT_REFUSED: Final = 1
@@ -105,30 +110,54 @@ def is_check_session(session_no: str) -> bool:
     return session_no.startswith(CHECK_SESSION_PREFIX)
 
 
-def check_api(settings: Settings, *, account_id: int | None = None) -> CheckResult:
+def check_api(
+    settings: Settings, *, account_id: int | None = None, within: float | None = None
+) -> CheckResult:
     """The check with the configured API, credentials and timeouts, under ``account_id``,
-    else ``RECEIPTS_CHECK_ACCOUNT_ID``, else the placeholder."""
+    else ``RECEIPTS_CHECK_ACCOUNT_ID``, else the placeholder; ``within`` bounds the whole
+    call more tightly than the timeouts do (the start of a worker, START_CHECK_WITHIN)."""
     chosen = account_id or settings.check_account_id
+    connect = settings.api_connect_timeout.total_seconds()
+    read = settings.api_read_timeout.total_seconds()
+    if within is not None:
+        connect, read = min(connect, within), min(read, within)
     with UspeedoClient(
         api_url=settings.api_url,
         access_key_id=settings.access_key_id or "",
         access_key_secret=(
             settings.access_key_secret.get_secret_value() if settings.access_key_secret else ""
         ),
-        connect_timeout=settings.api_connect_timeout.total_seconds(),
-        read_timeout=settings.api_read_timeout.total_seconds(),
+        connect_timeout=connect,
+        read_timeout=read,
+        attempt_timeout=min(connect + read, within or math.inf),
         max_attempts=1,
         max_answer_bytes=settings.api_max_answer_bytes,
     ) as client:
         return run_check(
-            client, account_id=chosen or PLACEHOLDER_ACCOUNT_ID, placeholder=not chosen
+            client,
+            account_id=chosen or PLACEHOLDER_ACCOUNT_ID,
+            placeholder=not chosen,
+            timeouts_named=within is None,
         )
 
 
-def run_check(client: UspeedoClient, *, account_id: int, placeholder: bool = False) -> CheckResult:
-    """One probe by ``client`` (whose clock signs X-Timestamp) and its verdict."""
+def run_check(
+    client: UspeedoClient,
+    *,
+    account_id: int,
+    placeholder: bool = False,
+    timeouts_named: bool = True,
+) -> CheckResult:
+    """One probe by ``client`` (whose clock signs X-Timestamp) and its verdict;
+    ``timeouts_named``: the client's timeouts are the RECEIPTS_API_* settings."""
     probe = client.probe(account_id, new_check_session())
-    return _Judge(client, probe, account_id=account_id, placeholder=placeholder).verdict()
+    return _Judge(
+        client,
+        probe,
+        account_id=account_id,
+        placeholder=placeholder,
+        timeouts_named=timeouts_named,
+    ).verdict()
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +166,7 @@ class _Judge:
     probe: Probe
     account_id: int
     placeholder: bool
+    timeouts_named: bool
 
     def verdict(self) -> CheckResult:
         error = self.probe.error
@@ -280,16 +310,18 @@ class _Judge:
             if isinstance(cause, ssl.SSLError):
                 return f"TLS handshake failed ({cause.reason or cause})"
         connect = self.client.timeout[0]
+        named = self.timeouts_named
         for cause in causes:
             if isinstance(cause, socket.gaierror):
                 return f"the name does not resolve (DNS: {cause.strerror or cause})"
             if isinstance(cause, requests.ConnectTimeout):
-                return f"no connection within {connect:g} s (RECEIPTS_API_CONNECT_TIMEOUT)"
+                setting = " (RECEIPTS_API_CONNECT_TIMEOUT)" if named else ""
+                return f"no connection within {connect:g} s{setting}"
             if isinstance(cause, requests.Timeout | TimeoutError):
-                return (
-                    f"no answer within {self.client.attempt_timeout:g} s "
-                    "(RECEIPTS_API_CONNECT_TIMEOUT + RECEIPTS_API_READ_TIMEOUT)"
+                settings = (
+                    " (RECEIPTS_API_CONNECT_TIMEOUT + RECEIPTS_API_READ_TIMEOUT)" if named else ""
                 )
+                return f"no answer within {self.client.attempt_timeout:g} s{settings}"
             if isinstance(cause, ConnectionRefusedError):
                 return "connection refused"
             if isinstance(cause, ConnectionResetError):

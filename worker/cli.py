@@ -192,9 +192,9 @@ def _check_at_start(settings: Settings) -> None:
     """The check of `receipts check` before a worker starts: every poll would be refused
     with credentials or a clock the API refuses, so the worker does not start; an API that
     cannot be reached now may answer later (polls retry), so the worker starts anyway."""
-    from worker.check import check_api
+    from worker.check import START_CHECK_WITHIN, check_api
 
-    result = check_api(settings)
+    result = check_api(settings, within=START_CHECK_WITHIN)
     if result.refuses_start:
         _fail(f"not starting: {result.line}", code=result.exit_code)
     if result.exit_code:

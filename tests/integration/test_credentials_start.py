@@ -9,6 +9,7 @@ that nothing here needs a server; the clocks are moved with tests/support/skew.p
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -122,6 +123,27 @@ def test_an_unreachable_api_is_a_warning_and_the_worker_starts(tmp_path: Path) -
     assert first == (
         f"warning: could not check the credentials, starting anyway: cannot reach "
         f"127.0.0.1:{port}: connection refused (RECEIPTS_API_URL is {url})"
+    )
+
+
+def test_a_silent_api_holds_the_start_for_five_seconds_at_most(tmp_path: Path) -> None:
+    """A poll waits the whole API timeouts (13 s by default); the start does not."""
+    with socket.socket() as silent:  # accepts connections (in its backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        host = f"127.0.0.1:{silent.getsockname()[1]}"
+        url = f"http://{host}/api"
+        with processes(_env(url, RECEIPTS_API_READ_TIMEOUT="30"), tmp_path) as group:
+            group.start("worker", *START["worker"])
+            wait_for(
+                lambda: " ready." in group.tail("worker"),
+                timeout=60,
+                describe=lambda: group.tail("worker"),
+            )
+            log = group.tail("worker", chars=50_000)
+    assert log.splitlines()[0] == (
+        f"warning: could not check the credentials, starting anyway: cannot reach {host}: no "
+        f"answer within 5 s (RECEIPTS_API_URL is {url})"
     )
 
 
