@@ -188,6 +188,23 @@ def _require_api(settings: Settings) -> None:
         _fail(problem)
 
 
+def _check_at_start(settings: Settings) -> None:
+    """The check of `receipts check` before a worker starts: every poll would be refused
+    with credentials or a clock the API refuses, so the worker does not start; an API that
+    cannot be reached now may answer later (polls retry), so the worker starts anyway."""
+    from worker.check import START_CHECK_WITHIN, check_api
+
+    result = check_api(settings, within=START_CHECK_WITHIN)
+    if result.refuses_start:
+        _fail(f"not starting: {result.line}", code=result.exit_code)
+    if result.exit_code:
+        click.echo(
+            f"warning: could not check the credentials, starting anyway: {result.line}", err=True
+        )
+    else:
+        click.echo(result.line, err=True)
+
+
 def _queues() -> str:
     from worker.celery import QUEUES
 
@@ -200,12 +217,15 @@ def _queues() -> str:
 def run(ctx: click.Context, loglevel: str) -> None:
     """The main job in one command: a worker with embedded beat.
 
-    Creates or migrates the database first. Extra options go to `celery worker`.
+    Checks the credentials first as `receipts check` does (refuses to start when the API
+    refuses them or this host's clock), then creates or migrates the database. Extra options
+    go to `celery worker`.
     """
     from worker.migrate import upgrade
 
     settings = _settings()
     _require_api(settings)
+    _check_at_start(settings)
     upgrade(settings.database_url)
     from worker.celery import app
 
@@ -216,9 +236,14 @@ def run(ctx: click.Context, loglevel: str) -> None:
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.pass_context
 def worker(ctx: click.Context, loglevel: str) -> None:
-    """A worker (run any number). Extra options go to `celery worker`."""
+    """A worker (run any number). Extra options go to `celery worker`.
+
+    Checks the credentials first as `receipts check` does, and refuses to start when the API
+    refuses them or this host's clock.
+    """
     settings = _settings()
     _require_api(settings)
+    _check_at_start(settings)
     from worker.celery import app
 
     app.worker_main(["worker", "--loglevel", loglevel, "--queues", _queues(), *ctx.args])
@@ -262,6 +287,29 @@ def simulate(
         step=step,
         seed=seed,
     )
+
+
+@main.command()
+@click.option(
+    "--account-id",
+    type=click.IntRange(min=1),
+    help="AccountId (project id) to ask under [default: RECEIPTS_CHECK_ACCOUNT_ID, else 1].",
+)
+def check(account_id: int | None) -> None:
+    """One harmless signed call: credentials, clock skew and reachability in one line.
+
+    Exit codes: 0 accepted; 1 the API said no (credentials, clock, parameters, not the API);
+    2 usage or settings; 3 unreachable or failing for now (DNS, connection, TLS, timeout,
+    HTTP 429/5xx).
+    """
+    from worker.check import check_api
+
+    settings = _settings()
+    _require_api(settings)
+    result = check_api(settings, account_id=account_id)
+    if result.exit_code:
+        _fail(result.line, code=result.exit_code)
+    click.echo(result.line)
 
 
 # --- inspecting -------------------------------------------------------------------------

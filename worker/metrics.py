@@ -36,6 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session
 
+from worker import credentials
 from worker.clock import database_now
 from worker.db import error_text, read_scope
 from worker.domain import Result, SessionState
@@ -80,6 +81,7 @@ class Snapshot:
     webhooks_pending: int = 0
     webhook_failures: int = 0
     rejected_open: int = 0
+    credentials_failing: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,8 @@ def read_snapshot(session: Session, now: datetime) -> Snapshot:
     snap.rejected_open = session.execute(
         sa.select(sa.func.count()).where(rejected_table.c.state == RejectionState.OPEN.value)
     ).scalar_one()
+    # One row at most, written by every worker's polls (worker/credentials.py).
+    snap.credentials_failing = credentials.failing(session)
     return snap
 
 
@@ -336,6 +340,13 @@ def _metrics(snap: Snapshot, totals: Totals | None, now: datetime) -> Iterator[M
         "receipts_webhook_delivery_failures",
         "Undelivered escalation webhooks that have failed at least one attempt.",
         snap.webhook_failures,
+    )
+
+    yield _gauge(
+        "receipts_credentials_failing",
+        "1 while the API's last word on the credentials was a refusal (RetCode 215398: a wrong "
+        "or expired AccessKey, or a clock more than 5 minutes off), else 0.",
+        int(snap.credentials_failing),
     )
 
     receipts = GaugeMetricFamily(

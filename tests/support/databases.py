@@ -32,6 +32,7 @@ TABLES = (
     "api_call_counts",
     "receipts_workers",
     "rejected_tracks",
+    "receipts_credentials",
 )
 
 
