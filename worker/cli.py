@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import shutil
 import sys
@@ -23,6 +24,20 @@ if TYPE_CHECKING:
 def _fail(message: str, code: int = 2) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
+
+
+def _cannot_listen(host: str, port: int, exc: OSError, command: str) -> NoReturn:
+    """One line for a server command whose address is taken or not ours, never a traceback."""
+    if exc.errno == errno.EADDRINUSE:
+        reason = f"address already in use (another receipts {command}?)"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        reason = "this machine has no such address"
+    elif exc.errno == errno.EACCES:
+        reason = "permission denied (ports below 1024 need privileges)"
+    else:
+        reason = exc.strerror or str(exc)
+    shown = f"[{host}]" if ":" in host else host
+    _fail(f"cannot listen on {shown}:{port}: {reason}")
 
 
 def _settings() -> Settings:
@@ -254,14 +269,17 @@ def simulate(
     """Serve the project's own fake Uspeedo API (for demos and tests)."""
     from worker.simulator import serve
 
-    serve(
-        host,
-        port,
-        access_key_id=access_key_id,
-        access_key_secret=access_key_secret,
-        step=step,
-        seed=seed,
-    )
+    try:
+        serve(
+            host,
+            port,
+            access_key_id=access_key_id,
+            access_key_secret=access_key_secret,
+            step=step,
+            seed=seed,
+        )
+    except OSError as exc:  # the port is taken, or the address is not ours
+        _cannot_listen(host, port, exc, "simulate")
 
 
 # --- inspecting -------------------------------------------------------------------------
@@ -397,7 +415,7 @@ def exporter(port: int, host: str) -> None:
             announce=lambda url: click.echo(f"serving metrics on {url}"),
         )
     except OSError as exc:  # the port is taken, or the address is not ours
-        _fail(f"cannot listen on {host}:{port}: {exc}")
+        _cannot_listen(host, port, exc, "exporter")
 
 
 if __name__ == "__main__":  # pragma: no cover
