@@ -211,16 +211,38 @@ def _queues() -> str:
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option(
+    "--demo",
+    is_flag=True,
+    help="Watch it work with nothing configured: against a fake Uspeedo, with timings in "
+    "seconds, in a folder of its own (receipts-demo/), never your database or settings.",
+)
 @click.pass_context
-def run(ctx: click.Context, loglevel: str) -> None:
+def run(ctx: click.Context, loglevel: str, demo: bool) -> None:
     """The main job in one command: a worker with embedded beat.
 
     Creates or migrates the database first. Extra options go to `celery worker`.
     """
     from worker.migrate import upgrade
 
+    if demo:
+        from worker.demo import run_demo
+
+        sys.exit(run_demo(loglevel=loglevel, celery_args=ctx.args))
     settings = _settings()
-    _require_api(settings)
+    if settings.missing_api_credentials():
+        missing = [
+            name
+            for name, value in (
+                ("RECEIPTS_ACCESS_KEY_ID", settings.access_key_id),
+                ("RECEIPTS_ACCESS_KEY_SECRET", settings.access_key_secret),
+            )
+            if not value
+        ]
+        _fail(
+            f"set {' and '.join(missing)} (your Uspeedo API key) to poll {settings.api_url}\n"
+            "or watch it work first, with nothing set: receipts run --demo"
+        )
     upgrade(settings.database_url)
     from worker.celery import app
 
