@@ -304,6 +304,45 @@ def simulate(
         _cannot_listen(host, port, exc, "simulate")
 
 
+@main.command("wait-for")
+@click.argument("address")
+@click.option(
+    "--timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds to wait before giving up (exit 1).",
+)
+def wait_for(address: str, timeout: float) -> None:
+    """Wait until a server listens on ADDRESS (HOST:PORT or a URL).
+
+    For scripts that start a server in the background and must not talk to it too early,
+    such as the README's Demo with `receipts simulate &`.
+    """
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(address if "://" in address else f"//{address}")
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if not host or port is None:
+        raise click.BadParameter("give HOST:PORT or a URL with a port", param_hint="ADDRESS")
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                break
+        except OSError:
+            if time.monotonic() >= deadline:
+                _fail(f"nothing listens on {shown} after {timeout:g} s", code=1)
+            time.sleep(0.1)
+    click.echo(f"{shown} is listening")
+
+
 # --- inspecting -------------------------------------------------------------------------
 
 

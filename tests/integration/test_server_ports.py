@@ -1,4 +1,6 @@
-"""Server commands meet a busy port with one line and a non-zero exit, never a traceback.
+"""Server commands and the scripts around them: a busy port is refused with one line and a
+non-zero exit, never a traceback, and `receipts wait-for` tells a script when a server it
+started in the background listens.
 
 A second `receipts simulate` (or one left behind by an earlier try) used to end in 36 lines of
 traceback ending `OSError: [Errno 98] Address already in use`.
@@ -10,10 +12,13 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support.cli import invoke
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,3 +67,35 @@ def test_an_address_that_is_not_this_machines_is_named_in_one_line(tmp_path: Pat
     assert done.stderr.splitlines() == [
         "error: cannot listen on 192.0.2.1:8700: this machine has no such address"
     ]
+
+
+def test_wait_for_returns_once_a_server_listens() -> None:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    # Listening only after wait-for has started trying: until then, connections are refused.
+    later = threading.Timer(0.5, server.listen)
+    later.start()
+    try:
+        result = invoke("wait-for", f"127.0.0.1:{port}", "--timeout", "30")
+    finally:
+        later.cancel()
+        server.close()
+    assert result.exit_code == 0, result.output
+    assert result.output == f"127.0.0.1:{port} is listening\n"
+
+
+def test_wait_for_gives_up_after_its_timeout_in_one_line() -> None:
+    with socket.socket() as bound:  # bound, never listening: every connection is refused
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+        result = invoke("wait-for", f"http://127.0.0.1:{port}/api", "--timeout", "0.3")
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [f"error: nothing listens on 127.0.0.1:{port} after 0.3 s"]
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.0.0.1:port", "http://example.org"])
+def test_wait_for_needs_an_address_with_a_port(address: str) -> None:
+    result = invoke("wait-for", address)
+    assert result.exit_code == 2
+    assert "give HOST:PORT or a URL with a port" in result.output
