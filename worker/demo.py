@@ -355,7 +355,7 @@ def render_table(rows: Sequence[Row], *, elapsed: float | None) -> RenderableTyp
     table.add_column("SessionNo", no_wrap=True)
     table.add_column("Uspeedo reports")
     table.add_column("receipts")
-    table.add_column("state", no_wrap=True)
+    table.add_column("state", no_wrap=True, min_width=len("escalated 31s"))
     table.add_column("polls", justify="right", no_wrap=True)
     for row in rows:
         receipts = Text(" ").join(
