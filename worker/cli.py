@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import shutil
 import sys
@@ -23,6 +24,20 @@ if TYPE_CHECKING:
 def _fail(message: str, code: int = 2) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
+
+
+def _cannot_listen(host: str, port: int, exc: OSError, command: str) -> NoReturn:
+    """One line for a server command whose address is taken or not ours, never a traceback."""
+    if exc.errno == errno.EADDRINUSE:
+        reason = f"address already in use (another receipts {command}?)"
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        reason = "this machine has no such address"
+    elif exc.errno == errno.EACCES:
+        reason = "permission denied (ports below 1024 need privileges)"
+    else:
+        reason = exc.strerror or str(exc)
+    shown = f"[{host}]" if ":" in host else host
+    _fail(f"cannot listen on {shown}:{port}: {reason}")
 
 
 def _settings() -> Settings:
@@ -188,6 +203,23 @@ def _require_api(settings: Settings) -> None:
         _fail(problem)
 
 
+def _check_at_start(settings: Settings) -> None:
+    """The check of `receipts check` before a worker starts: every poll would be refused
+    with credentials or a clock the API refuses, so the worker does not start; an API that
+    cannot be reached now may answer later (polls retry), so the worker starts anyway."""
+    from worker.check import START_CHECK_WITHIN, check_api
+
+    result = check_api(settings, within=START_CHECK_WITHIN)
+    if result.refuses_start:
+        _fail(f"not starting: {result.line}", code=result.exit_code)
+    if result.exit_code:
+        click.echo(
+            f"warning: could not check the credentials, starting anyway: {result.line}", err=True
+        )
+    else:
+        click.echo(result.line, err=True)
+
+
 def _queues() -> str:
     from worker.celery import QUEUES
 
@@ -196,16 +228,41 @@ def _queues() -> str:
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
+@click.option(
+    "--demo",
+    is_flag=True,
+    help="Watch it work with nothing configured: against a fake Uspeedo, with timings in "
+    "seconds, in a folder of its own (receipts-demo/), never your database or settings.",
+)
 @click.pass_context
-def run(ctx: click.Context, loglevel: str) -> None:
+def run(ctx: click.Context, loglevel: str, demo: bool) -> None:
     """The main job in one command: a worker with embedded beat.
 
-    Creates or migrates the database first. Extra options go to `celery worker`.
+    Checks the credentials first as `receipts check` does (refuses to start when the API
+    refuses them or this host's clock), then creates or migrates the database. Extra options
+    go to `celery worker`.
     """
     from worker.migrate import upgrade
 
+    if demo:
+        from worker.demo import run_demo
+
+        sys.exit(run_demo(loglevel=loglevel, celery_args=ctx.args))
     settings = _settings()
-    _require_api(settings)
+    if settings.missing_api_credentials():
+        missing = [
+            name
+            for name, value in (
+                ("RECEIPTS_ACCESS_KEY_ID", settings.access_key_id),
+                ("RECEIPTS_ACCESS_KEY_SECRET", settings.access_key_secret),
+            )
+            if not value
+        ]
+        _fail(
+            f"set {' and '.join(missing)} (your Uspeedo API key) to poll {settings.api_url}\n"
+            "or watch it work first, with nothing set: receipts run --demo"
+        )
+    _check_at_start(settings)
     upgrade(settings.database_url)
     from worker.celery import app
 
@@ -216,9 +273,14 @@ def run(ctx: click.Context, loglevel: str) -> None:
 @click.option("--loglevel", "-l", default="INFO", show_default=True)
 @click.pass_context
 def worker(ctx: click.Context, loglevel: str) -> None:
-    """A worker (run any number). Extra options go to `celery worker`."""
+    """A worker (run any number). Extra options go to `celery worker`.
+
+    Checks the credentials first as `receipts check` does, and refuses to start when the API
+    refuses them or this host's clock.
+    """
     settings = _settings()
     _require_api(settings)
+    _check_at_start(settings)
     from worker.celery import app
 
     app.worker_main(["worker", "--loglevel", loglevel, "--queues", _queues(), *ctx.args])
@@ -254,14 +316,79 @@ def simulate(
     """Serve the project's own fake Uspeedo API (for demos and tests)."""
     from worker.simulator import serve
 
-    serve(
-        host,
-        port,
-        access_key_id=access_key_id,
-        access_key_secret=access_key_secret,
-        step=step,
-        seed=seed,
-    )
+    try:
+        serve(
+            host,
+            port,
+            access_key_id=access_key_id,
+            access_key_secret=access_key_secret,
+            step=step,
+            seed=seed,
+        )
+    except OSError as exc:  # the port is taken, or the address is not ours
+        _cannot_listen(host, port, exc, "simulate")
+
+
+@main.command("wait-for")
+@click.argument("address")
+@click.option(
+    "--timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds to wait before giving up (exit 1).",
+)
+def wait_for(address: str, timeout: float) -> None:
+    """Wait until a server listens on ADDRESS (HOST:PORT or a URL).
+
+    For scripts that start a server in the background and must not talk to it too early,
+    such as the README's Demo with `receipts simulate &`.
+    """
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(address if "://" in address else f"//{address}")
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if not host or port is None:
+        raise click.BadParameter("give HOST:PORT or a URL with a port", param_hint="ADDRESS")
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                break
+        except OSError:
+            if time.monotonic() >= deadline:
+                _fail(f"nothing listens on {shown} after {timeout:g} s", code=1)
+            time.sleep(0.1)
+    click.echo(f"{shown} is listening")
+
+
+@main.command()
+@click.option(
+    "--account-id",
+    type=click.IntRange(min=1),
+    help="AccountId (project id) to ask under [default: RECEIPTS_CHECK_ACCOUNT_ID, else 1].",
+)
+def check(account_id: int | None) -> None:
+    """One harmless signed call: credentials, clock skew and reachability in one line.
+
+    Exit codes: 0 accepted; 1 the API said no (credentials, clock, parameters, not the API);
+    2 usage or settings; 3 unreachable or failing for now (DNS, connection, TLS, timeout,
+    HTTP 429/5xx).
+    """
+    from worker.check import check_api
+
+    settings = _settings()
+    _require_api(settings)
+    result = check_api(settings, account_id=account_id)
+    if result.exit_code:
+        _fail(result.line, code=result.exit_code)
+    click.echo(result.line)
 
 
 # --- inspecting -------------------------------------------------------------------------
@@ -483,7 +610,7 @@ def exporter(port: int, host: str) -> None:
             announce=lambda url: click.echo(f"serving metrics on {url}"),
         )
     except OSError as exc:  # the port is taken, or the address is not ours
-        _fail(f"cannot listen on {host}:{port}: {exc}")
+        _cannot_listen(host, port, exc, "exporter")
 
 
 @main.command()

@@ -22,6 +22,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Final, NoReturn, Self, TypeVar
@@ -83,6 +84,29 @@ class _Secret:
 
 
 _T = TypeVar("_T")
+
+# Enough of an answer that is not the API's JSON to recognize what answered instead (an HTML
+# error page's title, the start of a cut JSON text).
+PROBE_EXCERPT_BYTES: Final = 80
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Probe:
+    """One attempt made by :meth:`UspeedoClient.probe` and what came back."""
+
+    # None when the answer was the API's RetCode-0 JSON.
+    error: UspeedoError | None
+    request_uuid: str | None
+    # By the client's clock, the one that signs X-Timestamp: when the attempt was signed and,
+    # when an answer came, when it had been read.
+    started_at: float
+    answered_at: float | None
+    # The answer's Date header in Unix seconds (a whole second), when it had a valid one.
+    server_date: float | None
+    status: int | None = None
+    content_type: str = ""
+    excerpt: bytes = b""  # the answer's first PROBE_EXCERPT_BYTES
+    size: int = 0  # the answer's length in bytes
 
 
 class UspeedoClient:
@@ -206,6 +230,49 @@ class UspeedoClient:
             )
         return batch
 
+    def probe(self, account_id: int, session_no: str) -> Probe:
+        """One attempt of GetUSMSSendReceipt for ``session_no``, never retried nor logged, and
+        what came back, failures included, instead of raising: what ``receipts check`` judges
+        (worker/check.py)."""
+        body, payload = _encode(
+            RECEIPT_ACTION, {"AccountId": account_id, "SessionNoSet": [session_no]}
+        )
+        signed = signature(body, self._secret.reveal())
+        started = self._clock()
+        try:
+            answer = self._post(RECEIPT_ACTION, payload, signed, self.attempt_timeout)
+        except UspeedoError as exc:
+            error = _redacted(exc, signed)
+            return Probe(
+                error=error,
+                request_uuid=error.request_uuid,
+                started_at=started,
+                answered_at=None,
+                server_date=None,
+                status=error.http_status,
+            )
+        answered = self._clock()
+        uuid = _request_uuid(answer.headers)
+        failure: UspeedoError | None = None
+        try:
+            decoded = self._decode(RECEIPT_ACTION, answer)
+            parse_receipts(
+                decoded, [session_no], uuid, received_at=datetime.fromtimestamp(answered, UTC)
+            )
+        except UspeedoError as exc:
+            failure = _redacted(exc, signed)
+        return Probe(
+            error=failure,
+            request_uuid=uuid,
+            started_at=started,
+            answered_at=answered,
+            server_date=_http_date(answer.headers.get("Date")),
+            status=answer.status,
+            content_type=answer.headers.get("Content-Type", ""),
+            excerpt=answer.body[:PROBE_EXCERPT_BYTES],
+            size=len(answer.body),
+        )
+
     # -- machinery ---------------------------------------------------------------------------
 
     def _call(
@@ -215,10 +282,7 @@ class UspeedoClient:
         deadline: float | None,
         parse: Callable[[dict[str, Any], str | None], _T],
     ) -> _T:
-        body = {"Action": action, **{k: v for k, v in params.items() if v is not None}}
-        # allow_nan=False: the signature refuses NaN too, and the API would not parse it.
-        data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        payload = data.encode("utf-8")
+        body, payload = _encode(action, params)
         last_error: UspeedoError | None = None
         for attempt in range(1, self.max_attempts + 1):
             within = self.attempt_timeout
@@ -415,6 +479,27 @@ def _redacted(error: UspeedoError, signed: str) -> UspeedoError:
     if isinstance(error, ApiError) and signed in error.api_message:
         error.api_message = error.api_message.replace(signed, "<signature>")
     return error
+
+
+def _encode(action: str, params: Mapping[str, Any]) -> tuple[dict[str, Any], bytes]:
+    """The request's body, as signed and as sent."""
+    body = {"Action": action, **{k: v for k, v in params.items() if v is not None}}
+    # allow_nan=False: the signature refuses NaN too, and the API would not parse it.
+    data = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return body, data.encode("utf-8")
+
+
+def _http_date(value: str | None) -> float | None:
+    """An HTTP ``Date`` header in Unix seconds, or None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        when = parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
 
 
 def _request_uuid(headers: Mapping[str, str]) -> str | None:

@@ -222,6 +222,9 @@ class Settings(BaseSettings):
     api_connect_timeout: HttpDuration = timedelta(seconds=3.05)
     api_read_timeout: HttpDuration = timedelta(seconds=10)
     api_max_attempts: int = Field(default=3, ge=1, le=10)
+    # The AccountId (project id) `receipts check` and the start of a worker ask under; unset,
+    # the check uses a placeholder (worker/check.py).
+    check_account_id: int | None = Field(default=None, ge=1)
     # Past this an answer is refused unread (worker/receipts.py: what an answer weighs);
     # at least 64 KiB, so that a single session's answer always fits.
     api_max_answer_bytes: Size = Field(default=DEFAULT_MAX_ANSWER_BYTES, ge=64 * 1024)

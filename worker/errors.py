@@ -197,6 +197,13 @@ class CredentialsError(ApiError):
     retryable = False
 
 
+# What to do about a CredentialsError, in every message that reports one.
+CREDENTIALS_HINT: Final = (
+    "the AccessKey id/secret is wrong or expired: check RECEIPTS_ACCESS_KEY_ID and "
+    "RECEIPTS_ACCESS_KEY_SECRET"
+)
+
+
 class ParameterError(ApiError):
     """The request itself is wrong; sending it again cannot help."""
 

@@ -41,6 +41,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session
 
+from worker import credentials
 from worker.clock import database_now
 from worker.db import error_text, read_scope
 from worker.domain import ReceiptSource, Result, SessionState
@@ -90,6 +91,7 @@ class Snapshot:
     # What the receiver processes counted: (metric, label) -> value (worker/receiver.py).
     push: dict[tuple[str, str], float] = field(default_factory=dict)
     oldest_parked_at: datetime | None = None
+    credentials_failing: bool = False
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,8 @@ def read_snapshot(session: Session, now: datetime) -> Snapshot:
     snap.oldest_parked_at = session.execute(
         sa.select(sa.func.min(inbox_table.c.received_at))
     ).scalar_one()
+    # One row at most, written by every worker's polls (worker/credentials.py).
+    snap.credentials_failing = credentials.failing(session)
     return snap
 
 
@@ -364,6 +368,13 @@ def _metrics(snap: Snapshot, totals: Totals | None, now: datetime) -> Iterator[M
         "receipts_webhook_delivery_failures",
         "Undelivered escalation webhooks that have failed at least one attempt.",
         snap.webhook_failures,
+    )
+
+    yield _gauge(
+        "receipts_credentials_failing",
+        "1 while the API's last word on the credentials was a refusal (RetCode 215398: a wrong "
+        "or expired AccessKey, or a clock more than 5 minutes off), else 0.",
+        int(snap.credentials_failing),
     )
 
     receipts = GaugeMetricFamily(

@@ -333,6 +333,22 @@ class RejectedTrack(Base):
     note: Mapped[str | None] = mapped_column(sa.Text)
 
 
+class CredentialsStatus(Base):
+    """The API's latest word on the credentials, written by every worker's polls so that one
+    exporter and one view report for all of them (worker/credentials.py). One row, ``api``,
+    once the API has refused the credentials."""
+
+    __tablename__ = "receipts_credentials"
+
+    name: Mapped[str] = mapped_column(sa.Text, primary_key=True)
+    # When a poll last got RetCode 215398, and that answer (RetCode, message, request uuid).
+    refused_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    refusal: Mapped[str | None] = mapped_column(sa.Text)
+    # When an answer next came through after that refusal. Not rewritten by every poll: a
+    # healthy fleet never writes this row.
+    accepted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
 outbox_table: sa.Table = EscalationOutbox.__table__  # type: ignore[assignment]
 heartbeats_table: sa.Table = Heartbeat.__table__  # type: ignore[assignment]
 api_calls_table: sa.Table = ApiCallCount.__table__  # type: ignore[assignment]
@@ -340,16 +356,18 @@ workers_table: sa.Table = WorkerProcess.__table__  # type: ignore[assignment]
 inbox_table: sa.Table = ReceiptInbox.__table__  # type: ignore[assignment]
 push_counts_table: sa.Table = PushCount.__table__  # type: ignore[assignment]
 rejected_table: sa.Table = RejectedTrack.__table__  # type: ignore[assignment]
+credentials_table: sa.Table = CredentialsStatus.__table__  # type: ignore[assignment]
 
 
-# The views (created by migration 0002), described for reading only: their own metadata
-# keeps Alembic's autogenerate from trying to create them as tables.
+# The views (created by migration 0002; stale_sessions recreated by 0005), described for
+# reading only: their own metadata keeps Alembic's autogenerate from trying to create them as
+# tables.
 views_metadata = sa.MetaData()
 
 stale_sessions_view = sa.Table(
     "stale_sessions",
     views_metadata,
-    sa.Column("kind", sa.Text),  # escalated | overdue | clock_stopped
+    sa.Column("kind", sa.Text),  # escalated | overdue | clock_stopped | credentials
     sa.Column("account_id", sa.BigInteger),
     sa.Column("session_no", sa.Text),
     sa.Column("state", sa.Text),

@@ -18,12 +18,13 @@ from typing import Final, TypeVar
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
-from worker import db, push, store, webhooks, workers
+from worker import credentials, db, push, store, webhooks, workers
 from worker.client import MAX_SESSIONS_PER_CALL, UspeedoClient
 from worker.domain import ReceiptSource
 from worker.errors import (
     AnswerTooLarge,
     ApiError,
+    CredentialsError,
     MalformedResponse,
     ParameterError,
     PollWindowClosed,
@@ -315,6 +316,11 @@ class _PollRun:
     failed: int = 0
     # API calls by (outcome, code), written with the call's result for the exporter.
     outcomes: Counter[tuple[str, int]] = field(default_factory=Counter)
+    # The API's last word on the credentials, written with the call's result too: a refusal's
+    # text, or an answer that came through (worker/credentials.py).
+    refusal: str | None = None
+    accepted: bool = False
+    refusals: credentials.RefusalLog = field(default_factory=lambda: credentials.REFUSALS)
     sleep: Callable[[float], None] = time.sleep
     # Extra calls the batch being polled may still spend on halving (see BISECTION_CALLS).
     bisection_left: int = BISECTION_CALLS
@@ -349,9 +355,13 @@ class _PollRun:
             )
         except UspeedoError as exc:
             self.outcomes[call_outcome(exc)] += 1
+            if isinstance(exc, CredentialsError):
+                self.refusal, self.accepted = str(exc), False
+                self.refusals.refused(exc)
             self.handle_error(targets, exc)
             return
         self.outcomes[("ok", 0)] += 1
+        self.refusal, self.accepted = None, True
         self.store_answer(targets, batch.receipts, _problems_by_session(batch))
 
     def store_answer(
@@ -390,6 +400,10 @@ class _PollRun:
 
     def handle_error(self, targets: Sequence[PollTarget], exc: UspeedoError) -> None:
         error = f"refused by the API: {exc}" if isinstance(exc, ParameterError) else str(exc)
+        if isinstance(exc, CredentialsError):
+            # Logged as one ERROR line a minute by self.refusals, not once per poll.
+            self.record_failure(targets, f"credentials refused by the API: {exc}", logging.DEBUG)
+            return
         if len(targets) > 1 and _one_session_may_cause(exc):
             if self.bisection_left >= 2:
                 # One bad SessionNo makes the API refuse the whole call (one huge session
@@ -416,6 +430,9 @@ class _PollRun:
                 with self.session_factory() as session:
                     result = work(session)
                     store.count_api_calls(session, self.outcomes)
+                    credentials.record(
+                        session, refusal=self.refusal, accepted=self.accepted, now=self.clock()
+                    )
             except sa_exc.DBAPIError as exc:
                 if delay is None or not db.is_transient(exc):
                     raise
@@ -425,11 +442,15 @@ class _PollRun:
                 self.sleep(delay)
                 continue
             self.outcomes.clear()
+            self.refusal, self.accepted = None, False
             return result
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def record_failure(self, targets: Sequence[PollTarget], error: str) -> None:
-        log.warning(
+    def record_failure(
+        self, targets: Sequence[PollTarget], error: str, level: int = logging.WARNING
+    ) -> None:
+        log.log(
+            level,
             "poll of %d session(s) of account %s failed: %s",
             len(targets),
             targets[0].account_id,

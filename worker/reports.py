@@ -91,8 +91,9 @@ def _text(value: Any) -> str:
 
 def stale_sessions() -> list[dict[str, Any]]:
     """The ``stale_sessions`` view, so that the command and SQL alerts always agree:
-    unacknowledged escalations, pending sessions overdue by more than two intervals, and a
-    ``clock_stopped`` row when no tick has been processed for one and a half ticks."""
+    unacknowledged escalations, pending sessions overdue by more than two intervals, a
+    ``clock_stopped`` row when no tick has been processed for one and a half ticks, and a
+    ``credentials`` row while the API's last word on the credentials was a refusal."""
     view = stale_sessions_view
     query = sa.select(view).order_by(view.c.kind, view.c.sent_at, view.c.session_no)
     rows = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -80,6 +81,7 @@ def expected(
     webhook_failures: int = 0,
     receipts: dict[str, int] | None = None,
     rejected: dict[str, int] | None = None,
+    credentials_failing: int = 0,
 ) -> Samples:
     """The full exposition of a successful scrape: every metric, nothing else."""
     pending, resolved, escalated = sessions
@@ -94,6 +96,7 @@ def expected(
         ("receipts_overdue_sessions", ()): overdue,
         ("receipts_webhooks_pending", ()): webhooks_pending,
         ("receipts_webhook_delivery_failures", ()): webhook_failures,
+        ("receipts_credentials_failing", ()): credentials_failing,
         # A fresh registry counts the history totals at its first scrape: they are current.
         ("receipts_totals_age_seconds", ()): 0,
         ("receipts_scrape_error", ()): 0,
@@ -290,6 +293,15 @@ def test_acknowledging_an_escalation_lowers_the_unacknowledged_count() -> None:
     assert samples["receipts_escalations_unacknowledged", ()] == 1
     # Still escalated: acknowledging silences the alert, not the history.
     assert samples["receipts_sessions", (("state", "escalated"),)] == 3
+
+
+@pytest.mark.usefixtures("database")
+def test_every_metric_the_alert_rules_name_is_exported() -> None:
+    rules = (Path(__file__).resolve().parents[2] / "deploy" / "prometheus-alerts.yml").read_text()
+    named = set(re.findall(r"\breceipts_[a-z_]+", rules)) - {"receipts_api_calls_total"}
+    exported = {name for name, _labels in scrape()} | {"receipts_api_calls"}
+    assert "receipts_credentials_failing" in named
+    assert named <= exported, named - exported
 
 
 @pytest.mark.parametrize("where", ["missing-sqlite-dir", "unmigrated-sqlite", "closed-pg-port"])

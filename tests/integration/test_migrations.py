@@ -64,3 +64,30 @@ def test_upgrade_is_idempotent(empty_url: str) -> None:
     upgrade(empty_url)
     upgrade(empty_url)
     assert _diff(empty_url) == []
+
+
+def _stale_kinds(url: str) -> list[str]:
+    engine = create_engine(url, poolclass=sa.pool.NullPool)
+    with engine.connect() as connection:
+        kinds = list(connection.scalars(sa.text("SELECT DISTINCT kind FROM stale_sessions")))
+    engine.dispose()
+    return kinds
+
+
+def test_the_credentials_row_of_the_stale_view_comes_and_goes_with_0005(empty_url: str) -> None:
+    upgrade(empty_url)
+    engine = create_engine(empty_url, poolclass=sa.pool.NullPool)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "INSERT INTO receipts_credentials (name, refused_at, refusal) "
+                "VALUES ('api', CURRENT_TIMESTAMP, 'RetCode 215398')"
+            )
+        )
+    engine.dispose()
+    assert _stale_kinds(empty_url) == ["credentials"]
+    downgrade(empty_url, "0004")
+    assert "receipts_credentials" not in _tables(empty_url)
+    assert _stale_kinds(empty_url) == [], "the view of 0002 again, still readable"
+    upgrade(empty_url)
+    assert _diff(empty_url) == []

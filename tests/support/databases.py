@@ -34,6 +34,7 @@ TABLES = (
     "sms_receipt_inbox",
     "receipts_push_counts",
     "rejected_tracks",
+    "receipts_credentials",
 )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -119,3 +120,32 @@ def wait_for(
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s: {describe()}")
+
+
+def processes_in(folder: Path) -> list[int]:
+    """The live processes working in ``folder`` (Linux ``/proc``): whatever a command started
+    there, children included, however they were grouped or re-parented. Zombies have no
+    working directory, and hold nothing."""
+    folder = folder.resolve()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = Path(os.readlink(entry / "cwd"))
+        except OSError:  # gone, a zombie, or not ours to read
+            continue
+        if cwd == folder:
+            found.append(int(entry.name))
+    return found
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on ``host:port`` now."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+        return True

@@ -1,13 +1,16 @@
-"""The views and heartbeat as users read them, in plain SQL."""
+"""The views and heartbeat as users read them, in plain SQL, and the metrics as Prometheus
+reads them."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
+from prometheus_client.parser import text_string_to_metric_families
 
 from worker import db
+from worker.metrics import make_registry, render
 from worker.models import heartbeats_table
 
 
@@ -27,6 +30,15 @@ def clock_stopped() -> list[dict[str, Any]]:
     with db.session_scope() as session:
         rows = session.execute(
             sa.text("SELECT * FROM stale_sessions WHERE kind = 'clock_stopped'")
+        ).mappings()
+        return [dict(r) for r in rows]
+
+
+def credentials_refused() -> list[dict[str, Any]]:
+    """The ``credentials`` rows of ``stale_sessions`` (one at most)."""
+    with db.session_scope() as session:
+        rows = session.execute(
+            sa.text("SELECT * FROM stale_sessions WHERE kind = 'credentials'")
         ).mappings()
         return [dict(r) for r in rows]
 
@@ -56,3 +68,13 @@ def tick_heartbeat() -> datetime | None:
         return session.scalar(
             sa.select(heartbeats_table.c.beat_at).where(heartbeats_table.c.name == "tick")
         )
+
+
+def gauge(name: str) -> float:
+    """One unlabelled gauge of a scrape of ``receipts exporter``'s metrics, now."""
+    text = render(make_registry(lambda: datetime.now(UTC))).decode()
+    for family in text_string_to_metric_families(text):
+        if family.name == name:
+            [sample] = family.samples
+            return float(sample.value)
+    raise AssertionError(f"no {name} in\n{text}")

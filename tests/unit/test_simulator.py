@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +220,18 @@ def test_bad_credentials_fail_to_parse_token(api: Api, overrides: dict[str, Any]
 def test_timestamp_within_five_minutes_is_accepted(api: Api) -> None:
     assert api.post(get_body(["s"]), timestamp=int(T0) - 300).json()["RetCode"] == 0
     assert api.post(get_body(["s"]), timestamp=int(T0) + 300).json()["RetCode"] == 0
+
+
+def test_every_answer_carries_a_date_by_the_simulators_clock(api: Api, clock: FakeClock) -> None:
+    """``receipts check`` measures a host's clock offset from the API's Date header: the
+    simulator's must come from the clock it judges X-Timestamp by (injected here), or a test
+    of a skewed clock would measure nothing."""
+    clock.now = T0 + 0.75  # Date has a resolution of one second: the fraction is dropped
+    accepted = api.post(get_body(["s"]))
+    refused = api.post(get_body(["s"]), secret="not-the-secret")
+    for response in (accepted, refused):
+        assert response.headers["Date"] == "Tue, 14 Nov 2023 22:13:20 GMT"
+        assert parsedate_to_datetime(response.headers["Date"]).timestamp() == T0
 
 
 def test_missing_auth_headers_fail(api: Api) -> None:

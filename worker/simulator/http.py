@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
@@ -92,6 +93,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def version_string(self) -> str:
         return self.server_version
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """The Date header by the service's clock, the one X-Timestamp is judged by: clients
+        (``receipts check``) measure their clock's offset from it, and a test that moves the
+        simulator's clock moves its Date too."""
+        return formatdate(
+            self.server.service.now() if timestamp is None else timestamp, usegmt=True
+        )
 
     def log_message(self, format: str, *args: Any) -> None:
         """Silenced: one stderr line per request would drown test and benchmark output."""

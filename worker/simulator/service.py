@@ -139,6 +139,10 @@ class FakeUspeedo:
         # Insertion order is arrival order, so expired nonces are always at the front.
         self._nonces: OrderedDict[str, float] = OrderedDict()
 
+    def now(self) -> float:
+        """The service's clock: what X-Timestamp is judged by and the Date of its answers."""
+        return self._clock()
+
     # control
 
     def register(self, sessions: Iterable[Mapping[str, Any]]) -> None:
