@@ -409,6 +409,11 @@ def _metrics(snap: Snapshot, totals: Totals | None, now: datetime) -> Iterator[M
     )
 
 
+# What worker/receiver.py counts (its outcomes, and its receipts' fates).
+PUSH_OUTCOMES = ("ok", "ignored", "bad_request", "too_large", "unavailable")
+PUSH_FATES = ("stored", "parked", "skipped", "refused")
+
+
 def _push_metrics(snap: Snapshot, totals: Totals | None, now: datetime) -> Iterator[Metric]:
     """Uspeedo's push as the receivers saw it (worker/receiver.py), and the inbox."""
     push = snap.push
@@ -424,14 +429,21 @@ def _push_metrics(snap: Snapshot, totals: Totals | None, now: datetime) -> Itera
         "by the database).",
         labels=["fate"],
     )
+    # Every outcome and fate always, 0 when none (a missing series reads as "unknown").
+    counted: dict[str, dict[str, float]] = {
+        "requests": dict.fromkeys(PUSH_OUTCOMES, 0.0),
+        "receipts": dict.fromkeys(PUSH_FATES, 0.0),
+    }
     buckets: list[tuple[str, float]] = []
     for (metric, label), value in sorted(push.items()):
-        if metric == "requests":
-            requests.add_metric([label], value)
-        elif metric == "receipts":
-            receipts.add_metric([label], value)
+        if metric in counted:
+            counted[metric][label] = value
         elif metric == "latency_bucket" and label != "+Inf":
             buckets.append((label, value))
+    for label, value in sorted(counted["requests"].items()):
+        requests.add_metric([label], value)
+    for label, value in sorted(counted["receipts"].items()):
+        receipts.add_metric([label], value)
     yield requests
     yield receipts
     buckets.sort(key=lambda bucket: float(bucket[0]))

@@ -109,7 +109,12 @@ def expected(
     for (outcome, ret_code), calls in (api_calls or {}).items():
         labels = (("outcome", outcome), ("ret_code", ret_code))
         samples["receipts_api_calls_total", labels] = calls
-    # No push yet: an empty histogram, no last push, an empty inbox; every receipt was polled.
+    # No push yet: every outcome and fate at 0, an empty histogram, no last push, an empty
+    # inbox; every receipt was polled.
+    for outcome in ("ok", "ignored", "bad_request", "too_large", "unavailable"):
+        samples["receipts_push_requests_total", (("outcome", outcome),)] = 0
+    for fate in ("stored", "parked", "skipped", "refused"):
+        samples["receipts_push_receipts_total", (("fate", fate),)] = 0
     samples["receipts_push_commit_seconds_bucket", (("le", "+Inf"),)] = 0
     samples["receipts_push_commit_seconds_count", ()] = 0
     samples["receipts_push_commit_seconds_sum", ()] = 0
