@@ -613,5 +613,46 @@ def exporter(port: int, host: str) -> None:
         _cannot_listen(host, port, exc, "exporter")
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8720, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Server processes (each with its own database connections).",
+)
+def receiver(host: str, port: int, workers: int) -> None:
+    """Receive Uspeedo's push of status reports at POST /uspeedo/callback/<token>.
+
+    Needs RECEIPTS_CALLBACK_TOKEN (at least 24 characters); run it behind a reverse proxy that
+    terminates TLS. GET /healthz answers 200 while the database does.
+    """
+    import logging
+    import socket
+
+    from worker.receiver import configure_logging, serve
+
+    settings = _settings()
+    problem = settings.receiver_problem()
+    if problem:
+        _fail(problem)
+    # One line for a busy port, before uvicorn would log its own traceback.
+    try:
+        with socket.create_server((host, port), reuse_port=False):
+            pass
+    except OSError as exc:
+        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    configure_logging(settings)
+    logging.getLogger(__name__).info(
+        "receiving Uspeedo's push on http://%s:%d/uspeedo/callback/<token> (%d process(es))",
+        host,
+        port,
+        workers,
+    )
+    serve(host, port, workers=workers)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

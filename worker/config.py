@@ -124,6 +124,9 @@ TotalsDuration = Annotated[
 
 # RECEIPTS_WEBHOOK_SECRET: a key shorter than this is guessable from signed requests.
 MIN_WEBHOOK_SECRET = 16
+# RECEIPTS_CALLBACK_TOKEN: the push is unsigned, so its URL's secret is all that keeps a
+# stranger from pushing receipts; 24 characters of a random token are not guessable.
+MIN_CALLBACK_TOKEN = 24
 # What the worker's SQL is written for (ON CONFLICT, JSON functions, psycopg 3).
 SUPPORTED_DATABASES = ("postgresql", "postgres", "postgresql+psycopg", "sqlite", "sqlite+pysqlite")
 
@@ -243,6 +246,14 @@ class Settings(BaseSettings):
     # Upper bound of sessions one tick claims, so one tick never floods the queue.
     max_claim_per_tick: int = Field(default=200_000, ge=1)
 
+    # --- Uspeedo's push (receipts receiver)
+    # The secret path segment of the push URL (README "Receiving Uspeedo's push").
+    callback_token: SecretStr | None = None
+    # A push body larger than this is refused (413) unread.
+    receiver_max_body: Size = Field(default=1024 * 1024, ge=1024)
+    # Pushed receipts waiting for their SessionNo to be tracked; past this the oldest go.
+    inbox_max_rows: int = Field(default=1_000_000, ge=1)
+
     # --- escalation
     escalation_webhook_url: str | None = None
     webhook_secret: SecretStr | None = None
@@ -360,7 +371,7 @@ class Settings(BaseSettings):
         """Secrets that must never appear in a log line, were anything to print them."""
         return [
             secret.get_secret_value()
-            for secret in (self.access_key_secret, self.webhook_secret)
+            for secret in (self.access_key_secret, self.webhook_secret, self.callback_token)
             if secret is not None and secret.get_secret_value()
         ]
 
@@ -387,6 +398,22 @@ class Settings(BaseSettings):
             + self.api_read_timeout
             + self.poll_interval_min
         )
+
+    def receiver_problem(self) -> str | None:
+        """Why ``receipts receiver`` cannot start with these settings, or None."""
+        token = self.callback_token.get_secret_value() if self.callback_token else ""
+        if len(token) < MIN_CALLBACK_TOKEN:
+            state = "is not set" if not token else f"has {len(token)} characters"
+            return (
+                f"RECEIPTS_CALLBACK_TOKEN {state}: the push URL's secret needs at least "
+                f"{MIN_CALLBACK_TOKEN} characters (e.g. the output of `openssl rand -hex 24`)"
+            )
+        if not token.isascii() or not all(c.isalnum() or c in "-_" for c in token):
+            return (
+                "RECEIPTS_CALLBACK_TOKEN must be letters, digits, '-' or '_' (it is a path "
+                "segment of the push URL)"
+            )
+        return None
 
     def missing_api_credentials(self) -> str | None:
         """Why this configuration cannot poll, or None. Checked when a worker starts, not by

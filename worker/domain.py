@@ -45,6 +45,14 @@ MIN_PHONE_DIGITS, MAX_PHONE_DIGITS = 5, 20
 T = TypeVar("T")
 
 
+class ReceiptSource(enum.StrEnum):
+    """Where a stored receipt came from (``sms_receipts.source``)."""
+
+    POLL = "poll"  # an automatic poll of GetUSMSSendReceipt
+    PUSH = "push"  # Uspeedo's status report push (``receipts receiver``)
+    REPOLL = "repoll"  # an operator's ``receipts repoll``
+
+
 class SessionState(enum.StrEnum):
     PENDING = "pending"
     RESOLVED = "resolved"

@@ -32,19 +32,26 @@ from types import FrameType
 
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session
 
 from worker import credentials
 from worker.clock import database_now
 from worker.db import error_text, read_scope
-from worker.domain import Result, SessionState
+from worker.domain import ReceiptSource, Result, SessionState
 from worker.intake import RejectionState
 from worker.models import (
     api_calls_table,
     heartbeats_table,
+    inbox_table,
     outbox_table,
+    push_counts_table,
     receipts_table,
     rejected_table,
     sessions_table,
@@ -81,6 +88,9 @@ class Snapshot:
     webhooks_pending: int = 0
     webhook_failures: int = 0
     rejected_open: int = 0
+    # What the receiver processes counted: (metric, label) -> value (worker/receiver.py).
+    push: dict[tuple[str, str], float] = field(default_factory=dict)
+    oldest_parked_at: datetime | None = None
     credentials_failing: bool = False
 
 
@@ -92,6 +102,8 @@ class Totals:
     receipts: dict[str, int]
     computed_at: datetime
     rejected: dict[str, int] = field(default_factory=dict)  # resubmitted and dismissed
+    by_source: dict[str, int] = field(default_factory=dict)  # receipts by where they came from
+    parked: int = 0  # receipts waiting in the inbox
 
 
 def read_snapshot(session: Session, now: datetime) -> Snapshot:
@@ -154,6 +166,19 @@ def read_snapshot(session: Session, now: datetime) -> Snapshot:
     snap.rejected_open = session.execute(
         sa.select(sa.func.count()).where(rejected_table.c.state == RejectionState.OPEN.value)
     ).scalar_one()
+
+    # A few dozen rows at most (outcomes, fates, latency buckets), and the first entry of the
+    # inbox's received_at index.
+    counts = push_counts_table.c
+    snap.push = {
+        (metric, label): value
+        for metric, label, value in session.execute(
+            sa.select(counts.metric, counts.label, counts.value)
+        )
+    }
+    snap.oldest_parked_at = session.execute(
+        sa.select(sa.func.min(inbox_table.c.received_at))
+    ).scalar_one()
     # One row at most, written by every worker's polls (worker/credentials.py).
     snap.credentials_failing = credentials.failing(session)
     return snap
@@ -176,11 +201,14 @@ def read_totals(session: Session, now: datetime) -> Totals:
         .where(rejected.state != RejectionState.OPEN.value)
         .group_by(rejected.state)
     )
+    by_source = sa.select(receipts.source, sa.func.count()).group_by(receipts.source)
     return Totals(
         sessions=dict(session.execute(by_state).all()),
         receipts=dict(session.execute(by_result).all()),
         computed_at=now,
         rejected=dict(session.execute(closed).all()),
+        by_source=dict(session.execute(by_source).all()),
+        parked=session.execute(sa.select(sa.func.count()).select_from(inbox_table)).scalar_one(),
     )
 
 
@@ -371,12 +399,92 @@ def _metrics(snap: Snapshot, totals: Totals | None, now: datetime) -> Iterator[M
             rejected.add_metric([closed.value], totals.rejected.get(closed.value, 0))
     yield rejected
 
+    yield from _push_metrics(snap, totals, now)
+
     yield _gauge(
         "receipts_totals_age_seconds",
         "Seconds since the totals that grow with history (resolved and escalated sessions, "
         "receipts by result) were counted; NaN before the first count.",
         (now - totals.computed_at).total_seconds() if totals is not None else math.nan,
     )
+
+
+# What worker/receiver.py counts (its outcomes, and its receipts' fates).
+PUSH_OUTCOMES = ("ok", "ignored", "bad_request", "too_large", "unavailable")
+PUSH_FATES = ("stored", "parked", "skipped", "refused")
+
+
+def _push_metrics(snap: Snapshot, totals: Totals | None, now: datetime) -> Iterator[Metric]:
+    """Uspeedo's push as the receivers saw it (worker/receiver.py), and the inbox."""
+    push = snap.push
+    requests = CounterMetricFamily(
+        "receipts_push_requests",
+        "Push requests received, by outcome (ok, ignored: a MsgType other than 2, bad_request, "
+        "too_large, unavailable: the database could not take them).",
+        labels=["outcome"],
+    )
+    receipts = CounterMetricFamily(
+        "receipts_push_receipts",
+        "Pushed receipts by fate (stored, parked in the inbox, skipped as malformed, refused "
+        "by the database).",
+        labels=["fate"],
+    )
+    # Every outcome and fate always, 0 when none (a missing series reads as "unknown").
+    counted: dict[str, dict[str, float]] = {
+        "requests": dict.fromkeys(PUSH_OUTCOMES, 0.0),
+        "receipts": dict.fromkeys(PUSH_FATES, 0.0),
+    }
+    buckets: list[tuple[str, float]] = []
+    for (metric, label), value in sorted(push.items()):
+        if metric in counted:
+            counted[metric][label] = value
+        elif metric == "latency_bucket" and label != "+Inf":
+            buckets.append((label, value))
+    for label, value in sorted(counted["requests"].items()):
+        requests.add_metric([label], value)
+    for label, value in sorted(counted["receipts"].items()):
+        receipts.add_metric([label], value)
+    yield requests
+    yield receipts
+    buckets.sort(key=lambda bucket: float(bucket[0]))
+    buckets.append(("+Inf", push.get(("latency_bucket", "+Inf"), 0.0)))
+    yield HistogramMetricFamily(
+        "receipts_push_commit_seconds",
+        "Seconds from a push's arrival to its receipts' commit (answered 200).",
+        buckets=buckets,
+        sum_value=push.get(("latency_sum", ""), 0.0),
+    )
+    last = push.get(("last_push", ""))
+    yield _gauge(
+        "receipts_push_last_seen_age_seconds",
+        "Seconds since a receiver last got a push; NaN when none ever did (alert when it grows "
+        "while polls still find receipts: the push has gone quiet).",
+        now.timestamp() - last if last else math.nan,
+    )
+    oldest = _seconds_since(snap.oldest_parked_at, now)
+    yield _gauge(
+        "receipts_inbox_oldest_age_seconds",
+        "Seconds since the oldest pushed receipt waiting for its SessionNo to be tracked was "
+        "received; 0 when the inbox is empty.",
+        max(oldest, 0.0) if oldest is not None else 0.0,
+    )
+    inbox = GaugeMetricFamily(
+        "receipts_inbox_receipts",
+        "Pushed receipts waiting for their SessionNo to be tracked, as of "
+        "receipts_totals_age_seconds ago.",
+    )
+    by_source = GaugeMetricFamily(
+        "receipts_receipts_by_source",
+        "Latest known receipts by where they came from (poll, push, repoll), as of "
+        "receipts_totals_age_seconds ago.",
+        labels=["source"],
+    )
+    if totals is not None:
+        inbox.add_metric([], totals.parked)
+        for source in ReceiptSource:
+            by_source.add_metric([source.value], totals.by_source.get(source.value, 0))
+    yield inbox
+    yield by_source
 
 
 def make_registry(

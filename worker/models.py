@@ -11,7 +11,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from worker.domain import Result, SessionState
+from worker.domain import ReceiptSource, Result, SessionState
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -66,7 +66,7 @@ class Base(DeclarativeBase):
     }
 
 
-def _in(column: str, values: type[Result] | type[SessionState]) -> str:
+def _in(column: str, values: type[Result] | type[SessionState] | type[ReceiptSource]) -> str:
     return f"{column} IN ({', '.join(repr(v.value) for v in values)})"
 
 
@@ -158,6 +158,7 @@ class SmsReceipt(Base):
             ondelete="CASCADE",
         ),
         sa.CheckConstraint(_in("result", Result), name="result"),
+        sa.CheckConstraint(_in("source", ReceiptSource), name="source"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -173,8 +174,53 @@ class SmsReceipt(Base):
     cost_count: Mapped[int | None] = mapped_column(sa.Integer)
     user_id: Mapped[str | None] = mapped_column(sa.Text)
     country_code: Mapped[str | None] = mapped_column(sa.Text)
+    # Where the stored receipt came from: poll, push or repoll (worker.domain.ReceiptSource).
+    source: Mapped[str] = mapped_column(sa.Text, server_default=ReceiptSource.POLL.value)
     first_seen_at: Mapped[timestamp_now]
     updated_at: Mapped[timestamp_now]
+
+
+class ReceiptInbox(Base):
+    """Pushed receipts that could not be matched to one tracked session (not tracked yet, or
+    the same SessionNo in several accounts): applied when the session is tracked, within the
+    cutoff, then removed. One row per (SessionNo, account, phone), the winning version."""
+
+    __tablename__ = "sms_receipt_inbox"
+    __table_args__ = (
+        sa.UniqueConstraint("session_no", "account_id", "phone_key"),
+        sa.CheckConstraint(_in("result", Result), name="result"),
+        # Expiry and the bound walk the oldest first.
+        sa.Index("ix_sms_receipt_inbox_received_at", "received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    session_no: Mapped[str] = mapped_column(sa.Text)
+    # The account the push URL named (?account_id=), or 0 when it named none.
+    account_id: Mapped[int] = mapped_column(sa.BigInteger)
+    phone: Mapped[str] = mapped_column(sa.Text)
+    phone_key: Mapped[str] = mapped_column(sa.Text)
+    result: Mapped[str] = mapped_column(sa.Text)
+    receipt_code: Mapped[str | None] = mapped_column(sa.Text)
+    receipt_desc: Mapped[str | None] = mapped_column(sa.Text)
+    receipt_time: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    cost_count: Mapped[int | None] = mapped_column(sa.Integer)
+    user_id: Mapped[str | None] = mapped_column(sa.Text)
+    country_code: Mapped[str | None] = mapped_column(sa.Text)
+    # "untracked" or "ambiguous" (the SessionNo exists in several accounts)
+    reason: Mapped[str] = mapped_column(sa.Text)
+    received_at: Mapped[timestamp]
+
+
+class PushCount(Base):
+    """What the receiver processes counted (requests by outcome, push-to-commit latency
+    buckets, the time of the last push), added to by each process every second, so that one
+    exporter reports for all of them (worker/receiver.py)."""
+
+    __tablename__ = "receipts_push_counts"
+
+    metric: Mapped[str] = mapped_column(sa.Text, primary_key=True)
+    label: Mapped[str] = mapped_column(sa.Text, primary_key=True)
+    value: Mapped[float] = mapped_column(sa.Float, server_default=sa.text("0"))
 
 
 sessions_table: sa.Table = SmsSession.__table__  # type: ignore[assignment]
@@ -307,6 +353,8 @@ outbox_table: sa.Table = EscalationOutbox.__table__  # type: ignore[assignment]
 heartbeats_table: sa.Table = Heartbeat.__table__  # type: ignore[assignment]
 api_calls_table: sa.Table = ApiCallCount.__table__  # type: ignore[assignment]
 workers_table: sa.Table = WorkerProcess.__table__  # type: ignore[assignment]
+inbox_table: sa.Table = ReceiptInbox.__table__  # type: ignore[assignment]
+push_counts_table: sa.Table = PushCount.__table__  # type: ignore[assignment]
 rejected_table: sa.Table = RejectedTrack.__table__  # type: ignore[assignment]
 credentials_table: sa.Table = CredentialsStatus.__table__  # type: ignore[assignment]
 

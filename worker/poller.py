@@ -18,8 +18,9 @@ from typing import Final, TypeVar
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
-from worker import credentials, db, store, webhooks, workers
+from worker import credentials, db, push, store, webhooks, workers
 from worker.client import MAX_SESSIONS_PER_CALL, UspeedoClient
+from worker.domain import ReceiptSource
 from worker.errors import (
     AnswerTooLarge,
     ApiError,
@@ -82,6 +83,7 @@ def tick(
     show_phones: bool = False,
     outbox: bool = False,
     reconcile: Callable[[int, list[int]], None] | None = None,
+    inbox_max_rows: int = 1_000_000,
 ) -> TickReport:
     """Record the heartbeat, release the polls of worker processes that stopped heartbeating,
     escalate what passed its cutoff (queuing webhooks with ``outbox``), hand the sessions whose
@@ -99,6 +101,8 @@ def tick(
         )
     with session_factory() as session:
         released = workers.release_dead(session, now=clock(), tick=tick_every, policy=policy)
+    with session_factory() as session:
+        push.expire_inbox(session, now=clock(), cutoff=policy.cutoff, max_rows=inbox_max_rows)
     if released.workers or released.pending:
         log.warning(
             "released the polls of %d stopped worker process(es): %d pending session(s) due "
@@ -260,6 +264,7 @@ def repoll_escalated(
     budget: timedelta,
     batch_size: int = 100,
     ids: Sequence[int] = (),
+    source: ReceiptSource = ReceiptSource.REPOLL,
 ) -> PollReport:
     """Poll escalated sessions once more, named by SessionNo at an operator's request (e.g.
     after Uspeedo support fixed something), or by id for a reconciliation (their last poll was
@@ -279,6 +284,7 @@ def repoll_escalated(
         rng=rng,
         give_up_at=started + budget,
         respect_cutoff=False,
+        source=source,
     )
     by_account: dict[int, list[PollTarget]] = {}
     for target in targets:
@@ -302,6 +308,8 @@ class _PollRun:
     # Automatic polls never reach past the cutoff; an operator's repoll of an escalated
     # session does, on purpose.
     respect_cutoff: bool = True
+    # What the stored receipts say they came from (sms_receipts.source).
+    source: ReceiptSource = ReceiptSource.POLL
     api_calls: int = 0
     receipts_written: int = 0
     resolved: int = 0
@@ -366,6 +374,7 @@ class _PollRun:
             outcome = self.write(
                 lambda session: store.record_answer(
                     session,
+                    source=self.source,
                     targets=targets,
                     receipts=receipts,
                     problems=problems,

@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker.domain import FINAL_RESULTS, Result, SessionState, phone_key
+from worker.domain import FINAL_RESULTS, ReceiptSource, Result, SessionState, phone_key
 from worker.errors import SessionNotFound
 from worker.models import receipts_table, sessions_table
 
@@ -37,6 +37,8 @@ class PhoneReceipt:
     - ``cost_count``: SMS segments charged, when reported.
     - ``user_id``: the UserId given at send time, when reported.
     - ``country_code``: when Uspeedo reports it.
+    - ``source``: where it came from: a poll, Uspeedo's push, or an operator's repoll
+      (:class:`ReceiptSource`).
     - ``first_seen_at``: when a receipt for this phone was first stored.
     - ``updated_at``: when the stored receipt last changed.
     """
@@ -52,6 +54,7 @@ class PhoneReceipt:
     cost_count: int | None
     user_id: str | None
     country_code: str | None
+    source: ReceiptSource
     first_seen_at: datetime
     updated_at: datetime
 
@@ -63,7 +66,9 @@ class PhoneReceipt:
     @classmethod
     def from_row(cls, row: sa.RowMapping) -> PhoneReceipt:
         values = {f.name: row[f.name] for f in dataclasses.fields(cls)}
-        return cls(**{**values, "result": Result(row["result"])})
+        return cls(
+            **{**values, "result": Result(row["result"]), "source": ReceiptSource(row["source"])}
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from worker.db import json_document, json_rows, upsert_insert
 from worker.domain import (
     FINAL_RESULTS,
+    ReceiptSource,
     ReceiptVersion,
     SessionState,
     is_resolved,
@@ -308,7 +309,7 @@ def escalated_targets(
 # --- recording an answer ----------------------------------------------------------------
 
 
-def _receipt_guard(existing: Any, incoming: Any) -> sa.ColumnElement[bool]:
+def receipt_guard(existing: Any, incoming: Any) -> sa.ColumnElement[bool]:
     """SQL twin of :func:`worker.domain.should_replace`, evaluated against the stored row, so
     that the rule holds even against a writer we did not see (tests prove the two agree)."""
     # Inline constants rather than bound lists: executemany cannot expand IN parameters.
@@ -346,14 +347,18 @@ RECEIPT_COLUMNS = (
     "cost_count",
     "user_id",
     "country_code",
+    "source",
 )
 
 
 def receipt_rows(
-    targets: Sequence[PollTarget], receipts: Iterable[Receipt]
+    targets: Sequence[PollTarget],
+    receipts: Iterable[Receipt],
+    *,
+    source: ReceiptSource = ReceiptSource.POLL,
 ) -> list[dict[str, Any]]:
     """One row (:data:`RECEIPT_COLUMNS`) per (session, phone digits), the winning version when
-    an answer repeats a phone.
+    an answer repeats a phone, marked as coming from ``source``.
 
     The stored ``phone`` is the tracked spelling when the receipt matches a tracked phone.
     """
@@ -380,6 +385,7 @@ def receipt_rows(
                 "cost_count": receipt.cost_count,
                 "user_id": receipt.user_id,
                 "country_code": receipt.country_code,
+                "source": source.value,
             }
         )
     return [
@@ -430,9 +436,10 @@ def _upsert_statement(dialect: str) -> Any:
             "cost_count": excluded.cost_count,
             "user_id": excluded.user_id,
             "country_code": sa.func.coalesce(excluded.country_code, R.c.country_code),
+            "source": excluded.source,
             "updated_at": excluded.updated_at,
         },
-        where=_receipt_guard(R.c, excluded),
+        where=receipt_guard(R.c, excluded),
     )
 
 
@@ -608,6 +615,7 @@ def record_answer(
     now: datetime,
     policy: PollPolicy,
     rng: random.Random,
+    source: ReceiptSource = ReceiptSource.POLL,
 ) -> PollOutcome:
     """Store an API answer received at ``now``: upsert receipts, resolve the sessions that now
     qualify, and reschedule the rest ``interval_min``…``interval_max`` after this answer.
@@ -619,12 +627,50 @@ def record_answer(
     in flight becomes resolved (keeping ``escalated_at``) if they settle it. A session deleted
     meanwhile is skipped with its receipts.
     """
+    return record_receipts(
+        session,
+        targets=targets,
+        receipts=receipts,
+        now=now,
+        source=source,
+        schedule=_Schedule(problems=problems, policy=policy, rng=rng),
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Schedule:
+    """What a poll's answer needs to reschedule the sessions it still holds."""
+
+    problems: Mapping[str, str]
+    policy: PollPolicy
+    rng: random.Random
+
+
+def record_receipts(
+    session: Session,
+    *,
+    targets: Sequence[PollTarget],
+    receipts: Iterable[Receipt],
+    now: datetime,
+    source: ReceiptSource,
+    schedule: _Schedule | None = None,
+) -> PollOutcome:
+    """Store receipts of one account's sessions seen at ``now`` and resolve the sessions they
+    settle; with ``schedule`` (a poll's answer), also reschedule the sessions that poll still
+    holds. Without it (a push, an inbox applied when tracking) no schedule, last_polled_at or
+    last_error is touched: a session a push leaves unresolved keeps its schedule, and a poll
+    in flight for it records its own answer.
+
+    Both the poll and the push go through here, so the same rules hold for both: the upsert's
+    guard (final never downgraded, older never wins), phones matched on digits, and the phones
+    each session has now (read under its row lock, in the global lock order).
+    """
     if not targets:
         return PollOutcome(receipts_written=0, resolved=(), rescheduled=0)
     account_id = targets[0].account_id
     current = lock_sessions(session, [t.id for t in targets])
     live = [replace(t, phones=current[t.id].phones) for t in targets if t.id in current]
-    rows = receipt_rows(live, receipts)
+    rows = receipt_rows(live, receipts, source=source)
     written = upsert_receipts(session, rows, account_id=account_id, now=now)
     answered = answered_results(rows)
     # Sessions the answer alone settles need no read-back (most of them, on a first poll).
@@ -641,31 +687,34 @@ def record_answer(
     rescheduled = 0
     for target in live:
         locked = current[target.id]
-        source = answered if target.session_no in settled else stored
-        resolved = is_resolved(
-            (phone_key(p) for p in target.phones), source.get(target.session_no, {})
+        results = (answered if target.session_no in settled else stored).get(target.session_no, {})
+        resolved = locked.state != RESOLVED and is_resolved(
+            (phone_key(p) for p in target.phones), results
         )
-        held = locked.holds(target)
-        if resolved:
+        if is_resolved((phone_key(p) for p in target.phones), results):
             resolved_nos.append(target.session_no)
-        if not (held or resolved or (target.held_by and locked.held_by == target.held_by)):
-            continue  # another poll decides this session's schedule
+        held = schedule is not None and locked.holds(target)
+        ours = schedule is not None and bool(target.held_by) and locked.held_by == target.held_by
+        if not (held or resolved or ours):
+            continue  # the poll holding this session decides its schedule
         next_poll_at = locked.next_poll_at
         if resolved:
             next_poll_at = None
-        elif held and locked.state == PENDING:
-            next_poll_at = policy.next_poll_at(target.sent_at, now, rng)
+        elif held and schedule is not None and locked.state == PENDING:
+            next_poll_at = schedule.policy.next_poll_at(target.sent_at, now, schedule.rng)
             rescheduled += 1
         updates.append(
             {
                 "id": target.id,
                 "state": RESOLVED if resolved else locked.state,
-                "resolved_at": (
-                    now if resolved and locked.state != RESOLVED else locked.resolved_at
-                ),
+                "resolved_at": now if resolved else locked.resolved_at,
                 "next_poll_at": next_poll_at,
                 "last_polled_at": now if held else locked.last_polled_at,
-                "last_error": problems.get(target.session_no) if held else locked.last_error,
+                "last_error": (
+                    schedule.problems.get(target.session_no)
+                    if held and schedule is not None
+                    else locked.last_error
+                ),
                 "claim_token": None if held or resolved else locked.claim_token,
                 # This poll is over; another process's hold stays, unless nothing is left to
                 # poll.

@@ -15,6 +15,7 @@ from worker import intake, poller, runtime, store, webhooks
 from worker.celery import EMBEDDED_POLLS_PER_SECOND, app, embedded_claim_bound
 from worker.config import Settings, get_settings
 from worker.db import error_text, read_scope, session_scope
+from worker.domain import ReceiptSource
 from worker.errors import show
 from worker.store import Claim
 from worker.tracking import parse_request, track_requests
@@ -39,6 +40,7 @@ def tick() -> dict[str, int]:
         show_phones=settings.log_phones,
         outbox=settings.escalation_webhook_url is not None,
         reconcile=_dispatch_reconcile,
+        inbox_max_rows=settings.inbox_max_rows,
     )
     if report.bounded and max_claims is not None:
         _warn_embedded_behind(settings, now=runtime.utcnow())
@@ -169,6 +171,8 @@ def reconcile(account_id: Any, session_ids: Any) -> dict[str, int]:
         (),
         account_id=claim.account_id,
         ids=claim.session_ids,
+        # Automatic, like the poll that was lost: not an operator's repoll.
+        source=ReceiptSource.POLL,
         batch_size=settings.batch_size,
         **runtime.poll_dependencies(settings),
     )

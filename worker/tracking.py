@@ -25,6 +25,7 @@ from worker.domain import (
 )
 from worker.errors import TrackError
 from worker.models import sessions_table
+from worker.push import apply_inbox
 from worker.schedule import PollPolicy
 
 MAX_USER_REF_LENGTH = 256
@@ -288,32 +289,47 @@ def track_requests(
                 _merge_existing(
                     session, existing[piece : piece + CHUNK], result, policy=policy, now=now
                 )
-            continue
-        rows = [
-            {
-                "account_id": r.account_id,
-                "session_no": r.session_no,
-                "phones": list(r.phones),
-                "user_ref": r.user_ref,
-                "sent_at": r.sent_at,
-                "state": SessionState.PENDING.value,
-                "next_poll_at": policy.first_poll_at(r.sent_at),
-                "poll_count": 0,
-                "created_at": now,
-                "updated_at": now,
-            }
-            for r in chunk
-        ]
-        inserted = {
-            (row.account_id, row.session_no)
-            for row in session.execute(_insert_new_statement_sqlite(), rows)
-        }
-        result.inserted += len(inserted)
-        existing = [r for r in chunk if (r.account_id, r.session_no) not in inserted]
-        if existing:
-            _merge_existing(session, existing, result, policy=policy, now=now)
+        else:
+            _track_chunk_sqlite(session, chunk, result, policy=policy, now=now)
+        # Receipts pushed before the sender tracked these sessions are theirs now.
+        apply_inbox(
+            session, [(r.account_id, r.session_no) for r in chunk], now=now, cutoff=policy.cutoff
+        )
     result.keys = list(merged)
     return result
+
+
+def _track_chunk_sqlite(
+    session: Session,
+    chunk: Sequence[TrackRequest],
+    result: TrackResult,
+    *,
+    policy: PollPolicy,
+    now: datetime,
+) -> None:
+    rows = [
+        {
+            "account_id": r.account_id,
+            "session_no": r.session_no,
+            "phones": list(r.phones),
+            "user_ref": r.user_ref,
+            "sent_at": r.sent_at,
+            "state": SessionState.PENDING.value,
+            "next_poll_at": policy.first_poll_at(r.sent_at),
+            "poll_count": 0,
+            "created_at": now,
+            "updated_at": now,
+        }
+        for r in chunk
+    ]
+    inserted = {
+        (row.account_id, row.session_no)
+        for row in session.execute(_insert_new_statement_sqlite(), rows)
+    }
+    result.inserted += len(inserted)
+    existing = [r for r in chunk if (r.account_id, r.session_no) not in inserted]
+    if existing:
+        _merge_existing(session, existing, result, policy=policy, now=now)
 
 
 @functools.cache

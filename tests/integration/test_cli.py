@@ -442,6 +442,7 @@ def test_status_shows_state_phones_and_receipts() -> None:
             "cost_count": 1,
             "user_id": "u-1",
             "country_code": None,
+            "source": "poll",
             "first_seen_at": found["receipts"][0]["first_seen_at"],
             "updated_at": found["receipts"][0]["updated_at"],
         }

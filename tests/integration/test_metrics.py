@@ -59,7 +59,13 @@ def scrape(now: datetime = NOW) -> Samples:
     """One scrape of a fresh exporter registry whose clock reads ``now``."""
     samples, types = parse(render(make_registry(lambda: now)).decode())
     # A counter (rate() works on it); everything else is a gauge.
-    assert all(t == ("counter" if n == "receipts_api_calls" else "gauge") for n, t in types.items())
+    kinds = {
+        "receipts_api_calls": "counter",
+        "receipts_push_requests": "counter",
+        "receipts_push_receipts": "counter",
+        "receipts_push_commit_seconds": "histogram",
+    }
+    assert all(t == kinds.get(n, "gauge") for n, t in types.items()), types
     return samples
 
 
@@ -103,6 +109,21 @@ def expected(
     for (outcome, ret_code), calls in (api_calls or {}).items():
         labels = (("outcome", outcome), ("ret_code", ret_code))
         samples["receipts_api_calls_total", labels] = calls
+    # No push yet: every outcome and fate at 0, an empty histogram, no last push, an empty
+    # inbox; every receipt was polled.
+    for outcome in ("ok", "ignored", "bad_request", "too_large", "unavailable"):
+        samples["receipts_push_requests_total", (("outcome", outcome),)] = 0
+    for fate in ("stored", "parked", "skipped", "refused"):
+        samples["receipts_push_receipts_total", (("fate", fate),)] = 0
+    samples["receipts_push_commit_seconds_bucket", (("le", "+Inf"),)] = 0
+    samples["receipts_push_commit_seconds_count", ()] = 0
+    samples["receipts_push_commit_seconds_sum", ()] = 0
+    samples["receipts_push_last_seen_age_seconds", ()] = NAN
+    samples["receipts_inbox_oldest_age_seconds", ()] = 0
+    samples["receipts_inbox_receipts", ()] = 0
+    by_source = {"poll": sum(counts.values()), "push": 0, "repoll": 0}
+    for source, count in by_source.items():
+        samples["receipts_receipts_by_source", (("source", source),)] = count
     return samples
 
 

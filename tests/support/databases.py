@@ -31,6 +31,8 @@ TABLES = (
     "receipts_heartbeats",
     "api_call_counts",
     "receipts_workers",
+    "sms_receipt_inbox",
+    "receipts_push_counts",
     "rejected_tracks",
     "receipts_credentials",
 )
