@@ -333,7 +333,6 @@ def create_app(
     problem = settings.receiver_problem()
     if problem or settings.callback_token is None:
         raise SettingsError(problem or "RECEIPTS_CALLBACK_TOKEN is not set")
-    configure_logging(settings)
     receiver = Receiver(
         token=settings.callback_token.get_secret_value().encode(),
         max_body=settings.receiver_max_body,
@@ -366,6 +365,16 @@ def create_app(
     return AccessLog(app)
 
 
+def process_app() -> ASGIApp:
+    """The application of one ``receipts receiver`` process (uvicorn's factory): this process's
+    logging configured, then :func:`create_app`. Kept apart from ``create_app`` because logging
+    is global to a process: an application built inside another program (a test) must not
+    attach filters to that program's handlers."""
+    settings = get_settings()
+    configure_logging(settings)
+    return create_app(settings)
+
+
 def configure_logging(settings: Settings) -> None:
     """Log to stderr, phones masked and secrets (the token included) redacted, in this process
     (each uvicorn worker process builds its own application, and its own logging)."""
@@ -390,7 +399,7 @@ def serve(host: str, port: int, *, workers: int) -> None:
     import uvicorn
 
     uvicorn.run(
-        "worker.receiver:create_app",
+        "worker.receiver:process_app",
         factory=True,
         host=host,
         port=port,
