@@ -1,10 +1,10 @@
 """The two signatures the worker computes: Uspeedo's on our API requests, ours on our webhooks.
 
-Uspeedo requests: the signature is the lowercase hex SHA-1 of the body's canonical string followed by the
-AccessKeySecret. The canonical string writes the body's keys in ascending ASCII order, each as
-key then value with no separators; arrays are their elements' canonical strings concatenated;
-nested objects are their own sorted key+value strings; booleans are ``true``/``false``; numbers
-are plain decimals (a float with a zero fraction drops it).
+Uspeedo requests: the signature is the lowercase hex SHA-1 of the body's canonical string
+followed by the AccessKeySecret. The canonical string writes the body's keys in ascending ASCII
+order, each as key then value with no separators; arrays are their elements' canonical strings
+concatenated; nested objects are their own sorted key+value strings; booleans are
+``true``/``false``; numbers are plain decimals (a float with a zero fraction drops it).
 
 Webhooks (escalations and events): ``X-Receipts-Signature: t=<unix seconds>,v1=<hex>``, the
 HMAC-SHA256 with ``RECEIPTS_WEBHOOK_SECRET`` of ``"<t>.<raw body>"``. The timestamp is signed

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import ssl
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -149,7 +149,7 @@ def test_a_redirect_is_a_failed_attempt_never_followed(status: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1, trusted by nobody until told."""
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
@@ -164,7 +164,7 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path
         capture_output=True,
         timeout=30,
     )  # fmt: skip
-    yield cert, key
+    return cert, key
 
 
 @pytest.mark.usefixtures("database")

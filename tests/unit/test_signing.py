@@ -138,7 +138,8 @@ def test_nonce_is_short_random_and_unique() -> None:
 WEBHOOK_BODY = b'{"event":"session.escalated"}'
 WEBHOOK_SECRET = "whsec-test-vector-0123"
 WEBHOOK_T = 1764504000
-# printf '1764504000.{"event":"session.escalated"}' | openssl dgst -sha256 -hmac whsec-test-vector-0123
+# Computed apart from Python: printf '1764504000.{"event":"session.escalated"}' |
+#   openssl dgst -sha256 -hmac whsec-test-vector-0123
 WEBHOOK_HMAC = "c46d8161f1fbff994b7e51f4d88db798231464e411ddc40b767339433b7db9e8"
 
 
