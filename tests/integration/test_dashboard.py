@@ -185,6 +185,12 @@ def test_the_dashboard_is_well_formed() -> None:
         assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
         refs = [t["refId"] for t in panel["targets"]]
         assert refs and len(refs) == len(set(refs)), panel["title"]
+        for target in panel["targets"]:
+            depth = 0
+            for char in target["expr"]:
+                depth += {"(": 1, ")": -1}.get(char, 0)
+                assert depth >= 0, target["expr"]
+            assert depth == 0, target["expr"]
         assert panel.get("description"), f"{panel['title']} says what it shows"
 
 
