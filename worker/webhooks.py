@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OUTBOX = outbox_table
-SIGNATURE_HEADER = WEBHOOK_SIGNATURE_HEADER
 # Of a receiver's answer only its status counts, and the start of a failure's body is kept in
 # last_error (EXCERPT_CHARS): reading more would only cost memory.
 EXCERPT_BYTES = 1024
@@ -176,7 +175,7 @@ def deliver_due(
         if secret:
             # The claim's instant, from the injected clock (the database's in production):
             # an instant just before the POST, with no clock read of its own.
-            headers[SIGNATURE_HEADER] = webhook_signature(
+            headers[WEBHOOK_SIGNATURE_HEADER] = webhook_signature(
                 body, secret, timestamp=int(claimed_at.timestamp())
             )
         error = _post(http, url, body, headers, timeout)
