@@ -145,7 +145,7 @@ def test_the_exporter_serves_it_as_a_histogram_by_result() -> None:
 
 @pytest.mark.usefixtures("database")
 def test_a_scrape_leaves_the_latency_to_the_totals_count() -> None:
-    """The histogram reads every final receipt (2.8 s at 1M on PostgreSQL): it is counted with
+    """The histogram reads every final receipt (seconds at 1M receipts): it is counted with
     the history totals, at most once per interval, never by the scrape itself."""
     _write([("Success", "1", 3.0)])
     registry = make_registry(lambda: NOW)
