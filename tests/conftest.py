@@ -29,6 +29,21 @@ from worker.simulator import Simulator
 
 pytest_plugins = ["tests.support.untouched"]
 
+# The suite runs in three pytest-xdist processes (pyproject.toml). Tests that start real worker
+# and beat processes check timing rules on scaled-down clocks: they run one after another in
+# one group, so they never compete with each other for the cores; the demos and the start
+# check, which mostly wait, form a second group; everything else is spread over the rest.
+_WAITING_MODULES = {"test_demo", "test_readme_demo", "test_credentials_start"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("slow") is None:
+            continue
+        module = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+        group = "waiting" if module in _WAITING_MODULES else "processes"
+        item.add_marker(pytest.mark.xdist_group(group))
+
 
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
