@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -14,8 +15,9 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import click
 
-from worker.config import Settings, get_settings
+from worker.config import Settings, get_settings, unknown_variables_warning
 from worker.errors import SettingsError
+from worker.problems import EXIT_NO, Problem, explain
 
 if TYPE_CHECKING:
     from worker.api import NumberedRows
@@ -47,9 +49,72 @@ def _settings() -> Settings:
         _fail(str(exc))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
-    """Track Uspeedo SMS sessions and poll their delivery receipts into SQL."""
+DEBUG = "receipts.debug"
+
+
+def _debugging(ctx: click.Context) -> bool:
+    """--debug, or RECEIPTS_DEBUG when the failure came before the options were read."""
+    if ctx.meta.get(DEBUG):
+        return True
+    value = os.environ.get("RECEIPTS_DEBUG", "").strip().lower()
+    return value in ("1", "true", "yes", "on")
+
+
+class _Commands(click.Group):
+    """The ``receipts`` group: any error a command does not handle itself becomes one line
+    (worker/problems.py) and an exit code that means something (README "Exit codes");
+    ``--debug`` lets the traceback through instead."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if _debugging(ctx):
+                raise
+            _fail_with(exc)
+
+
+def _problem(exc: BaseException) -> Problem:
+    """``exc`` in one line (worker/problems.py), naming the configured servers."""
+    try:
+        settings: Settings | None = get_settings()
+    except SettingsError:
+        settings = None
+    return explain(
+        exc,
+        database_url=settings.database_url if settings else None,
+        broker_url=settings.broker_url if settings else None,
+    )
+
+
+def _fail_with(exc: BaseException) -> NoReturn:
+    problem = _problem(exc)
+    _fail(problem.line, code=problem.exit_code)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="uspeedo-receipts", prog_name="receipts")
+@click.option(
+    "--debug",
+    is_flag=True,
+    envvar="RECEIPTS_DEBUG",
+    help="Show an error's traceback instead of its one line [env: RECEIPTS_DEBUG].",
+)
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Track Uspeedo SMS sessions and poll their delivery receipts into SQL.
+
+    Exit codes: 0 done; 1 done, and the answer is no (not found, refused, some of it failed,
+    an alert); 2 usage, settings, or a setup to fix (run receipts migrate, create the
+    database, a permission); 3 a server did not answer, try again later; 70 unexpected
+    (--debug shows the traceback).
+    """
+    ctx.meta[DEBUG] = debug
+    warning = unknown_variables_warning(os.environ)
+    if warning:
+        click.echo(warning, err=True)
 
 
 @main.command()
@@ -167,6 +232,21 @@ def track(
     if csv_file is not None:
         if session_nos:
             raise click.UsageError("give SESSION_NO arguments or --csv, not both")
+        given = [
+            option
+            for option, value in (
+                ("--account-id", account_id),
+                ("--phones", phones),
+                ("--sent-at", sent_at),
+                ("--user-ref", user_ref),
+            )
+            if value is not None
+        ]
+        if given:
+            # The CSV's own columns say these for each row; an option beside it was ignored.
+            raise click.UsageError(
+                f"--csv takes every field from the file: drop {', '.join(given)}"
+            )
         rows, label = _csv_source(csv_file), "CSV line"
     else:
         if account_id is None:
@@ -182,12 +262,14 @@ def track(
             raise click.UsageError("no SESSION_NO given")
     try:
         result = track_stream(rows, label=label)
-    except click.UsageError:
-        raise
-    except (TrackError, TrackInterrupted) as exc:
+    except TrackError as exc:
         _fail(str(exc))
-    except Exception as exc:
-        _fail(f"could not record sessions: {exc}")
+    except TrackInterrupted as exc:
+        if exc.recorded == 0 and exc.__cause__ is not None:
+            # Nothing recorded: the setup's problem alone says what to do (run receipts
+            # migrate, create the database), without the words about a partial import.
+            _fail_with(exc.__cause__)
+        _fail(str(exc), code=_problem(exc.__cause__).exit_code if exc.__cause__ else EXIT_NO)
     click.echo(
         f"tracked {result.total} session(s): {result.inserted} new, "
         f"{result.updated} merged, {result.unchanged} unchanged"
@@ -218,6 +300,20 @@ def _check_at_start(settings: Settings) -> None:
         )
     else:
         click.echo(result.line, err=True)
+
+
+def _check_broker(settings: Settings) -> None:
+    """One look at the broker before a worker or beat starts. Unreachable: one line, and the
+    start goes on (Celery keeps trying, and a broker started alongside comes up later); a
+    transport or package that does not exist: the start stops with its one line."""
+    from worker.problems import EXIT_UNAVAILABLE, check_broker
+
+    problem = check_broker(settings.broker_url)
+    if problem is None:
+        return
+    if problem.exit_code != EXIT_UNAVAILABLE:
+        _fail(problem.line, code=problem.exit_code)
+    click.echo(f"warning: {problem.line}; starting anyway, Celery keeps trying", err=True)
 
 
 def _queues() -> str:
@@ -263,6 +359,7 @@ def run(ctx: click.Context, loglevel: str, demo: bool) -> None:
             "or watch it work first, with nothing set: receipts run --demo"
         )
     _check_at_start(settings)
+    _check_broker(settings)
     upgrade(settings.database_url)
     from worker.celery import app
 
@@ -281,6 +378,7 @@ def worker(ctx: click.Context, loglevel: str) -> None:
     settings = _settings()
     _require_api(settings)
     _check_at_start(settings)
+    _check_broker(settings)
     from worker.celery import app
 
     app.worker_main(["worker", "--loglevel", loglevel, "--queues", _queues(), *ctx.args])
@@ -291,7 +389,7 @@ def worker(ctx: click.Context, loglevel: str) -> None:
 @click.pass_context
 def beat(ctx: click.Context, loglevel: str) -> None:
     """The clock (run exactly one; a second one is harmless but useless)."""
-    _settings()
+    _check_broker(_settings())
     from worker.celery import app
 
     app.start(["beat", "--loglevel", loglevel, *ctx.args])
@@ -363,7 +461,7 @@ def wait_for(address: str, timeout: float) -> None:
                 break
         except OSError:
             if time.monotonic() >= deadline:
-                _fail(f"nothing listens on {shown} after {timeout:g} s", code=1)
+                _fail(f"nothing listens on {shown} after {timeout:g} s", code=EXIT_NO)
             time.sleep(0.1)
     click.echo(f"{shown} is listening")
 
@@ -411,7 +509,7 @@ def status(session_no: str, account_id: int | None, as_json: bool) -> None:
     try:
         found = reports.session_status(session_no, account_id=account_id)
     except SessionNotFound as exc:
-        _fail(str(exc), code=1)
+        _fail(str(exc), code=EXIT_NO)
     if as_json:
         click.echo(json.dumps(found, default=_json_default, indent=2))
         return
@@ -426,6 +524,8 @@ def stale(as_json: bool, as_csv: bool, fail: bool) -> None:
     """Escalated and overdue sessions."""
     from worker import reports
 
+    if as_json and as_csv:
+        raise click.UsageError("give --json or --csv, not both")
     _settings()
     rows = reports.stale_sessions()
     if as_json:
@@ -435,7 +535,7 @@ def stale(as_json: bool, as_csv: bool, fail: bool) -> None:
     else:
         reports.print_stale(rows)
     if fail and any(r["kind"] == "escalated" for r in rows):
-        sys.exit(1)
+        sys.exit(EXIT_NO)
 
 
 @main.command()
@@ -451,7 +551,7 @@ def ack(session_nos: tuple[str, ...], note: str | None, account_id: int | None) 
     try:
         done = acknowledge(session_nos, note=note, account_id=account_id)
     except AckError as exc:
-        _fail(str(exc), code=1)
+        _fail(str(exc), code=EXIT_NO)
     click.echo(f"acknowledged {len(done)} escalation(s)")
 
 
@@ -473,11 +573,16 @@ def repoll(session_nos: tuple[str, ...], account_id: int | None) -> None:
         **runtime.poll_dependencies(settings),
     )
     if not report.polled:
-        _fail("none of these sessions is escalated", code=1)
-    click.echo(
+        _fail("none of these sessions is escalated", code=EXIT_NO)
+    line = (
         f"repolled {report.polled} escalated session(s) in {report.api_calls} call(s): "
         f"{report.resolved} resolved, {report.failed} failed"
     )
+    click.echo(line)
+    if report.failed:
+        # A script (or cron) must see that some sessions got no answer: their last_error
+        # says why (`receipts status`), and running it again tries them again.
+        sys.exit(EXIT_NO)
 
 
 # --- refused receipts.track tasks --------------------------------------------------------
@@ -543,7 +648,7 @@ def resubmit(ids: tuple[int, ...], corrections: dict[str, str | None], note: str
     try:
         result = resubmit_rejected(ids, corrections=corrections, note=note)
     except (RejectedTrackError, TrackError) as exc:
-        _fail(_masked(str(exc), settings), code=1)
+        _fail(_masked(str(exc), settings), code=EXIT_NO)
     click.echo(
         f"resubmitted {len(set(ids))} rejected track(s): {result.inserted} new, "
         f"{result.updated} merged, {result.unchanged} unchanged"
@@ -562,7 +667,7 @@ def dismiss(ids: tuple[int, ...], note: str | None) -> None:
     try:
         closed = dismiss_rejected(ids, note=note)
     except RejectedTrackError as exc:
-        _fail(str(exc), code=1)
+        _fail(str(exc), code=EXIT_NO)
     click.echo(f"dismissed {len(closed)} rejected track(s)")
 
 
