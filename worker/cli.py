@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import logging
 import os
 import shutil
 import sys
@@ -23,8 +24,29 @@ if TYPE_CHECKING:
     from worker.api import NumberedRows
 
 
+# Commands whose processes log: with RECEIPTS_LOG_FORMAT=json, what they print on stderr
+# themselves (a check at start, a warning, the error that stops them) is a JSON line too, so
+# that whatever ships their logs reads one JSON object per line.
+LOGGING_COMMANDS = ("run", "worker", "beat", "exporter", "receiver")
+JSON_LINES = "receipts.json_lines"
+
+
+def _say(line: str, level: int = logging.INFO) -> None:
+    """A line of this command on stderr: as it is, or in a JSON log stream as a JSON object
+    (without the ``error:``/``warning:`` prefix, which its level says)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.find_root().meta.get(JSON_LINES):
+        from worker.logs import json_line
+
+        for prefix in ("error: ", "warning: "):
+            line = line.removeprefix(prefix)
+        click.echo(json_line(line, level=level), err=True)
+    else:
+        click.echo(line, err=True)
+
+
 def _fail(message: str, code: int = 2) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
+    _say(f"error: {message}", logging.ERROR)
     sys.exit(code)
 
 
@@ -112,9 +134,13 @@ def main(ctx: click.Context, debug: bool) -> None:
     (--debug shows the traceback).
     """
     ctx.meta[DEBUG] = debug
+    ctx.meta[JSON_LINES] = (
+        ctx.invoked_subcommand in LOGGING_COMMANDS
+        and os.environ.get("RECEIPTS_LOG_FORMAT", "").strip().lower() == "json"
+    )
     warning = unknown_variables_warning(os.environ)
     if warning:
-        click.echo(warning, err=True)
+        _say(warning, logging.WARNING)
 
 
 @main.command()
@@ -295,11 +321,12 @@ def _check_at_start(settings: Settings) -> None:
     if result.refuses_start:
         _fail(f"not starting: {result.line}", code=result.exit_code)
     if result.exit_code:
-        click.echo(
-            f"warning: could not check the credentials, starting anyway: {result.line}", err=True
+        _say(
+            f"warning: could not check the credentials, starting anyway: {result.line}",
+            logging.WARNING,
         )
     else:
-        click.echo(result.line, err=True)
+        _say(result.line)
 
 
 def _check_broker(settings: Settings) -> None:
@@ -313,7 +340,12 @@ def _check_broker(settings: Settings) -> None:
         return
     if problem.exit_code != EXIT_UNAVAILABLE:
         _fail(problem.line, code=problem.exit_code)
-    click.echo(f"warning: {problem.line}; starting anyway, Celery keeps trying", err=True)
+    _say(f"warning: {problem.line}; starting anyway, Celery keeps trying", logging.WARNING)
+
+
+def _celery_quiet(settings: Settings) -> list[str]:
+    """Celery's ``--quiet`` in a JSON log stream: its start banner is text for people."""
+    return ["--quiet"] if settings.log_format == "json" else []
 
 
 def _queues() -> str:
@@ -363,7 +395,18 @@ def run(ctx: click.Context, loglevel: str, demo: bool) -> None:
     upgrade(settings.database_url)
     from worker.celery import app
 
-    app.worker_main(["worker", "--beat", "--loglevel", loglevel, "--queues", _queues(), *ctx.args])
+    app.worker_main(
+        [
+            *_celery_quiet(settings),
+            "worker",
+            "--beat",
+            "--loglevel",
+            loglevel,
+            "--queues",
+            _queues(),
+            *ctx.args,
+        ]
+    )
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -381,7 +424,17 @@ def worker(ctx: click.Context, loglevel: str) -> None:
     _check_broker(settings)
     from worker.celery import app
 
-    app.worker_main(["worker", "--loglevel", loglevel, "--queues", _queues(), *ctx.args])
+    app.worker_main(
+        [
+            *_celery_quiet(settings),
+            "worker",
+            "--loglevel",
+            loglevel,
+            "--queues",
+            _queues(),
+            *ctx.args,
+        ]
+    )
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -389,10 +442,11 @@ def worker(ctx: click.Context, loglevel: str) -> None:
 @click.pass_context
 def beat(ctx: click.Context, loglevel: str) -> None:
     """The clock (run exactly one; a second one is harmless but useless)."""
-    _check_broker(_settings())
+    settings = _settings()
+    _check_broker(settings)
     from worker.celery import app
 
-    app.start(["beat", "--loglevel", loglevel, *ctx.args])
+    app.start([*_celery_quiet(settings), "beat", "--loglevel", loglevel, *ctx.args])
 
 
 @main.command()
@@ -702,11 +756,13 @@ def exporter(port: int, host: str) -> None:
     """
     import logging
 
+    from worker import logs
     from worker.metrics import serve
 
     settings = _settings()
     # Scrape errors are logged; without this only Python's last-resort handler would show them.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.setup(None, settings)
     try:
         serve(
             port,
