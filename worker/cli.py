@@ -11,6 +11,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
@@ -21,7 +22,9 @@ from worker.errors import SettingsError
 from worker.problems import EXIT_NO, Problem, explain
 
 if TYPE_CHECKING:
-    from worker.api import NumberedRows
+    from rich.progress import TaskID
+
+    from worker.api import NumberedRows, Progress
 
 
 # Commands whose processes log: with RECEIPTS_LOG_FORMAT=json, what they print on stderr
@@ -224,6 +227,49 @@ def _session_no_source(session_nos: tuple[str, ...], fields: dict[str, Any]) -> 
     return rows
 
 
+# An import shows its progress from this many rows on: a smaller one is done before a bar
+# would tell anything (100,000 rows took 16 s without a word).
+PROGRESS_FROM = 5_000
+
+
+@contextmanager
+def _import_progress() -> Iterator[Progress | None]:
+    """A progress bar for a big import on stderr when it is a terminal (never in a pipe or a
+    log: there it would be noise), shown once the rows reach :data:`PROGRESS_FROM` and gone
+    when the import ends; None (no bar) elsewhere."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+    tasks: dict[str, TaskID] = {}
+
+    def update(phase: str, done: int, total: int | None) -> None:
+        if phase not in tasks:
+            if done < PROGRESS_FROM and (total is None or total < PROGRESS_FROM):
+                return
+            if not tasks:
+                bar.start()
+            tasks[phase] = bar.add_task(f"{phase} rows", total=total)
+        bar.update(tasks[phase], completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        bar.stop()
+
+
 @main.command()
 @click.option("--account-id", type=str, help="Uspeedo AccountId (project id) of the sessions.")
 @click.option("--phones", help="Comma-separated phones the session was sent to.")
@@ -287,7 +333,8 @@ def track(
         if next(iter(rows()), None) is None:
             raise click.UsageError("no SESSION_NO given")
     try:
-        result = track_stream(rows, label=label)
+        with _import_progress() as progress:
+            result = track_stream(rows, label=label, progress=progress)
     except TrackError as exc:
         _fail(str(exc))
     except TrackInterrupted as exc:
