@@ -312,14 +312,21 @@ def _broker_shown(url: str | None) -> str:
     return mask_password(url) if url else "the embedded broker"
 
 
+# kombu's KeyError for a URL's scheme it has no transport for, with its own suggestion.
+_NO_TRANSPORT = re.compile(
+    r"No such transport: (?P<scheme>[^\s.'\"]+)(?:.*Did you mean (?P<close>\w+))?"
+)
+
+
 def _broker(exc: BaseException, url: str | None) -> Problem | None:
     from kombu.exceptions import OperationalError as KombuOperationalError
 
     text = str(exc)
-    if isinstance(exc, KeyError) and "No such transport" in text:
-        scheme = text.strip("'\"").rpartition(":")[2].strip()
+    if isinstance(exc, KeyError) and (match := _NO_TRANSPORT.search(text)):
+        scheme, close = match.group("scheme"), match.group("close")
+        named = f"{scheme}; did you mean {close}?" if close else scheme
         return Problem(
-            f"RECEIPTS_BROKER_URL names a transport kombu does not know ({scheme}): use e.g. "
+            f"RECEIPTS_BROKER_URL names a transport kombu does not know ({named}): use e.g. "
             "redis://host:6379/0, or unset it for the embedded broker",
             EXIT_SETUP,
         )

@@ -183,6 +183,13 @@ def test_an_unreachable_broker_shows_its_url_without_the_password() -> None:
     )
 
 
+def test_a_misspelt_broker_transport_gets_kombus_suggestion() -> None:
+    problem = explain(KeyError("No such transport: redsi.  Did you mean redis?"))
+    assert problem.line.startswith(
+        "RECEIPTS_BROKER_URL names a transport kombu does not know (redsi; did you mean redis?)"
+    )
+
+
 def test_a_broker_transport_that_does_not_exist() -> None:
     problem = explain(KeyError("No such transport: nosuch"))
     assert problem == Problem(
