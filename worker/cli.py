@@ -376,6 +376,16 @@ def _check_at_start(settings: Settings) -> None:
         _say(result.line)
 
 
+def _check_schema() -> None:
+    """A worker needs the newest schema (``receipts run`` migrates, ``receipts worker`` does
+    not): without it every tick and poll would fail, each with a traceback in the log."""
+    from worker.migrate import schema_problem
+
+    problem = schema_problem()
+    if problem:
+        _fail(f"not starting: {problem}")
+
+
 def _check_broker(settings: Settings) -> None:
     """One look at the broker before a worker or beat starts. Unreachable: one line, and the
     start goes on (Celery keeps trying, and a broker started alongside comes up later); a
@@ -468,6 +478,7 @@ def worker(ctx: click.Context, loglevel: str) -> None:
     settings = _settings()
     _require_api(settings)
     _check_at_start(settings)
+    _check_schema()
     _check_broker(settings)
     from worker.celery import app
 

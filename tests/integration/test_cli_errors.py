@@ -24,6 +24,7 @@ from tests.support.databases import Configure, pg_url
 from tests.support.servers import free_port
 from tests.support.shared import PG_ADMIN_URL
 from worker import db
+from worker.migrate import upgrade
 
 # Commands that need the tables, each with the table it meets first.
 NEED_TABLES = {
@@ -193,3 +194,35 @@ def test_a_broker_that_does_not_exist_stops_a_worker_in_one_line(tmp_path: Path)
         "error: RECEIPTS_BROKER_URL names a transport kombu does not know (nosuch): use e.g. "
         "redis://host:6379/0, or unset it for the embedded broker"
     )
+
+
+@pytest.mark.parametrize(
+    ("revision", "line"),
+    [
+        (None, "error: not starting: the database has no tables yet: run receipts migrate"),
+        (
+            "0001",
+            "error: not starting: the database's tables are older than this version of "
+            "receipts: run receipts migrate",
+        ),
+    ],
+)
+def test_a_worker_does_not_start_on_a_database_not_migrated(
+    revision: str | None, line: str, configure: Configure, tmp_path: Path
+) -> None:
+    """`receipts worker` does not migrate (`receipts run` does): on an older schema every tick
+    and poll failed, each with a traceback in the log."""
+    path = tmp_path / "receipts.db"
+    path.touch()
+    if revision is not None:
+        upgrade(f"sqlite:///{path}", revision)
+    configure(
+        RECEIPTS_DATABASE_URL=f"sqlite:///{path}",
+        RECEIPTS_API_URL=f"http://127.0.0.1:{free_port()}/api",
+        RECEIPTS_ACCESS_KEY_ID="demo",
+        RECEIPTS_ACCESS_KEY_SECRET="demo-secret",
+    )
+    result = invoke("worker")
+    assert result.exit_code == 2, result.output
+    # After the credentials check's line (nothing answers at the API's address).
+    assert result.stderr.splitlines()[1:] == [line]
