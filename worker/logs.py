@@ -23,13 +23,10 @@ import re
 import sys
 from collections.abc import Collection, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from worker.domain import phone_key
-
-if TYPE_CHECKING:
-    from worker.config import Settings
 
 # A phone as it may appear in a message, in any spelling Uspeedo, senders or Python use:
 # 7-20 digits, optionally led by + and broken by spaces, dashes or parentheses
@@ -301,7 +298,21 @@ def json_line(message: str, *, level: int = logging.INFO, logger: str = "receipt
     return JsonFormatter().format(record)
 
 
-def setup(logger: logging.Logger | None, settings: Settings) -> None:
+class LogSettings(Protocol):
+    """What :func:`setup` reads of ``worker.config.Settings`` (which imports this module)."""
+
+    @property
+    def log_phones(self) -> bool: ...
+
+    @property
+    def log_format(self) -> str: ...
+
+    def secret_urls(self) -> list[str]: ...
+
+    def secret_values(self) -> list[str]: ...
+
+
+def setup(logger: logging.Logger | None, settings: LogSettings) -> None:
     """Every handler of ``logger`` (default: the root logger) cleans its records as the
     settings say (phones, secrets: :func:`scrub_logs`) and writes them in the settings' format
     (``RECEIPTS_LOG_FORMAT``)."""
