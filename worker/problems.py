@@ -62,13 +62,15 @@ def explain(
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
-    """``exc`` and what caused it, outermost first (a failed import's database error, Celery's
-    wrapper of kombu's): the outermost one that is recognised is reported."""
+    """``exc`` and what it was raised from, outermost first (a failed import's database error,
+    kombu's library error wrapping redis's): the outermost one that is recognised is reported.
+    Not an exception merely being handled when ``exc`` happened (``__context__``): that one
+    did not cause it, and naming it would hide a bug."""
     seen: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and current not in seen and len(seen) < 10:
         seen.append(current)
-        current = current.__cause__ or current.__context__
+        current = current.__cause__
     return seen
 
 

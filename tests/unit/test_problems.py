@@ -227,3 +227,17 @@ def _one_clean_line(problem: Problem) -> None:
     assert "\n" not in problem.line
     for hidden in ("SELECT", "85255311111", "hunter2", "sqlalche.me"):
         assert hidden not in problem.line
+
+
+def test_an_error_raised_while_handling_another_is_not_explained_by_it() -> None:
+    """Only what an error was raised from explains it: a bug in code handling a database
+    error is a bug, not the database's problem."""
+    try:
+        try:
+            raise _wrapped(sqlite3.OperationalError("no such table: sms_sessions"))
+        except sa.exc.DBAPIError:
+            raise RuntimeError("bug in the handler")  # noqa: B904 - the point of the test
+    except RuntimeError as bug:
+        problem = explain(bug)
+    assert problem.exit_code == EXIT_BUG
+    assert problem.line.startswith("unexpected error: RuntimeError: bug in the handler")
