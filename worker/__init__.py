@@ -9,6 +9,7 @@ from worker.errors import (
     AnswerTooLarge,
     ApiError,
     CredentialsError,
+    DatabaseMissing,
     MalformedResponse,
     ParameterError,
     PollWindowClosed,
@@ -33,6 +34,7 @@ __all__ = [
     "AnswerTooLarge",
     "ApiError",
     "CredentialsError",
+    "DatabaseMissing",
     "MalformedResponse",
     "ParameterError",
     "PhoneReceipt",
@@ -57,7 +59,8 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     # Lazy, so that `import worker.celery` in a worker does not pull the sender API's imports
-    # and `import worker` stays cheap for senders (the errors module imports nothing).
+    # and `import worker` stays cheap for senders (the errors module imports only the standard
+    # library).
     if name in ("track", "track_many", "acknowledge", "status"):
         from worker import api
 

@@ -35,6 +35,11 @@ STREAM_CHUNK_POSTGRESQL = 10_000
 MAX_NAMED_PROBLEMS = 1_000
 
 NumberedRows = Callable[[], Iterable[tuple[int, Mapping[str, Any] | TrackRequest]]]
+# Told how a streamed import goes: the phase ("validating", then "recording"), rows done, and
+# the rows there are (None while validating: the input is read once before it is known).
+Progress = Callable[[str, int, int | None], None]
+# Rows validated between two calls of a Progress (a call per row would cost more than a row).
+PROGRESS_EVERY = 1_000
 
 
 def track(
@@ -96,7 +101,11 @@ def track_many(
 
 
 def track_stream(
-    rows: NumberedRows, *, label: str = "row", chunk_size: int | None = None
+    rows: NumberedRows,
+    *,
+    label: str = "row",
+    chunk_size: int | None = None,
+    progress: Progress | None = None,
 ) -> TrackResult:
     """Record any number of sessions with flat memory and short transactions: what
     ``receipts track`` does with a CSV file or SessionNos on stdin.
@@ -113,12 +122,16 @@ def track_stream(
        lock for more than a fraction of a second and the worker's ticks and other
        ``receipts track`` calls interleave with the import.
 
+    ``progress``, if given, is told every :data:`PROGRESS_EVERY` rows validated and every
+    chunk recorded (``receipts track`` draws a progress bar from it).
+
     If the database fails part way, the chunks recorded so far stay recorded and
     :class:`worker.TrackInterrupted` says how many rows they held; running the same import
     again completes it, since tracking is idempotent (a session tracked twice is merged, never
     duplicated). Counts are per chunk: a SessionNo repeated in rows that fall in two chunks
     counts twice (new, then merged or unchanged).
     """
+    report = progress or _no_progress
     now = database_now()
     problems: list[str] = []
     bad = valid = 0
@@ -131,6 +144,9 @@ def track_stream(
                 problems.append(str(exc))
         else:
             valid += 1
+        if (bad + valid) % PROGRESS_EVERY == 0:
+            report("validating", bad + valid, None)
+    report("validating", bad + valid, bad + valid)
     if bad:
         raise TrackError(problems, valid_rows=valid, omitted=bad - len(problems))
 
@@ -151,9 +167,15 @@ def track_stream(
         if len(chunk) >= size:
             recorded += _record_chunk(chunk, result, policy=policy, recorded=recorded, total=valid)
             chunk = []
+            report("recording", recorded, valid)
     if chunk:
-        _record_chunk(chunk, result, policy=policy, recorded=recorded, total=valid)
+        recorded += _record_chunk(chunk, result, policy=policy, recorded=recorded, total=valid)
+        report("recording", recorded, valid)
     return result
+
+
+def _no_progress(_phase: str, _done: int, _total: int | None) -> None:
+    """No one to tell how an import goes."""
 
 
 def _record_chunk(

@@ -46,6 +46,9 @@ CLOCK_QUEUE = "receipts-clock"
 # app lands when it names no queue, so workers consume it too.
 FOREIGN_QUEUE = "celery"
 QUEUES = (POLL_QUEUE, CLOCK_QUEUE, FOREIGN_QUEUE)
+# Tasks that run every tick whatever there is to do: Celery's lines about them are DEBUG lines
+# (worker/logs.py: RoutineTasks); the tick logs at INFO when it escalated or dispatched.
+ROUTINE_TASKS = ("receipts.tick",)
 
 
 # How long the embedded broker's consumer sleeps when every queue is empty or the worker holds
@@ -65,6 +68,7 @@ EMBEDDED_POLLS_PER_SECOND = 8
 # The embedded broker's subfolders inside RECEIPTS_BROKER_DIR: messages, processed messages, and
 # kombu's exchange tables (which it would otherwise write to ./control).
 BROKER_SUBFOLDERS = ("queue", "processed", "control")
+EMBEDDED_BROKER_URL = "filesystem://localhost/"
 
 
 def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
@@ -76,7 +80,9 @@ def broker_options(settings: Settings) -> tuple[str, dict[str, Any]]:
     if settings.broker_url:
         return settings.broker_url, {"visibility_timeout": 3600}
     folder = Path(settings.broker_dir).resolve()
-    return "filesystem://", {
+    # A host, which the folders make meaningless, so that kombu does not warn "No hostname
+    # was supplied. Reverting to default 'localhost'" in every process that connects.
+    return EMBEDDED_BROKER_URL, {
         "data_folder_in": str(folder / "queue"),
         "data_folder_out": str(folder / "queue"),
         "processed_folder": str(folder / "processed"),
@@ -175,17 +181,13 @@ app = make_app()
 @after_setup_logger.connect
 @after_setup_task_logger.connect
 def _scrub_logs(logger: logging.Logger, **_: Any) -> None:
-    """Worker logs never show a secret URL's token, and show phones masked unless
-    RECEIPTS_LOG_PHONES is set (worker/logs.py)."""
-    from worker.logs import scrub_logs
+    """Worker and beat logs never show a secret URL's token, show phones masked unless
+    RECEIPTS_LOG_PHONES is set, are JSON lines with RECEIPTS_LOG_FORMAT=json, and show a tick
+    that did nothing only at DEBUG (worker/logs.py)."""
+    from worker import logs
 
-    settings = get_settings()
-    scrub_logs(
-        logger,
-        phones=not settings.log_phones,
-        secret_urls=settings.secret_urls(),
-        secret_values=settings.secret_values(),
-    )
+    logs.setup(logger, get_settings())
+    logs.quiet_routine_tasks(ROUTINE_TASKS)
 
 
 @worker_process_init.connect

@@ -5,24 +5,51 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import logging
+import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import click
 
-from worker.config import Settings, get_settings
+from worker.config import Settings, get_settings, unknown_variables_warning
 from worker.errors import SettingsError
+from worker.problems import EXIT_NO, Problem, explain
 
 if TYPE_CHECKING:
-    from worker.api import NumberedRows
+    from rich.progress import TaskID
+
+    from worker.api import NumberedRows, Progress
+
+
+# Commands whose processes log: with RECEIPTS_LOG_FORMAT=json, what they print on stderr
+# themselves (a check at start, a warning, the error that stops them) is a JSON line too, so
+# that whatever ships their logs reads one JSON object per line.
+LOGGING_COMMANDS = ("run", "worker", "beat", "exporter", "receiver")
+JSON_LINES = "receipts.json_lines"
+
+
+def _say(line: str, level: int = logging.INFO) -> None:
+    """A line of this command on stderr: as it is, or in a JSON log stream as a JSON object
+    (without the ``error:``/``warning:`` prefix, which its level says)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.find_root().meta.get(JSON_LINES):
+        from worker.logs import json_line
+
+        for prefix in ("error: ", "warning: "):
+            line = line.removeprefix(prefix)
+        click.echo(json_line(line, level=level), err=True)
+    else:
+        click.echo(line, err=True)
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
+    _say(f"error: {message}", logging.ERROR)
     sys.exit(code)
 
 
@@ -47,9 +74,76 @@ def _settings() -> Settings:
         _fail(str(exc))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
-    """Track Uspeedo SMS sessions and poll their delivery receipts into SQL."""
+DEBUG = "receipts.debug"
+
+
+def _debugging(ctx: click.Context) -> bool:
+    """--debug, or RECEIPTS_DEBUG when the failure came before the options were read."""
+    if ctx.meta.get(DEBUG):
+        return True
+    value = os.environ.get("RECEIPTS_DEBUG", "").strip().lower()
+    return value in ("1", "true", "yes", "on")
+
+
+class _Commands(click.Group):
+    """The ``receipts`` group: any error a command does not handle itself becomes one line
+    (worker/problems.py) and an exit code that means something (README "Exit codes");
+    ``--debug`` lets the traceback through instead."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if _debugging(ctx):
+                raise
+            _fail_with(exc)
+
+
+def _problem(exc: BaseException) -> Problem:
+    """``exc`` in one line (worker/problems.py), naming the configured servers."""
+    try:
+        settings: Settings | None = get_settings()
+    except SettingsError:
+        settings = None
+    return explain(
+        exc,
+        database_url=settings.database_url if settings else None,
+        broker_url=settings.broker_url if settings else None,
+    )
+
+
+def _fail_with(exc: BaseException) -> NoReturn:
+    problem = _problem(exc)
+    _fail(problem.line, code=problem.exit_code)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="uspeedo-receipts", prog_name="receipts")
+@click.option(
+    "--debug",
+    is_flag=True,
+    envvar="RECEIPTS_DEBUG",
+    help="Show an error's traceback instead of its one line [env: RECEIPTS_DEBUG].",
+)
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Track Uspeedo SMS sessions and poll their delivery receipts into SQL.
+
+    Exit codes: 0 done; 1 done, and the answer is no (not found, refused, some of it failed,
+    an alert); 2 usage, settings, or a setup to fix (run receipts migrate, create the
+    database, a permission); 3 a server did not answer, try again later; 70 unexpected
+    (--debug shows the traceback).
+    """
+    ctx.meta[DEBUG] = debug
+    ctx.meta[JSON_LINES] = (
+        ctx.invoked_subcommand in LOGGING_COMMANDS
+        and os.environ.get("RECEIPTS_LOG_FORMAT", "").strip().lower() == "json"
+    )
+    warning = unknown_variables_warning(os.environ)
+    if warning:
+        _say(warning, logging.WARNING)
 
 
 @main.command()
@@ -133,6 +227,49 @@ def _session_no_source(session_nos: tuple[str, ...], fields: dict[str, Any]) -> 
     return rows
 
 
+# An import shows its progress from this many rows on: a smaller one is done before a bar
+# would tell anything (100,000 rows took 16 s without a word).
+PROGRESS_FROM = 5_000
+
+
+@contextmanager
+def _import_progress() -> Iterator[Progress | None]:
+    """A progress bar for a big import on stderr when it is a terminal (never in a pipe or a
+    log: there it would be noise), shown once the rows reach :data:`PROGRESS_FROM` and gone
+    when the import ends; None (no bar) elsewhere."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+    tasks: dict[str, TaskID] = {}
+
+    def update(phase: str, done: int, total: int | None) -> None:
+        if phase not in tasks:
+            if done < PROGRESS_FROM and (total is None or total < PROGRESS_FROM):
+                return
+            if not tasks:
+                bar.start()
+            tasks[phase] = bar.add_task(f"{phase} rows", total=total)
+        bar.update(tasks[phase], completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        bar.stop()
+
+
 @main.command()
 @click.option("--account-id", type=str, help="Uspeedo AccountId (project id) of the sessions.")
 @click.option("--phones", help="Comma-separated phones the session was sent to.")
@@ -167,6 +304,21 @@ def track(
     if csv_file is not None:
         if session_nos:
             raise click.UsageError("give SESSION_NO arguments or --csv, not both")
+        given = [
+            option
+            for option, value in (
+                ("--account-id", account_id),
+                ("--phones", phones),
+                ("--sent-at", sent_at),
+                ("--user-ref", user_ref),
+            )
+            if value is not None
+        ]
+        if given:
+            # The CSV's own columns say these for each row; an option beside it was ignored.
+            raise click.UsageError(
+                f"--csv takes every field from the file: drop {', '.join(given)}"
+            )
         rows, label = _csv_source(csv_file), "CSV line"
     else:
         if account_id is None:
@@ -181,13 +333,16 @@ def track(
         if next(iter(rows()), None) is None:
             raise click.UsageError("no SESSION_NO given")
     try:
-        result = track_stream(rows, label=label)
-    except click.UsageError:
-        raise
-    except (TrackError, TrackInterrupted) as exc:
+        with _import_progress() as progress:
+            result = track_stream(rows, label=label, progress=progress)
+    except TrackError as exc:
         _fail(str(exc))
-    except Exception as exc:
-        _fail(f"could not record sessions: {exc}")
+    except TrackInterrupted as exc:
+        if exc.recorded == 0 and exc.__cause__ is not None:
+            # Nothing recorded: the setup's problem alone says what to do (run receipts
+            # migrate, create the database), without the words about a partial import.
+            _fail_with(exc.__cause__)
+        _fail(str(exc), code=_problem(exc.__cause__).exit_code if exc.__cause__ else EXIT_NO)
     click.echo(
         f"tracked {result.total} session(s): {result.inserted} new, "
         f"{result.updated} merged, {result.unchanged} unchanged"
@@ -213,11 +368,41 @@ def _check_at_start(settings: Settings) -> None:
     if result.refuses_start:
         _fail(f"not starting: {result.line}", code=result.exit_code)
     if result.exit_code:
-        click.echo(
-            f"warning: could not check the credentials, starting anyway: {result.line}", err=True
+        _say(
+            f"warning: could not check the credentials, starting anyway: {result.line}",
+            logging.WARNING,
         )
     else:
-        click.echo(result.line, err=True)
+        _say(result.line)
+
+
+def _check_schema() -> None:
+    """A worker needs the newest schema (``receipts run`` migrates, ``receipts worker`` does
+    not): without it every tick and poll would fail, each with a traceback in the log."""
+    from worker.migrate import schema_problem
+
+    problem = schema_problem()
+    if problem:
+        _fail(f"not starting: {problem}")
+
+
+def _check_broker(settings: Settings) -> None:
+    """One look at the broker before a worker or beat starts. Unreachable: one line, and the
+    start goes on (Celery keeps trying, and a broker started alongside comes up later); a
+    transport or package that does not exist: the start stops with its one line."""
+    from worker.problems import EXIT_UNAVAILABLE, check_broker
+
+    problem = check_broker(settings.broker_url)
+    if problem is None:
+        return
+    if problem.exit_code != EXIT_UNAVAILABLE:
+        _fail(problem.line, code=problem.exit_code)
+    _say(f"warning: {problem.line}; starting anyway, Celery keeps trying", logging.WARNING)
+
+
+def _celery_quiet(settings: Settings) -> list[str]:
+    """Celery's ``--quiet`` in a JSON log stream: its start banner is text for people."""
+    return ["--quiet"] if settings.log_format == "json" else []
 
 
 def _queues() -> str:
@@ -263,10 +448,22 @@ def run(ctx: click.Context, loglevel: str, demo: bool) -> None:
             "or watch it work first, with nothing set: receipts run --demo"
         )
     _check_at_start(settings)
+    _check_broker(settings)
     upgrade(settings.database_url)
     from worker.celery import app
 
-    app.worker_main(["worker", "--beat", "--loglevel", loglevel, "--queues", _queues(), *ctx.args])
+    app.worker_main(
+        [
+            *_celery_quiet(settings),
+            "worker",
+            "--beat",
+            "--loglevel",
+            loglevel,
+            "--queues",
+            _queues(),
+            *ctx.args,
+        ]
+    )
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -281,9 +478,21 @@ def worker(ctx: click.Context, loglevel: str) -> None:
     settings = _settings()
     _require_api(settings)
     _check_at_start(settings)
+    _check_schema()
+    _check_broker(settings)
     from worker.celery import app
 
-    app.worker_main(["worker", "--loglevel", loglevel, "--queues", _queues(), *ctx.args])
+    app.worker_main(
+        [
+            *_celery_quiet(settings),
+            "worker",
+            "--loglevel",
+            loglevel,
+            "--queues",
+            _queues(),
+            *ctx.args,
+        ]
+    )
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
@@ -291,10 +500,11 @@ def worker(ctx: click.Context, loglevel: str) -> None:
 @click.pass_context
 def beat(ctx: click.Context, loglevel: str) -> None:
     """The clock (run exactly one; a second one is harmless but useless)."""
-    _settings()
+    settings = _settings()
+    _check_broker(settings)
     from worker.celery import app
 
-    app.start(["beat", "--loglevel", loglevel, *ctx.args])
+    app.start([*_celery_quiet(settings), "beat", "--loglevel", loglevel, *ctx.args])
 
 
 @main.command()
@@ -363,7 +573,7 @@ def wait_for(address: str, timeout: float) -> None:
                 break
         except OSError:
             if time.monotonic() >= deadline:
-                _fail(f"nothing listens on {shown} after {timeout:g} s", code=1)
+                _fail(f"nothing listens on {shown} after {timeout:g} s", code=EXIT_NO)
             time.sleep(0.1)
     click.echo(f"{shown} is listening")
 
@@ -411,7 +621,7 @@ def status(session_no: str, account_id: int | None, as_json: bool) -> None:
     try:
         found = reports.session_status(session_no, account_id=account_id)
     except SessionNotFound as exc:
-        _fail(str(exc), code=1)
+        _fail(str(exc), code=EXIT_NO)
     if as_json:
         click.echo(json.dumps(found, default=_json_default, indent=2))
         return
@@ -426,6 +636,8 @@ def stale(as_json: bool, as_csv: bool, fail: bool) -> None:
     """Escalated and overdue sessions."""
     from worker import reports
 
+    if as_json and as_csv:
+        raise click.UsageError("give --json or --csv, not both")
     _settings()
     rows = reports.stale_sessions()
     if as_json:
@@ -435,7 +647,7 @@ def stale(as_json: bool, as_csv: bool, fail: bool) -> None:
     else:
         reports.print_stale(rows)
     if fail and any(r["kind"] == "escalated" for r in rows):
-        sys.exit(1)
+        sys.exit(EXIT_NO)
 
 
 @main.command()
@@ -451,7 +663,7 @@ def ack(session_nos: tuple[str, ...], note: str | None, account_id: int | None) 
     try:
         done = acknowledge(session_nos, note=note, account_id=account_id)
     except AckError as exc:
-        _fail(str(exc), code=1)
+        _fail(str(exc), code=EXIT_NO)
     click.echo(f"acknowledged {len(done)} escalation(s)")
 
 
@@ -473,11 +685,16 @@ def repoll(session_nos: tuple[str, ...], account_id: int | None) -> None:
         **runtime.poll_dependencies(settings),
     )
     if not report.polled:
-        _fail("none of these sessions is escalated", code=1)
-    click.echo(
+        _fail("none of these sessions is escalated", code=EXIT_NO)
+    line = (
         f"repolled {report.polled} escalated session(s) in {report.api_calls} call(s): "
         f"{report.resolved} resolved, {report.failed} failed"
     )
+    click.echo(line)
+    if report.failed:
+        # A script (or cron) must see that some sessions got no answer: their last_error
+        # says why (`receipts status`), and running it again tries them again.
+        sys.exit(EXIT_NO)
 
 
 # --- refused receipts.track tasks --------------------------------------------------------
@@ -543,7 +760,7 @@ def resubmit(ids: tuple[int, ...], corrections: dict[str, str | None], note: str
     try:
         result = resubmit_rejected(ids, corrections=corrections, note=note)
     except (RejectedTrackError, TrackError) as exc:
-        _fail(_masked(str(exc), settings), code=1)
+        _fail(_masked(str(exc), settings), code=EXIT_NO)
     click.echo(
         f"resubmitted {len(set(ids))} rejected track(s): {result.inserted} new, "
         f"{result.updated} merged, {result.unchanged} unchanged"
@@ -562,7 +779,7 @@ def dismiss(ids: tuple[int, ...], note: str | None) -> None:
     try:
         closed = dismiss_rejected(ids, note=note)
     except RejectedTrackError as exc:
-        _fail(str(exc), code=1)
+        _fail(str(exc), code=EXIT_NO)
     click.echo(f"dismissed {len(closed)} rejected track(s)")
 
 
@@ -597,11 +814,13 @@ def exporter(port: int, host: str) -> None:
     """
     import logging
 
+    from worker import logs
     from worker.metrics import serve
 
     settings = _settings()
     # Scrape errors are logged; without this only Python's last-resort handler would show them.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.setup(None, settings)
     try:
         serve(
             port,

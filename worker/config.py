@@ -3,13 +3,14 @@ start-up, so that a mistake is reported once, clearly, instead of surfacing mid-
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from functools import lru_cache
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -259,8 +260,18 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = None
     webhook_timeout: WebhookDuration = timedelta(seconds=10)
 
-    # --- logs
+    # --- logs and errors
     log_phones: bool = False
+    # ``json``: every log line of the worker, beat, exporter and receiver is one JSON object
+    # (worker/logs.py: JsonFormatter), masked and redacted as the text lines are.
+    log_format: Annotated[
+        Literal["text", "json"],
+        BeforeValidator(lambda v: v.strip().lower() if isinstance(v, str) else v),
+    ] = "text"
+    # Commands print the traceback of an error instead of its one line (worker/problems.py).
+    # The command line reads it as --debug's variable before the settings, so that a settings
+    # error can show its traceback too; it is here to be validated, documented and known.
+    debug: bool = False
 
     # --- metrics (receipts exporter)
     # The totals that grow with history are recounted (whole tables) at most this often.
@@ -442,6 +453,49 @@ class Settings(BaseSettings):
             interval_max=self.poll_interval_max,
             cutoff=self.cutoff,
         )
+
+
+# Variables with the settings' prefix that are not settings: the test suite's own (README "The
+# two commands"), which a misspelt-variable warning must not name.
+NOT_SETTINGS_PREFIXES = ("RECEIPTS_TEST_",)
+
+
+def known_variables() -> list[str]:
+    """Every ``RECEIPTS_*`` variable the settings read."""
+    return sorted(f"RECEIPTS_{name.upper()}" for name in Settings.model_fields)
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """``RECEIPTS_*`` variables of ``environ`` that no setting reads (a misspelling is
+    otherwise ignored without a word: the setting keeps its default), each with the closest
+    known name, or None when none is close."""
+    known = known_variables()
+    unknown = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith("RECEIPTS_") or upper.startswith(NOT_SETTINGS_PREFIXES):
+            continue
+        if upper in known:
+            continue
+        # Compared without the prefix, which every name shares and which would make any
+        # name look close to some setting.
+        close = difflib.get_close_matches(
+            upper.removeprefix("RECEIPTS_"), [k.removeprefix("RECEIPTS_") for k in known], n=1
+        )
+        unknown.append((name, f"RECEIPTS_{close[0]}" if close else None))
+    return unknown
+
+
+def unknown_variables_warning(environ: Mapping[str, str]) -> str | None:
+    """One line naming the unknown ``RECEIPTS_*`` variables of ``environ``, or None."""
+    unknown = unknown_variables(environ)
+    if not unknown:
+        return None
+    named = ", ".join(
+        f"{name} (did you mean {close}?)" if close else name for name, close in unknown
+    )
+    noun = "variable" if len(unknown) == 1 else "variables"
+    return f"warning: ignoring unknown {noun} {named}"
 
 
 def load_settings(**overrides: Any) -> Settings:

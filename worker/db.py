@@ -33,12 +33,16 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
-def create_engine(url: str, **kwargs: Any) -> Engine:
+def create_engine(url: str, *, create: bool = True, **kwargs: Any) -> Engine:
+    """An engine for ``url``. With ``create=False`` a SQLite file that does not exist is not
+    created: connecting raises :class:`worker.errors.DatabaseMissing` instead."""
     url = normalize_url(url)
     if make_url(url).get_backend_name() == "sqlite":
         # Several worker processes share one SQLite file: wait for the writer lock instead of
         # failing at once, and let readers run beside the writer (WAL).
         engine = sa.create_engine(url, connect_args={"timeout": 30}, **kwargs)
+        if not create:
+            event.listen(engine, "do_connect", _sqlite_file_must_exist)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
@@ -47,6 +51,19 @@ def create_engine(url: str, **kwargs: Any) -> Engine:
         kwargs.setdefault("pool_size", 5)
         kwargs.setdefault("max_overflow", 5)
     return sa.create_engine(url, **kwargs)
+
+
+def _sqlite_file_must_exist(
+    _dialect: Any, _record: Any, cargs: list[Any], _cparams: dict[str, Any]
+) -> None:
+    """Refuse to open a SQLite file that does not exist, rather than let sqlite3 create an
+    empty one: ``receipts status`` in an empty folder used to leave ``receipts.db`` behind and
+    then fail on a missing table. In-memory databases and ``file:`` URIs are the caller's."""
+    from worker.errors import DatabaseMissing
+
+    path = str(cargs[0]) if cargs else ""
+    if path and path != ":memory:" and not path.startswith("file:") and not os.path.exists(path):
+        raise DatabaseMissing(path)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -78,7 +95,8 @@ def get_engine() -> Engine:
         if _engine is not None:
             # Inherited across fork: drop the parent's connections without closing them.
             _engine.dispose(close=False)
-        _engine = create_engine(get_settings().database_url)
+        # Only the migrations create a SQLite file (`receipts migrate`, `receipts run`).
+        _engine = create_engine(get_settings().database_url, create=False)
         _engine_pid = os.getpid()
         _sessionmaker = sessionmaker(_engine, expire_on_commit=False)
     return _engine

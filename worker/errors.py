@@ -4,6 +4,8 @@
 
     ReceiptsError                       anything this package raises on purpose
     ├── SettingsError                   invalid RECEIPTS_* settings, one line per variable
+    ├── DatabaseMissing                 the SQLite file of RECEIPTS_DATABASE_URL does not exist:
+    │   (sqlite3.OperationalError)      only migrations create it (``receipts migrate``)
     ├── TrackError (ValueError)         sessions that cannot be tracked; names every bad row
     ├── TrackInterrupted                a streamed import stopped by the database part way;
     │                                   ``recorded`` rows are in, running it again completes it
@@ -27,6 +29,7 @@ All are importable from ``worker`` too (``from worker import TrackError``).
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -42,6 +45,22 @@ class ReceiptsError(Exception):
 
 class SettingsError(ReceiptsError):
     """Invalid settings, with one line per problem naming the environment variable."""
+
+
+class DatabaseMissing(ReceiptsError, sqlite3.OperationalError):
+    """The SQLite file of ``RECEIPTS_DATABASE_URL`` does not exist. Only the migrations create
+    it: a command that reads (``receipts status``) or a worker started before ``receipts
+    migrate`` would otherwise leave an empty file behind and fail on its missing tables.
+
+    A DBAPI error, so that SQLAlchemy wraps it as any failed connection and every caller that
+    handles database errors handles this one; not one that retrying fixes."""
+
+    # SQLITE_CANTOPEN, which worker.db.is_transient does not retry.
+    sqlite_errorcode = 14
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(f"unable to open database file: {path} does not exist")
 
 
 class TrackError(ReceiptsError, ValueError):

@@ -8,14 +8,22 @@
   settings errors and ``repr(settings)`` show :func:`redact_url` or :func:`mask_password`;
   and the workers' log handlers redact the configured ones from every record
   (:class:`ScrubbingFilter`, attached in ``worker/celery.py``).
+
+How the lines look is decided here too: ``RECEIPTS_LOG_FORMAT=json`` makes each one JSON object
+(:class:`JsonFormatter`), cleaned by the same filter; and Celery's INFO lines about every tick
+(beat sending it, the worker receiving it, its success) are DEBUG lines
+(:class:`RoutineTasks`), so that at INFO a tick shows only when it did something.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from worker.domain import phone_key
@@ -236,3 +244,121 @@ def scrub_logs(
             handler.addFilter(
                 ScrubbingFilter(phones=phones, secret_urls=urls, secret_values=values)
             )
+
+
+# --- how lines look ---------------------------------------------------------------------------
+
+
+class JsonFormatter(logging.Formatter):
+    """Each record as one JSON object on one line (``RECEIPTS_LOG_FORMAT=json``): ``time``
+    (UTC, ISO 8601), ``level``, ``logger``, ``process``, ``message``, and ``exception`` /
+    ``stack`` when the record has them, ``task`` and ``task_id`` inside a Celery task.
+
+    It formats what the handler's :class:`ScrubbingFilter` has cleaned: the message, and the
+    traceback the filter formatted and cleaned into ``record.exc_text``. A record's other
+    attributes (Celery attaches a task's arguments) are never written."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "process": record.processName,
+            "message": record.getMessage(),
+        }
+        task = _current_task()
+        if task is not None:
+            entry["task"], entry["task_id"] = task
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exception"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def _current_task() -> tuple[str, str] | None:
+    """The Celery task running in this process, as (name, id), or None."""
+    celery_state = sys.modules.get("celery._state")
+    if celery_state is None:
+        return None
+    task = celery_state.get_current_task()
+    request = getattr(task, "request", None)
+    task_id = getattr(request, "id", None)
+    if task is None or task_id is None:
+        return None
+    return str(task.name), str(task_id)
+
+
+def json_line(message: str, *, level: int = logging.INFO, logger: str = "receipts") -> str:
+    """``message`` as :class:`JsonFormatter` writes a log record: for the lines a command
+    prints itself before its process logs (a check at start), in a JSON log stream."""
+    record = logging.LogRecord(logger, level, "", 0, message, None, None)
+    return JsonFormatter().format(record)
+
+
+class LogSettings(Protocol):
+    """What :func:`setup` reads of ``worker.config.Settings`` (which imports this module)."""
+
+    @property
+    def log_phones(self) -> bool: ...
+
+    @property
+    def log_format(self) -> str: ...
+
+    def secret_urls(self) -> list[str]: ...
+
+    def secret_values(self) -> list[str]: ...
+
+
+def setup(logger: logging.Logger | None, settings: LogSettings) -> None:
+    """Every handler of ``logger`` (default: the root logger) cleans its records as the
+    settings say (phones, secrets: :func:`scrub_logs`) and writes them in the settings' format
+    (``RECEIPTS_LOG_FORMAT``)."""
+    logger = logger or logging.getLogger()
+    scrub_logs(
+        logger,
+        phones=not settings.log_phones,
+        secret_urls=settings.secret_urls(),
+        secret_values=settings.secret_values(),
+    )
+    if settings.log_format == "json":
+        for handler in logger.handlers:
+            if not isinstance(handler.formatter, JsonFormatter):
+                handler.setFormatter(JsonFormatter())
+
+
+# Celery's loggers of a task's routine: beat sending it, the worker receiving it, its success.
+ROUTINE_LOGGERS = ("celery.beat", "celery.worker.strategy", "celery.app.trace")
+
+
+class RoutineTasks(logging.Filter):
+    """Moves Celery's INFO lines about ``tasks`` to DEBUG: sent, received and succeeded, three
+    lines every tick that said nothing (``{'escalated': 0, 'claims': 0}``). The task logs one
+    INFO line itself when it did something; its failures stay ERROR."""
+
+    def __init__(self, tasks: Collection[str]) -> None:
+        super().__init__()
+        self.tasks = frozenset(tasks)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or not self._routine(record.args):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        # The logger let the record through at INFO; at DEBUG it may not.
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+    def _routine(self, args: Any) -> bool:
+        if isinstance(args, Mapping):  # the worker's received and succeeded: a context dict
+            return args.get("name") in self.tasks
+        # beat's "Sending due task %s (%s)": the entry's name, then the task's
+        return isinstance(args, tuple) and len(args) == 2 and args[1] in self.tasks
+
+
+def quiet_routine_tasks(tasks: Collection[str]) -> None:
+    """Attach :class:`RoutineTasks` for ``tasks`` to Celery's loggers, once."""
+    for name in ROUTINE_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RoutineTasks) for f in logger.filters):
+            logger.addFilter(RoutineTasks(tasks))

@@ -383,11 +383,26 @@ class ReceiptsCollector(Collector):
                 snap = read_snapshot(session, now)
         except Exception as exc:  # any failure, settings included: report it, keep serving
             # One line, not a traceback: a broken database fails every scrape, every 15 s.
-            log.error("metrics scrape failed: %s", error_text(exc))
+            # What to do about it when it is a known problem of the setup (worker/problems.py).
+            log.error("metrics scrape failed: %s", _scrape_problem(exc))
             yield _scrape_error(1)
             return
         yield from _metrics(snap, self._totals.get(now), now)
         yield _scrape_error(0)
+
+
+def _scrape_problem(exc: BaseException) -> str:
+    """A failed scrape's cause in one line: the setup's problem with what to do (run receipts
+    migrate, a server that does not answer), else the database's error text."""
+    from worker.config import get_settings
+    from worker.problems import EXIT_BUG, explain
+
+    try:
+        url: str | None = get_settings().database_url
+    except Exception:  # the settings themselves failed: their error says it
+        url = None
+    problem = explain(exc, database_url=url)
+    return error_text(exc) if problem.exit_code == EXIT_BUG else problem.line
 
 
 def _scrape_error(value: int) -> GaugeMetricFamily:

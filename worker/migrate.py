@@ -34,3 +34,29 @@ def upgrade(database_url: str | None = None, revision: str = "head") -> None:
 
 def downgrade(database_url: str | None = None, revision: str = "base") -> None:
     command.downgrade(alembic_config(database_url), revision)
+
+
+def schema_problem() -> str | None:
+    """Why the configured database cannot serve this version yet, or None when it is at the
+    newest schema: a worker started on it would fail on every tick. Connecting raises the
+    database's own error (a SQLite file that does not exist, a server that does not answer),
+    which the command line reports in one line (worker/problems.py)."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from worker.db import get_engine
+
+    with get_engine().connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+    script = ScriptDirectory.from_config(alembic_config())
+    head = script.get_current_head()
+    if current == head:
+        return None
+    if current is None:
+        return "the database has no tables yet: run receipts migrate"
+    if current not in {revision.revision for revision in script.walk_revisions()}:
+        return (
+            f"the database was migrated by a newer version of receipts (its revision {current} "
+            "is unknown to this one): upgrade uspeedo-receipts"
+        )
+    return "the database's tables are older than this version of receipts: run receipts migrate"

@@ -376,21 +376,17 @@ def process_app() -> ASGIApp:
 
 
 def configure_logging(settings: Settings) -> None:
-    """Log to stderr, phones masked and secrets (the token included) redacted, in this process
-    (each uvicorn worker process builds its own application, and its own logging)."""
-    from worker.logs import scrub_logs
+    """Log to stderr, phones masked and secrets (the token included) redacted, as text or JSON
+    lines (RECEIPTS_LOG_FORMAT), in this process (each uvicorn worker process builds its own
+    application, and its own logging)."""
+    from worker import logs
 
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
         )
-    scrub_logs(
-        root,
-        phones=not settings.log_phones,
-        secret_urls=settings.secret_urls(),
-        secret_values=settings.secret_values(),
-    )
+    logs.setup(root, settings)
 
 
 def serve(host: str, port: int, *, workers: int) -> None:

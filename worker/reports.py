@@ -19,7 +19,7 @@ from worker.db import read_scope
 from worker.models import stale_sessions_view
 
 if TYPE_CHECKING:
-    from rich.text import Text
+    from rich.console import Console
 
     from worker.intake import RejectedTrack
 
@@ -31,52 +31,83 @@ def session_status(session_no: str, *, account_id: int | None = None) -> dict[st
     return status(session_no, account_id=account_id).as_dict()
 
 
-def print_status(found: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+STATUS_FIELDS = (
+    "account_id",
+    "session_no",
+    "state",
+    "phones",
+    "user_ref",
+    "sent_at",
+    "next_poll_at",
+    "last_polled_at",
+    "resolved_at",
+    "escalated_at",
+    "poll_count",
+    "last_error",
+)
+RECEIPT_COLUMNS = ("phone", "result", "receipt_code", "receipt_desc", "receipt_time", "cost_count")
 
-    console = Console()
-    summary = Table(show_header=False, box=None)
-    for key in (
-        "account_id",
-        "session_no",
-        "state",
-        "phones",
-        "sent_at",
-        "next_poll_at",
-        "last_polled_at",
-        "resolved_at",
-        "escalated_at",
-        "poll_count",
-        "last_error",
-    ):
-        summary.add_row(key, _cell(found.get(key)))
-    console.print(summary)
-    table = Table(title="receipts")
-    for column in ("phone", "result", "receipt_code", "receipt_desc", "receipt_time", "cost_count"):
-        table.add_column(column)
-    for receipt in found["receipts"]:
-        table.add_row(
-            *(
-                _cell(receipt.get(c))
-                for c in (
-                    "phone",
-                    "result",
-                    "receipt_code",
-                    "receipt_desc",
-                    "receipt_time",
-                    "cost_count",
-                )
-            )
+
+def print_status(found: dict[str, Any], console: Console | None = None) -> None:
+    """The session's fields, its escalation (what support needs, and its acknowledgement)
+    when it was escalated, then one row per phone's receipt."""
+    summary = [(key, _text(found.get(key))) for key in STATUS_FIELDS]
+    detail = found.get("escalation_detail")
+    if found.get("escalated_at") is not None or detail is not None:
+        detail = detail or {}
+        unresolved = ", ".join(
+            f"{p['phone']}={p.get('last_result') or 'none'}" for p in detail.get("phones", ())
         )
-    console.print(table)
+        summary += [
+            ("unresolved_at_cutoff", unresolved),
+            ("polls_by_cutoff", _text(detail.get("poll_count"))),
+            ("error_by_cutoff", _text(detail.get("last_error"))),
+            ("acknowledged_at", _text(found.get("acknowledged_at")) or "not acknowledged"),
+            ("ack_note", _text(found.get("ack_note"))),
+        ]
+    show_table(("field", "value"), summary, header=False, console=console)
+    rows = [[_text(receipt.get(c)) for c in RECEIPT_COLUMNS] for receipt in found["receipts"]]
+    show_table(RECEIPT_COLUMNS, rows, title="receipts", console=console)
 
 
-def _cell(value: Any) -> Text:
-    """A value as rich shows it: exactly its text (see the module's docstring)."""
-    from rich.text import Text
+def show_table(
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    title: str | None = None,
+    header: bool = True,
+    console: Console | None = None,
+) -> None:
+    """A table that never cuts a value. On a terminal, rich draws it and folds a cell that
+    does not fit the width (its default cut SessionNos, dates and phones to "…" at 80
+    columns); anywhere else (a pipe, cron's mail, a file) it is plain columns as wide as
+    their values, with no width to fit, for people and for ``grep``/``awk`` alike."""
+    from rich.console import Console
 
-    return Text(_text(value))
+    console = console or Console()
+    if console.is_terminal:
+        from rich.table import Table
+        from rich.text import Text
+
+        table = Table(title=title, show_header=header)
+        if not header:
+            table.box = None  # a list of fields, not a grid
+        for column in columns:
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(*(Text(value) for value in row))
+        console.print(table)
+        return
+    lines = [list(columns)] if header else []
+    lines += [[" ".join(value.split()) for value in row] for row in rows]
+    widths = [max((len(line[i]) for line in lines), default=0) for i in range(len(columns))]
+    out = console.file
+    if title:
+        out.write(f"{title}\n")
+    for line in lines:
+        cells = [value.ljust(width) for value, width in zip(line[:-1], widths, strict=False)]
+        out.write("  ".join([*cells, line[-1]]).rstrip() + "\n")
+    out.flush()
 
 
 def _text(value: Any) -> str:
@@ -128,29 +159,27 @@ def write_stale_csv(rows: list[dict[str, Any]], out: TextIO) -> None:
             writer.writerow([*base, phone["phone"], phone["last_result"] or ""])
 
 
-def print_stale(rows: list[dict[str, Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+STALE_COLUMNS = ("kind", "account_id", "session_no", "sent_at", "polls", "phones", "last_error")
 
-    console = Console()
+
+def print_stale(rows: list[dict[str, Any]], console: Console | None = None) -> None:
+    from rich.console import Console
+
+    console = console or Console()
     if not rows:
-        console.print("no stale sessions")
+        console.file.write("no stale sessions\n")
         return
-    table = Table(title=f"{len(rows)} stale session(s)")
-    for column in ("kind", "account_id", "session_no", "sent_at", "polls", "phones", "last_error"):
-        table.add_column(column)
+    lines = []
     for row in rows:
         phones = ", ".join(f"{p['phone']}={p['last_result'] or 'none'}" for p in row["phones"])
-        table.add_row(
-            _cell(row["kind"]),
-            _cell(row["account_id"]),
-            _cell(row["session_no"]),
-            _cell(row["sent_at"]),
-            _cell(row["poll_count"]),
-            _cell(phones),
-            _cell(row["last_error"]),
+        lines.append(
+            [
+                _text(row[key])
+                for key in ("kind", "account_id", "session_no", "sent_at", "poll_count")
+            ]
+            + [phones, _text(row["last_error"])]
         )
-    console.print(table)
+    show_table(STALE_COLUMNS, lines, title=f"{len(rows)} stale session(s)", console=console)
 
 
 # --- refused receipts.track tasks ---------------------------------------------------------------

@@ -21,6 +21,7 @@ from tests.support import skew
 from tests.support.databases import FAST_TIMINGS
 from tests.support.processes import Processes, processes, wait_for
 from tests.support.servers import free_port
+from worker.migrate import upgrade
 from worker.simulator import Simulator
 
 pytestmark = [pytest.mark.slow]
@@ -47,6 +48,13 @@ def _env(api_url: str, **extra: str) -> dict[str, str]:
         "RECEIPTS_ACCESS_KEY_SECRET": "demo-secret",
         **extra,
     }
+
+
+def _migrated(folder: Path) -> Path:
+    """``folder``, with the embedded default database migrated: a worker starts only on the
+    newest schema (`receipts run` migrates; `receipts worker` does not)."""
+    upgrade(f"sqlite:///{folder / 'receipts.db'}")
+    return folder
 
 
 def _exits(group: Processes, name: str, process: subprocess.Popen[bytes]) -> str:
@@ -110,7 +118,7 @@ def test_a_clock_beyond_five_minutes_refuses_the_start(sim: Simulator, tmp_path:
 def test_an_unreachable_api_is_a_warning_and_the_worker_starts(tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
-    with processes(_env(url), tmp_path) as group:
+    with processes(_env(url), _migrated(tmp_path)) as group:
         group.start("worker", *START["worker"])
         wait_for(
             lambda: " ready." in group.tail("worker"),
@@ -133,7 +141,7 @@ def test_a_silent_api_holds_the_start_for_five_seconds_at_most(tmp_path: Path) -
         silent.listen(8)
         host = f"127.0.0.1:{silent.getsockname()[1]}"
         url = f"http://{host}/api"
-        with processes(_env(url, RECEIPTS_API_READ_TIMEOUT="30"), tmp_path) as group:
+        with processes(_env(url, RECEIPTS_API_READ_TIMEOUT="30"), _migrated(tmp_path)) as group:
             group.start("worker", *START["worker"])
             wait_for(
                 lambda: " ready." in group.tail("worker"),
@@ -148,7 +156,7 @@ def test_a_silent_api_holds_the_start_for_five_seconds_at_most(tmp_path: Path) -
 
 
 def test_accepted_credentials_are_said_once_at_the_start(sim: Simulator, tmp_path: Path) -> None:
-    with processes(_env(sim.url), tmp_path) as group:
+    with processes(_env(sim.url), _migrated(tmp_path)) as group:
         group.start("worker", *START["worker"])
         wait_for(
             lambda: " ready." in group.tail("worker"),

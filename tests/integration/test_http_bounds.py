@@ -127,7 +127,7 @@ def test_repoll_ends_within_its_budget_when_the_api_trickles(configure: Configur
         elapsed = time.monotonic() - started
         exchanges = api.exchanges()
     assert elapsed <= budget + bound + SLACK, f"repoll ran {elapsed:.2f}s on a {budget:g}s budget"
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # some sessions got no answer
     assert "3 failed" in result.output
     assert exchanges and all(e.started - started < budget for e in exchanges)
     with db.session_scope() as session:

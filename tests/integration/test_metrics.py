@@ -334,6 +334,8 @@ def test_a_database_error_is_reported_not_raised(
         # The collector stays usable: the next scrape tries again.
         assert scrape() == {("receipts_scrape_error", ()): 1}
     assert "metrics scrape failed" in caplog.text
+    # What to do, as the commands say it (worker/problems.py).
+    assert "RECEIPTS_DATABASE_URL" in caplog.text
 
 
 def test_a_scrape_recovers_once_the_database_is_back(

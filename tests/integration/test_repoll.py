@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 
 from tests.support.databases import Configure
+from tests.support.servers import free_port
 from worker import db, poller, track_many
 from worker.cli import main
 from worker.client import UspeedoClient
@@ -111,3 +112,32 @@ def test_repoll_resolves_an_escalated_session_late_and_leaves_others_alone(
         outcome = CliRunner().invoke(main, ["repoll", "late", "pending"])
         assert outcome.exit_code == 1
         assert "none of these sessions is escalated" in outcome.output
+
+
+@pytest.mark.usefixtures("database")
+def test_repoll_with_failures_exits_1(configure: Configure) -> None:
+    """A repoll that got no answer for some sessions used to exit 0: a script or cron could
+    not tell it from one that worked."""
+    configure(
+        RECEIPTS_API_URL=f"http://127.0.0.1:{free_port()}/api",  # nothing listens
+        RECEIPTS_ACCESS_KEY_ID="demo",
+        RECEIPTS_ACCESS_KEY_SECRET="demo-secret",
+        RECEIPTS_API_MAX_ATTEMPTS="1",
+    )
+    settings = get_settings()
+    track_many(
+        [{"account_id": 1, "session_no": "R1", "sent_at": datetime.now(UTC) - timedelta(minutes=1)}]
+    )
+    escalated = poller.tick(
+        session_factory=db.session_scope,
+        clock=lambda: datetime.now(UTC),
+        policy=settings.poll_policy(),
+        dispatch=lambda claim: None,
+        lease=settings.lease,
+        tick_every=settings.tick,
+    ).escalated
+    assert escalated == 1
+    outcome = CliRunner().invoke(main, ["repoll", "R1"])
+    assert outcome.exit_code == 1, outcome.output
+    assert outcome.stdout == "repolled 1 escalated session(s) in 1 call(s): 0 resolved, 1 failed\n"
+    assert _state("R1")["last_error"]

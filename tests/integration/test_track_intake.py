@@ -166,6 +166,34 @@ def test_an_import_is_recorded_in_chunks_each_its_own_transaction(
 
 
 @pytest.mark.usefixtures("database")
+def test_an_import_tells_its_progress() -> None:
+    """What `receipts track` draws its progress bar from: rows validated every 1,000, then
+    rows recorded after each chunk, out of the valid rows."""
+    told: list[tuple[str, int, int | None]] = []
+    rows = [(n, {"account_id": 7, "session_no": f"P{n:06d}"}) for n in range(1, 2_501)]
+    track_stream(lambda: iter(rows), chunk_size=1_000, progress=lambda *p: told.append(p))
+    assert told == [
+        ("validating", 1_000, None),
+        ("validating", 2_000, None),
+        ("validating", 2_500, 2_500),
+        ("recording", 1_000, 2_500),
+        ("recording", 2_000, 2_500),
+        ("recording", 2_500, 2_500),
+    ]
+
+
+def test_no_progress_bar_where_stderr_is_no_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from worker.cli import _import_progress
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a pipe, a log file
+    monkeypatch.delenv("FORCE_COLOR", raising=False)  # which rich reads as "a terminal"
+    with _import_progress() as progress:
+        assert progress is None
+
+
+@pytest.mark.usefixtures("database")
 def test_a_database_failure_part_way_keeps_the_recorded_chunks_and_a_rerun_completes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

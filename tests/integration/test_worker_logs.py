@@ -2,12 +2,13 @@
 and a failed task, with their tracebacks, show no whole phone number and no webhook token.
 
 The failures are real: a ``receipts.track`` message whose phone is a float (the task rejects
-it, naming the value), and a valid one against a database that was never migrated (SQLAlchemy's
-error carries the statement's parameters, phones included).
+it, naming the value), and a valid one against a database whose ``sms_sessions`` table is gone
+(SQLAlchemy's error carries the statement's parameters, phones included).
 """
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from celery import Celery
 
 from tests.support.databases import FAST_TIMINGS
 from tests.support.processes import processes, wait_for
+from worker.migrate import upgrade
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
@@ -22,10 +24,15 @@ TOKEN = "XXXXSECRETxxxx4321"
 
 
 def test_celery_task_failures_are_logged_without_phones(tmp_path: Path, broker: str) -> None:
+    database = tmp_path / "receipts.db"
+    upgrade(f"sqlite:///{database}")
+    with sqlite3.connect(database) as connection:
+        connection.execute("DROP TABLE sms_sessions")
     env = {
         **FAST_TIMINGS,
-        # Never migrated: every write fails with "no such table", parameters attached.
-        "RECEIPTS_DATABASE_URL": f"sqlite:///{tmp_path / 'never-migrated.db'}",
+        # Its sessions table dropped: every write fails with "no such table", parameters
+        # attached (a worker does not start on a database that was never migrated).
+        "RECEIPTS_DATABASE_URL": f"sqlite:///{database}",
         "RECEIPTS_BROKER_URL": broker,
         "RECEIPTS_API_URL": "http://127.0.0.1:9/api",
         "RECEIPTS_ACCESS_KEY_ID": "demo",

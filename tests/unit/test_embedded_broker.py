@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from kombu.connection import Connection
 
-from worker.celery import EMBEDDED_TRANSPORT
+from worker.celery import EMBEDDED_BROKER_URL, EMBEDDED_TRANSPORT
 
 QUEUE = "receipts"
 
@@ -26,7 +26,7 @@ def _connection(folder: Path, transport: str | None = EMBEDDED_TRANSPORT) -> Any
     for sub in ("queue", "processed", "control"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     return Connection(
-        "filesystem://",
+        EMBEDDED_BROKER_URL,
         transport=transport,
         transport_options={
             "data_folder_in": str(folder / "queue"),
