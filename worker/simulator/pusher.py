@@ -167,6 +167,7 @@ class Pusher:
         self._queue: list[_Due] = []
         self._order = itertools.count()
         self._fates: deque[dict[str, Any]] = deque(maxlen=FATE_LOG_LIMIT)
+        self._sending = 0  # attempts under way
         self._thread: threading.Thread | None = None
         self._stopping = False
 
@@ -210,8 +211,15 @@ class Pusher:
             self._wake.notify_all()
 
     def next_due(self) -> float | None:
+        """When the next report shows or the next retry is due, by the simulator's clock."""
         with self._lock:
             return self._queue[0].at if self._queue else None
+
+    def unsettled(self) -> int:
+        """Batches whose fate is not known yet: being sent, or waiting for a retry (a test
+        that kills the receiver waits for none, so that no push is cut off mid-commit)."""
+        with self._lock:
+            return self._sending + sum(1 for due in self._queue if due.session is None)
 
     def run_due(self, now: float | None = None) -> int:
         """Push what is due at ``now`` (the simulator's clock by default): new reports in
@@ -258,9 +266,18 @@ class Pusher:
                 for item in due.reports:
                     self._record(item, "dropped", now, due.attempts)
             return
+        with self._lock:
+            self._sending += 1
         started = self._clock()
-        delivered = self._post(url, push_body(due.reports))
+        try:
+            delivered = self._post(url, push_body(due.reports))
+        except BaseException:
+            with self._lock:
+                self._sending -= 1
+            raise
         with self._wake:
+            # In the same hold as the retry is queued: the batch is never seen as settled.
+            self._sending -= 1
             if delivered:
                 answered = self._clock()
                 for item in due.reports:
