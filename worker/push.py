@@ -28,6 +28,7 @@ from worker import store
 from worker.db import json_document, json_rows
 from worker.domain import (
     MAX_SESSION_NO_LENGTH,
+    SESSION_NO_CHARACTERS,
     ReceiptSource,
     ReceiptVersion,
     Result,
@@ -95,6 +96,11 @@ def parse_push(payload: Any, *, received_at: datetime) -> PushBatch:
         session_no = session_no.strip()
         if len(session_no) > MAX_SESSION_NO_LENGTH:
             skipped.append(f"{where}: SessionNo: {len(session_no)} characters long")
+            continue
+        if not SESSION_NO_CHARACTERS.fullmatch(session_no):
+            # No tracked session has such a SessionNo (NUL, a lone surrogate, a space), and
+            # the database could not even look one up: a lone surrogate is no UTF-8.
+            skipped.append(f"{where}: SessionNo {show(session_no)}: not printable ASCII")
             continue
         try:
             receipts.append(Receipt.from_payload(session_no, item, received_at=received_at))

@@ -174,6 +174,9 @@ class Flusher:
         self.counts = counts
         self._session_factory = session_factory
         self._stop = threading.Event()
+        # One flush at a time: a flush (a test's, or the last one on stop) returns only once
+        # the counts taken by a flush under way are written too.
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="receipts-push-counts", daemon=True)
 
     def start(self) -> None:
@@ -185,15 +188,16 @@ class Flusher:
         self.flush()
 
     def flush(self) -> None:
-        rows = self.counts.take()
-        if not rows:
-            return
-        try:
-            with self._session_factory() as session:
-                add_counts(session, rows)
-        except sa_exc.DBAPIError as exc:
-            self.counts.put_back(rows)
-            log.warning("could not record the push counts: %s", db.error_text(exc))
+        with self._lock:
+            rows = self.counts.take()
+            if not rows:
+                return
+            try:
+                with self._session_factory() as session:
+                    add_counts(session, rows)
+            except sa_exc.DBAPIError as exc:
+                self.counts.put_back(rows)
+                log.warning("could not record the push counts: %s", db.error_text(exc))
 
     def _run(self) -> None:
         while not self._stop.wait(FLUSH_EVERY):
