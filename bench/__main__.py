@@ -92,7 +92,7 @@ FULL = Scale(
     claim_rounds=5,
     push_sessions=10_000,
     push_phones=5,
-    push_saved_sessions=2_000,
+    push_saved_sessions=1_000,
 )
 QUICK = Scale(
     raw_rows=20_000,

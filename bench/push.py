@@ -46,8 +46,8 @@ BATCH = 50
 PUSHERS = 4
 RECEIVER_WORKERS = 2
 # The saved-calls run: every report shows one simulator step (1 s) after sending and is pushed
-# then; the first poll is due well after.
-FIRST_POLL_DELAY = 5
+# then; the first poll is due well after (a push that took longer would not count as saved).
+FIRST_POLL_DELAY = 15
 
 
 @contextmanager
