@@ -140,27 +140,21 @@ def record_push(
     for receipt in receipts:
         by_no[receipt.session_no].append(receipt)
     tracked = _tracked(session, sorted(by_no), account_id)
-    applied = 0
-    resolved: list[str] = []
     parked: list[tuple[Receipt, str]] = []
-    for_account: dict[int, list[PollTarget]] = defaultdict(list)
-    for found in tracked.values():
-        if len(found) == 1:
-            for_account[found[0].account_id].append(found[0])
+    # Each SessionNo matched in exactly one account: distinct SessionNos, which one call
+    # records whatever their accounts (a push spans accounts; one pass, not one per account).
+    targets = [found[0] for found in tracked.values() if len(found) == 1]
     for session_no, its in by_no.items():
         found = tracked.get(session_no, [])
         if len(found) != 1:
             parked.extend((r, AMBIGUOUS if found else UNTRACKED) for r in its)
-    for _account, targets in sorted(for_account.items()):
-        names = {t.session_no for t in targets}
-        mine = [r for r in receipts if r.session_no in names]
-        outcome = store.record_receipts(
-            session, targets=targets, receipts=mine, now=now, source=ReceiptSource.PUSH
-        )
-        applied += len(mine)
-        resolved.extend(outcome.resolved)
+    names = {t.session_no for t in targets}
+    mine = [r for r in receipts if r.session_no in names]
+    outcome = store.record_receipts(
+        session, targets=targets, receipts=mine, now=now, source=ReceiptSource.PUSH
+    )
     park(session, parked, account_id=account_id or NO_ACCOUNT, now=now)
-    return PushOutcome(applied=applied, parked=len(parked), resolved=tuple(resolved))
+    return PushOutcome(applied=len(mine), parked=len(parked), resolved=outcome.resolved)
 
 
 def _tracked(
