@@ -44,18 +44,18 @@ TIMINGS = {
 LOSS = 0.2
 KILL_AT = 1.5  # after the first reports were pushed
 # Restarted at once: its start (seconds) is the outage, which the reports of 2.25 s and 3 s
-# meet; those of 4.5 s, and the retries, meet the restarted receiver.
+# meet; later ones, their retries and the sessions sent once it listens meet the restarted one.
 DOWN_FOR = 0.3
 LATE_AFTER = 2.0  # the late sessions are tracked once their reports were pushed
 
 
-def _late(count: int) -> list[Planned]:
-    """Sessions the sender tracks only after Uspeedo pushed their reports."""
-    late = []
+def _quick(count: int, prefix: str, digit: int) -> list[Planned]:
+    """``quick_success`` sessions of one or two phones."""
+    sessions = []
     for i in range(count):
-        phones = [f"(852)7{i:05d}0{k}" for k in range(1 + i % 2)]
-        late.append(Planned(1, f"late-{i:03d}", "quick_success", phones, list(phones)))
-    return late
+        phones = [f"(852){digit}{i:05d}0{k}" for k in range(1 + i % 2)]
+        sessions.append(Planned(1, f"{prefix}-{i:03d}", "quick_success", phones, list(phones)))
+    return sessions
 
 
 def _listening(port: int) -> bool:
@@ -66,11 +66,16 @@ def _listening(port: int) -> bool:
 def test_pushed_lost_and_polled_receipts_all_end_right(
     configure: Configure, pg: str, redis_url: str, tmp_path: Path
 ) -> None:
-    late = _late(20)
+    # Tracked only after Uspeedo pushed their reports.
+    late = _quick(20, "late", 7)
+    # Sent once the restarted receiver listens, however long its start took on a busy
+    # machine: their reports are pushed to it.
+    after = _quick(10, "after", 8)
     planned = plan(120, accounts=2, seed=5) + late
     port = free_port()
     receiver: dict[str, Any] = {}
     late_tracked: list[float] = []
+    after_sent: list[float] = []
 
     def start_receiver(group: Processes) -> None:
         receiver["process"] = group.receiver(port=port)
@@ -95,6 +100,21 @@ def test_pushed_lost_and_polled_receipts_all_end_right(
                 for p in late
             )
             late_tracked.append(time.time())
+        if "restarted_at" in receiver and not after_sent and _listening(port):
+            now = time.time()
+            for p in after:
+                p.sent_at = now
+            sim.register(
+                {"account_id": p.account_id, "session_no": p.session_no,
+                 "phones": p.sim_phones, "scenario": p.scenario, "sent_at": now}
+                for p in after
+            )  # fmt: skip
+            track_many(
+                {"account_id": p.account_id, "session_no": p.session_no,
+                 "phones": p.tracked_phones, "sent_at": datetime.fromtimestamp(now, UTC)}
+                for p in after
+            )  # fmt: skip
+            after_sent.append(now)
 
     with Simulator(step=STEP, seed=7) as sim:
         callback = f"http://127.0.0.1:{port}/uspeedo/callback/{TOKEN}"
@@ -110,8 +130,10 @@ def test_pushed_lost_and_polled_receipts_all_end_right(
             before_sending=start_receiver,
             during=during,
             untracked={p.session_no for p in late},
-            settled=lambda: bool(late_tracked),
+            settled=lambda: bool(late_tracked and after_sent),
+            timeout=90,
         )
+        planned += after
         fates = sim.pushes()
         pushed: dict[str, list[tuple[float, str, str]]] = defaultdict(list)
         for fate in fates:
