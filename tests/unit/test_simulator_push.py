@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import requests
 
+from tests.support.cli import invoke
 from tests.support.processes import wait_for
 from worker.push import parse_push
 from worker.simulator import Simulator
@@ -299,3 +300,19 @@ def test_the_running_simulator_pushes_over_http_and_is_switched_by_its_control_a
     assert {b["path"] for b in handler.bodies} == {"/uspeedo/callback/tok"}
     assert handler.bodies[0]["type"].startswith("application/json")
     assert handler.bodies[0]["body"]["Data"][0]["Phone"] == "85255311111"
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (["--push-url", "ftp://127.0.0.1/x"], "http:// or https://"),
+        (["--push-url", "http://127.0.0.1:9/x", "--push-loss", "1.5"], "--push-loss"),
+        (["--push-url", "http://127.0.0.1:9/x", "--push-batch", "0"], "--push-batch"),
+    ],
+)
+def test_receipts_simulate_refuses_bad_push_options_in_one_line(
+    args: list[str], problem: str
+) -> None:
+    result = invoke("simulate", "--port", "0", *args)
+    assert result.exit_code == 2
+    assert problem in result.output and "Traceback" not in result.output
