@@ -28,7 +28,7 @@ from typing import Any
 import psycopg
 from sqlalchemy import exc as sa_exc
 
-from bench import claims, inproc, raw, report, track, worker_run
+from bench import claims, inproc, push, raw, report, track, worker_run
 from bench.env import (
     bench_database,
     configure_process,
@@ -65,6 +65,9 @@ class Scale:
     claim_pending: int
     claim_history: tuple[int, ...]
     claim_rounds: int
+    push_sessions: int
+    push_phones: int
+    push_saved_sessions: int
 
 
 FULL = Scale(
@@ -87,6 +90,9 @@ FULL = Scale(
     # The best of five rounds: a round's mean moves by about 0.1 ms from run to run (measured),
     # which is 6% of a 1.7 ms claim.
     claim_rounds=5,
+    push_sessions=10_000,
+    push_phones=5,
+    push_saved_sessions=1_000,
 )
 QUICK = Scale(
     raw_rows=20_000,
@@ -106,6 +112,21 @@ QUICK = Scale(
     claim_pending=2_000,
     claim_history=(20_000, 100_000),
     claim_rounds=5,
+    push_sessions=2_000,
+    push_phones=5,
+    push_saved_sessions=400,
+)
+PHASES = (
+    "raw",
+    "track",
+    "seed",
+    "inproc",
+    "worker",
+    "memory_small",
+    "memory_large",
+    "claims",
+    "push",
+    "push_saved",
 )
 
 
@@ -115,9 +136,21 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print the JSON result on stdout")
     parser.add_argument("--sessions", type=int, help="backlog of the main real-worker run")
     parser.add_argument("--no-profile", action="store_true", help="skip py-spy on the worker")
+    parser.add_argument(
+        "--only",
+        metavar="PHASE,...",
+        help=f"run only these phases (of {', '.join(PHASES)}); the others' figures show '-'",
+    )
     args = parser.parse_args(argv)
     if args.sessions is not None and args.sessions < 1:
         parser.error("--sessions must be positive")
+    if args.only is not None:
+        args.only = {name.strip() for name in args.only.split(",") if name.strip()}
+        unknown = sorted(args.only - set(PHASES))
+        if unknown or not args.only:
+            parser.error(
+                f"--only: unknown phase(s) {', '.join(unknown)} (known: {', '.join(PHASES)})"
+            )
     return args
 
 
@@ -138,7 +171,11 @@ def _connection_lost(exc: BaseException) -> bool:
 
 def _phase(results: dict[str, Any], name: str, work: Callable[[], dict[str, Any]]) -> None:
     """Run one phase; a failure is recorded and the other phases still run. A phase cut short by
-    a lost database connection (PostgreSQL restarted by someone else) is retried once."""
+    a lost database connection (PostgreSQL restarted by someone else) is retried once. A phase
+    left out by ``--only`` is skipped."""
+    only = results.get("only")
+    if only is not None and name not in only:
+        return
     started = time.monotonic()
     for attempt in (1, 2):
         log(f"--- {name}" + (" (retry)" if attempt > 1 else ""))
@@ -156,9 +193,10 @@ def _phase(results: dict[str, Any], name: str, work: Callable[[], dict[str, Any]
     results.setdefault("phase_seconds", {})[name] = round(time.monotonic() - started, 1)
 
 
-def run(scale: Scale, *, profile: bool, mode: str) -> dict[str, Any]:
+def run(scale: Scale, *, profile: bool, mode: str, only: set[str] | None = None) -> dict[str, Any]:
     started = time.monotonic()
     results: dict[str, Any] = {
+        "only": sorted(only) if only is not None else None,
         "mode": mode,
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "scale": dataclasses.asdict(scale),
@@ -260,6 +298,29 @@ def run(scale: Scale, *, profile: bool, mode: str) -> dict[str, Any]:
                 rounds=scale.claim_rounds,
             ),
         )
+        _phase(
+            results,
+            "push",
+            lambda: push.ingestion(
+                database,
+                sim,
+                broker_url,
+                sessions=scale.push_sessions,
+                phones=scale.push_phones,
+                folder=folder / "push",
+            ),
+        )
+        _phase(
+            results,
+            "push_saved",
+            lambda: push.saved_calls(
+                database,
+                sim,
+                broker_url,
+                sessions=scale.push_saved_sessions,
+                folder=folder / "push_saved",
+            ),
+        )
 
     results["machine"]["cpu_busy_after"] = cpu_busy()
     busy = max(results["machine"].get("cpu_busy_before", 0), results["machine"]["cpu_busy_after"])
@@ -334,7 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     scale = QUICK if args.quick else FULL
     if args.sessions:
         scale = dataclasses.replace(scale, worker_sessions=args.sessions)
-    results = run(scale, profile=not args.no_profile, mode="quick" if args.quick else "full")
+    results = run(
+        scale,
+        profile=not args.no_profile,
+        mode="quick" if args.quick else "full",
+        only=args.only,
+    )
     figs = report.figures(results)
     doc = report.document(results, figs)
     path = report.write(doc)

@@ -36,6 +36,7 @@ CREATE TABLE {TABLE} (
     cost_count integer,
     user_id text,
     country_code text,
+    source text NOT NULL DEFAULT 'poll',
     first_seen_at timestamptz NOT NULL DEFAULT CURRENT_TIMESTAMP,
     updated_at timestamptz NOT NULL DEFAULT CURRENT_TIMESTAMP,
     UNIQUE (account_id, session_no, phone_key)
@@ -48,7 +49,7 @@ ON CONFLICT (account_id, session_no, phone_key) DO UPDATE SET
     phone = EXCLUDED.phone, result = EXCLUDED.result, receipt_code = EXCLUDED.receipt_code,
     receipt_desc = EXCLUDED.receipt_desc, receipt_time = EXCLUDED.receipt_time,
     cost_count = EXCLUDED.cost_count, user_id = EXCLUDED.user_id,
-    country_code = COALESCE(EXCLUDED.country_code, t.country_code),
+    country_code = COALESCE(EXCLUDED.country_code, t.country_code), source = EXCLUDED.source,
     updated_at = EXCLUDED.updated_at
 WHERE (t.result NOT IN {_FINALS} AND EXCLUDED.result IN {_FINALS})
    OR ((t.result IN {_FINALS}) = (EXCLUDED.result IN {_FINALS})
@@ -79,6 +80,7 @@ def make_rows(count: int, *, result: str, at: datetime) -> list[tuple[Any, ...]]
                 1,
                 "",
                 "86",
+                "poll",
                 at,
                 at,
             )

@@ -14,6 +14,8 @@ TRACK_TARGET = 20_000  # sessions/s
 HISTORY_RATIO_TARGET = 1.2
 MEMORY_RATIO_TARGET = 1.2
 INGEST_RATIO_TARGET = 0.5  # of the raw executemany limit
+PUSH_RATIO_TARGET = 0.5  # push ingestion, of the raw executemany limit
+PUSH_P99_TARGET_MS = 250
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -74,6 +76,73 @@ def _cpu_figures(r: dict[str, Any], w: str) -> list[Figure]:
                 unit="x",
             )
         )
+    return out
+
+
+def _push_figures(r: dict[str, Any]) -> list[Figure]:
+    """Uspeedo's push through the receiver (bench/push.py)."""
+    out: list[Figure] = []
+
+    def add(key: str, label: str, path: str, unit: str = "", **kw: Any) -> None:
+        out.append(Figure(key=key, label=label, value=_get(r, path), unit=unit, **kw))
+
+    def check(
+        key: str, label: str, value: Any, unit: str, target: str, ok: Callable[[Any], bool]
+    ) -> None:
+        verdict = ok(value) if value is not None else None
+        out.append(Figure(key=key, label=label, value=value, unit=unit, target=target, ok=verdict))
+
+    p = "push"
+    pushers, batch = _get(r, f"{p}.pushers"), _get(r, f"{p}.batch")
+    receipts = _get(r, f"{p}.receipts")
+    add(
+        "push_receipts_per_s",
+        f"8. push ingestion through the receiver ({receipts:,} receipts, {pushers} pushers "
+        f"x batches of {batch})"
+        if receipts
+        else "8. push ingestion through the receiver",
+        f"{p}.receipts_per_s",
+        "receipts/s",
+        note="first push sent -> last 200 (after its commit)",
+    )
+    check(
+        "push_ratio_to_raw",
+        "8. … ratio to raw executemany limit",
+        _ratio(_get(r, f"{p}.receipts_per_s"), _get(r, "raw.executemany.insert_rows_per_s")),
+        "x",
+        f">= {PUSH_RATIO_TARGET}",
+        lambda value: value >= PUSH_RATIO_TARGET,
+    )
+    add(
+        "push_latency_p50",
+        "8. push-to-commit latency p50, at that load",
+        f"{p}.latency_p50_ms",
+        "ms",
+    )
+    check(
+        "push_latency_p99",
+        "8. push-to-commit latency p99, at that load",
+        _get(r, f"{p}.latency_p99_ms"),
+        "ms",
+        f"< {PUSH_P99_TARGET_MS}",
+        lambda value: value < PUSH_P99_TARGET_MS,
+    )
+    saved = _get(r, "push_saved.sessions")
+    add(
+        "push_never_polled",
+        f"8. API calls saved: share of {saved:,} sessions never polled, every report pushed"
+        if saved
+        else "8. API calls saved: share of sessions never polled, every report pushed",
+        "push_saved.never_polled_pct",
+        "%",
+    )
+    without = _get(r, "push_saved.api_calls_without_push")
+    add(
+        "push_api_calls",
+        f"8. … API calls made (polling alone: {without})" if without else "8. … API calls made",
+        "push_saved.api_calls",
+        "calls",
+    )
     return out
 
 
@@ -248,6 +317,8 @@ def figures(results: dict[str, Any]) -> list[Figure]:
         "memory_large.resolved",
         "sessions",
     )
+
+    out.extend(_push_figures(r))
 
     add(
         "inproc_ms_per_poll",

@@ -520,12 +520,41 @@ def beat(ctx: click.Context, loglevel: str) -> None:
     help="Seconds per step of the scenarios' timelines.",
 )
 @click.option("--seed", type=int, help="Seed for reproducible random behaviour.")
+@click.option(
+    "--push-url",
+    help="Push every receipt report here as Uspeedo's Callback API does "
+    "(e.g. http://127.0.0.1:8720/uspeedo/callback/TOKEN).",
+)
+@click.option(
+    "--push-loss",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Share of reports lost before they are pushed.",
+)
+@click.option(
+    "--push-batch",
+    default=100,
+    show_default=True,
+    type=click.IntRange(1, 10_000),
+    help="Reports per push, at most.",
+)
 def simulate(
-    host: str, port: int, access_key_id: str, access_key_secret: str, step: float, seed: int | None
+    host: str,
+    port: int,
+    access_key_id: str,
+    access_key_secret: str,
+    step: float,
+    seed: int | None,
+    push_url: str | None,
+    push_loss: float,
+    push_batch: int,
 ) -> None:
     """Serve the project's own fake Uspeedo API (for demos and tests)."""
     from worker.simulator import serve
 
+    if push_url is not None and not push_url.startswith(("http://", "https://")):
+        raise click.BadParameter("give an http:// or https:// URL", param_hint="--push-url")
     try:
         serve(
             host,
@@ -534,6 +563,9 @@ def simulate(
             access_key_secret=access_key_secret,
             step=step,
             seed=seed,
+            push_url=push_url,
+            push_loss=push_loss,
+            push_batch=push_batch,
         )
     except OSError as exc:  # the port is taken, or the address is not ours
         _cannot_listen(host, port, exc, "simulate")

@@ -41,6 +41,9 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Bounds shared by what senders track and what the API reports: a SessionNo or a phone beyond
 # them cannot be one we track, and would not fit the unique index of sms_receipts.
 MAX_SESSION_NO_LENGTH = 128
+# What a SessionNo is made of: printable ASCII, no spaces. A SessionNo with anything else is
+# none that can be tracked, so none that a receipt can be for.
+SESSION_NO_CHARACTERS = re.compile(r"[\x21-\x7e]+")
 MIN_PHONE_DIGITS, MAX_PHONE_DIGITS = 5, 20
 T = TypeVar("T")
 

@@ -28,6 +28,7 @@ from worker import store
 from worker.db import json_document, json_rows
 from worker.domain import (
     MAX_SESSION_NO_LENGTH,
+    SESSION_NO_CHARACTERS,
     ReceiptSource,
     ReceiptVersion,
     Result,
@@ -96,6 +97,11 @@ def parse_push(payload: Any, *, received_at: datetime) -> PushBatch:
         if len(session_no) > MAX_SESSION_NO_LENGTH:
             skipped.append(f"{where}: SessionNo: {len(session_no)} characters long")
             continue
+        if not SESSION_NO_CHARACTERS.fullmatch(session_no):
+            # No tracked session has such a SessionNo (NUL, a lone surrogate, a space), and
+            # the database could not even look one up: a lone surrogate is no UTF-8.
+            skipped.append(f"{where}: SessionNo {show(session_no)}: not printable ASCII")
+            continue
         try:
             receipts.append(Receipt.from_payload(session_no, item, received_at=received_at))
         except ValueError as exc:
@@ -134,27 +140,21 @@ def record_push(
     for receipt in receipts:
         by_no[receipt.session_no].append(receipt)
     tracked = _tracked(session, sorted(by_no), account_id)
-    applied = 0
-    resolved: list[str] = []
     parked: list[tuple[Receipt, str]] = []
-    for_account: dict[int, list[PollTarget]] = defaultdict(list)
-    for found in tracked.values():
-        if len(found) == 1:
-            for_account[found[0].account_id].append(found[0])
+    # Each SessionNo matched in exactly one account: distinct SessionNos, which one call
+    # records whatever their accounts (a push spans accounts; one pass, not one per account).
+    targets = [found[0] for found in tracked.values() if len(found) == 1]
     for session_no, its in by_no.items():
         found = tracked.get(session_no, [])
         if len(found) != 1:
             parked.extend((r, AMBIGUOUS if found else UNTRACKED) for r in its)
-    for _account, targets in sorted(for_account.items()):
-        names = {t.session_no for t in targets}
-        mine = [r for r in receipts if r.session_no in names]
-        outcome = store.record_receipts(
-            session, targets=targets, receipts=mine, now=now, source=ReceiptSource.PUSH
-        )
-        applied += len(mine)
-        resolved.extend(outcome.resolved)
+    names = {t.session_no for t in targets}
+    mine = [r for r in receipts if r.session_no in names]
+    outcome = store.record_receipts(
+        session, targets=targets, receipts=mine, now=now, source=ReceiptSource.PUSH
+    )
     park(session, parked, account_id=account_id or NO_ACCOUNT, now=now)
-    return PushOutcome(applied=applied, parked=len(parked), resolved=tuple(resolved))
+    return PushOutcome(applied=len(mine), parked=len(parked), resolved=outcome.resolved)
 
 
 def _tracked(

@@ -655,9 +655,12 @@ def record_receipts(
     source: ReceiptSource,
     schedule: _Schedule | None = None,
 ) -> PollOutcome:
-    """Store receipts of one account's sessions seen at ``now`` and resolve the sessions they
-    settle; with ``schedule`` (a poll's answer), also reschedule the sessions that poll still
-    holds. Without it (a push, an inbox applied when tracking) no schedule, last_polled_at or
+    """Store receipts of sessions seen at ``now`` and resolve the sessions they settle; with
+    ``schedule`` (a poll's answer), also reschedule the sessions that poll still holds.
+    ``targets`` are one account's sessions (a poll's), or sessions of several accounts whose
+    SessionNos all differ (a push's: receipts are matched on the SessionNo): the sessions are
+    locked and updated in one statement each whatever their accounts, the receipts upserted
+    per account. Without it (a push, an inbox applied when tracking) no schedule, last_polled_at or
     last_error is touched: a session a push leaves unresolved keeps its schedule, and a poll
     in flight for it records its own answer.
 
@@ -667,21 +670,29 @@ def record_receipts(
     """
     if not targets:
         return PollOutcome(receipts_written=0, resolved=(), rescheduled=0)
-    account_id = targets[0].account_id
     current = lock_sessions(session, [t.id for t in targets])
     live = [replace(t, phones=current[t.id].phones) for t in targets if t.id in current]
     rows = receipt_rows(live, receipts, source=source)
-    written = upsert_receipts(session, rows, account_id=account_id, now=now)
+    account_of = {t.session_no: t.account_id for t in live}
+    if len(account_of) != len(live):
+        raise ValueError("targets of several accounts must have distinct SessionNos")
+    by_account: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_account[account_of[row["session_no"]]].append(row)
+    written = sum(
+        upsert_receipts(session, its, account_id=account_id, now=now)
+        for account_id, its in sorted(by_account.items())
+    )
     answered = answered_results(rows)
     # Sessions the answer alone settles need no read-back (most of them, on a first poll).
-    settled = {
-        t.session_no
-        for t in live
-        if settled_by_answer((phone_key(p) for p in t.phones), answered.get(t.session_no, {}))
-    }
-    stored = results_by_session(
-        session, account_id, [t.session_no for t in live if t.session_no not in settled]
-    )
+    unsettled: dict[int, list[str]] = defaultdict(list)
+    for t in live:
+        if not settled_by_answer((phone_key(p) for p in t.phones), answered.get(t.session_no, {})):
+            unsettled[t.account_id].append(t.session_no)
+    settled = {t.session_no for t in live} - {no for nos in unsettled.values() for no in nos}
+    stored: dict[str, dict[str, str]] = {}
+    for account_id, session_nos in sorted(unsettled.items()):
+        stored.update(results_by_session(session, account_id, session_nos))
     updates: list[dict[str, Any]] = []
     resolved_nos: list[str] = []
     rescheduled = 0

@@ -20,6 +20,7 @@ from worker.domain import (
     MAX_PHONE_DIGITS,
     MAX_SESSION_NO_LENGTH,
     MIN_PHONE_DIGITS,
+    SESSION_NO_CHARACTERS,
     SessionState,
     phone_key,
 )
@@ -38,7 +39,6 @@ CHUNK = 2_000
 # larger.
 PG_CHUNK = 10_000
 
-_SESSION_NO = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces
 # \d is any Unicode decimal digit, which is what domain.phone_key reads (in ASCII).
 _PHONE = re.compile(r"\+?[\d()\- ]+")
 # The full-width forms of that punctuation, as CJK input methods type it with the digits.
@@ -92,7 +92,7 @@ def parse_session_no(value: Any) -> str:
         raise ValueError(
             f"session_no is {len(text)} characters long (at most {MAX_SESSION_NO_LENGTH})"
         )
-    if not _SESSION_NO.fullmatch(text):
+    if not SESSION_NO_CHARACTERS.fullmatch(text):
         raise ValueError(f"session_no {text!r} must be printable ASCII without spaces")
     return text
 

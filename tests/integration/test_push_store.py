@@ -23,8 +23,8 @@ from tests.support.factories import (
     stored_sessions,
     track,
 )
-from worker import db, push
-from worker.domain import Result
+from worker import db, push, store
+from worker.domain import ReceiptSource, Result
 from worker.models import inbox_table
 from worker.receipts import Receipt
 
@@ -165,6 +165,52 @@ def test_a_push_before_tracking_waits_in_the_inbox_and_resolves_the_session_when
     stored = stored_receipts()[("LATER", P1)]
     assert (stored["result"], stored["source"]) == ("Success", "push")
     assert _inbox() == []
+
+
+def test_one_push_spanning_accounts_stores_each_receipt_under_its_own_account() -> None:
+    track(
+        {"account_id": 1, "session_no": "A1", "phones": [P1]},
+        {"account_id": 2, "session_no": "A2", "phones": [P1, P2]},
+        {"account_id": 3, "session_no": "A3", "phones": [P1]},
+    )
+    outcome = _push(
+        receipt("A1", P1, Result.SUCCESS, PUSHED),
+        receipt("A2", P1, Result.FAIL, PUSHED),
+        receipt("A2", P2, Result.UNKNOW, PUSHED),  # A2 stays pending: read back, not settled
+        receipt("A3", P1, Result.SUBMIT_FAIL, PUSHED),
+    )
+    assert (outcome.applied, outcome.parked) == (4, 0)
+    assert sorted(outcome.resolved) == ["A1", "A3"]
+    stored = {
+        (r["account_id"], r["session_no"], r["phone"]): r["result"]
+        for r in stored_receipts().values()
+    }
+    assert stored == {
+        (1, "A1", P1): "Success",
+        (2, "A2", P1): "Fail",
+        (2, "A2", P2): "Unknow",
+        (3, "A3", P1): "SubmitFail",
+    }
+    assert {no: row["state"] for no, row in stored_sessions().items()} == {
+        "A1": "resolved",
+        "A2": "pending",
+        "A3": "resolved",
+    }
+
+
+def test_recording_sessions_of_several_accounts_that_share_a_session_no_is_refused() -> None:
+    # Receipts name no account: they could not be told apart.
+    track({"account_id": 1, "session_no": "TWICE"}, {"account_id": 2, "session_no": "TWICE"})
+    with db.session_scope() as session:
+        targets = push._tracked(session, ["TWICE"], None)["TWICE"]
+        with pytest.raises(ValueError, match="distinct SessionNos"):
+            store.record_receipts(
+                session,
+                targets=targets,
+                receipts=[receipt("TWICE", P1, Result.SUCCESS, PUSHED)],
+                now=PUSHED,
+                source=ReceiptSource.PUSH,
+            )
 
 
 def test_a_session_no_in_two_accounts_waits_unless_the_push_names_its_account() -> None:

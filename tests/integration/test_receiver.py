@@ -8,7 +8,6 @@ import logging
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -18,11 +17,11 @@ from typing import Any
 import pytest
 import requests
 import sqlalchemy as sa
-import uvicorn
 
 from tests.support.databases import Configure
 from tests.support.factories import stored_receipts, stored_sessions, track
 from tests.support.processes import wait_for
+from tests.support.push_receiver import TOKEN, Running, report, running_receiver
 from tests.support.servers import free_port
 from worker import db
 from worker.config import load_settings
@@ -30,59 +29,13 @@ from worker.errors import SettingsError
 from worker.models import push_counts_table
 from worker.receiver import create_app
 
-TOKEN = "tok-0123456789abcdefABCDEF"
 P1 = "(852)55311111"
-
-
-class Running:
-    """A receiver served by uvicorn in a thread of this process."""
-
-    def __init__(self, app: Any, port: int) -> None:
-        self.app = app
-        self.base = f"http://127.0.0.1:{port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, access_log=False, log_config=None)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def url(self, token: str = TOKEN, query: str = "") -> str:
-        return f"{self.base}/uspeedo/callback/{token}{query}"
-
-    def post(self, body: Any, *, token: str = TOKEN, query: str = "") -> requests.Response:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        return requests.post(
-            self.url(token, query),
-            data=data,
-            headers={"Content-Type": "application/json"},
-            timeout=10,
-        )
-
-    def flush(self) -> None:
-        self.app.state.flusher.flush()
 
 
 @pytest.fixture
 def receiver(database: str, configure: Configure) -> Iterator[Running]:
-    configure(RECEIPTS_DATABASE_URL=database, RECEIPTS_CALLBACK_TOKEN=TOKEN)
-    running = Running(create_app(load_settings()), free_port())
-    running.thread.start()
-    wait_for(lambda: running.server.started, timeout=10)
-    yield running
-    running.server.should_exit = True
-    running.thread.join(10)
-
-
-def _report(session_no: str, phone: str, result: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "SessionNo": session_no,
-        "Phone": phone,
-        "ReceiptResult": result,
-        "ReceiptTime": int(datetime.now(UTC).timestamp()),
-        "ReceiptCode": "DELIVRD",
-        "ReceiptDesc": "ok",
-        "CostCount": 1,
-        "UserId": "",
-        **extra,
-    }
+    with running_receiver(database, configure) as running:
+        yield running
 
 
 def _counts() -> dict[tuple[str, str], float]:
@@ -96,7 +49,7 @@ OK = {"code": 0, "message": "ok"}
 
 def test_a_push_is_answered_ok_once_committed_and_counted(receiver: Running) -> None:
     track({"account_id": 1, "session_no": "S", "phones": [P1]}, now=datetime.now(UTC))
-    answer = receiver.post({"MsgType": 2, "Data": [_report("S", "85255311111", "Success")]})
+    answer = receiver.post({"MsgType": 2, "Data": [report("S", "85255311111", "Success")]})
     assert (answer.status_code, answer.json()) == (200, OK)
     assert stored_sessions()["S"]["state"] == "resolved"
     assert stored_receipts()[("S", P1)]["source"] == "push"
@@ -153,7 +106,7 @@ def test_a_wrong_token_or_any_other_path_is_404(receiver: Running) -> None:
 
 def test_a_body_past_the_limit_is_413_and_stores_nothing(receiver: Running) -> None:
     track({"account_id": 1, "session_no": "S", "phones": [P1]}, now=datetime.now(UTC))
-    big = {"MsgType": 2, "Data": [_report("S", "85255311111", "Success", ReceiptDesc="x" * 500)]}
+    big = {"MsgType": 2, "Data": [report("S", "85255311111", "Success", ReceiptDesc="x" * 500)]}
     big["Data"] *= 10_000  # about 6 MB
     assert receiver.post(big).status_code == 413
     # Without a Content-Length (chunked), refused as soon as the stream passes the limit.
@@ -200,8 +153,8 @@ def test_the_account_named_in_the_url_restricts_the_match(receiver: Running) -> 
         {"account_id": 1, "session_no": "TWICE"}, {"account_id": 2, "session_no": "TWICE"}, now=now
     )
     assert receiver.post({"MsgType": 2, "Data": []}, query="?account_id=abc").status_code == 400
-    report = {"MsgType": 2, "Data": [_report("TWICE", "85255311111", "Success")]}
-    assert receiver.post(report, query="?account_id=2").status_code == 200
+    push = {"MsgType": 2, "Data": [report("TWICE", "85255311111", "Success")]}
+    assert receiver.post(push, query="?account_id=2").status_code == 200
     assert {row["account_id"] for row in stored_receipts().values()} == {2}
 
 
@@ -215,22 +168,19 @@ def test_a_database_that_cannot_take_the_push_gets_503_so_uspeedo_retries(
 ) -> None:
     closed = f"postgresql://postgres@127.0.0.1:{free_port()}/receipts"
     configure(RECEIPTS_DATABASE_URL=closed, RECEIPTS_CALLBACK_TOKEN=TOKEN)
-    running = Running(create_app(load_settings()), free_port())
-    running.thread.start()
-    wait_for(lambda: running.server.started, timeout=10)
+    running = Running(create_app(load_settings()), free_port()).start()
     try:
-        answer = running.post({"MsgType": 2, "Data": [_report("S", "85255311111", "Success")]})
+        answer = running.post({"MsgType": 2, "Data": [report("S", "85255311111", "Success")]})
         assert answer.status_code == 503
         assert answer.json()["code"] != 0
         assert requests.get(f"{running.base}/healthz", timeout=10).status_code == 503
     finally:
-        running.server.should_exit = True
-        running.thread.join(10)
+        running.stop()
 
 
 def test_the_token_is_in_no_log_line(receiver: Running, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    receiver.post({"MsgType": 2, "Data": [_report("NOT-TRACKED", "85255311111", "Success")]})
+    receiver.post({"MsgType": 2, "Data": [report("NOT-TRACKED", "85255311111", "Success")]})
     receiver.post(b"{bad")
     receiver.post({"MsgType": 2, "Data": []}, token=TOKEN + "x")
     # urllib3's records are the test's own client (Uspeedo's side), which knows the token.
@@ -281,7 +231,7 @@ def test_receipts_receiver_serves_with_several_processes_and_refuses_a_busy_port
     try:
         wait_for(lambda: _listening(port), timeout=30, describe=log.read_text)
         track({"account_id": 1, "session_no": "S", "phones": [P1]}, now=datetime.now(UTC))
-        body = {"MsgType": 2, "Data": [_report("S", "85255311111", "Fail")]}
+        body = {"MsgType": 2, "Data": [report("S", "85255311111", "Fail")]}
         answers = [
             requests.post(
                 f"http://127.0.0.1:{port}/uspeedo/callback/{TOKEN}", json=body, timeout=10

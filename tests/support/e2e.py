@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,8 @@ def run_plan(
     during: Callable[[Processes, float], None] | None = None,
     settled: Callable[[], bool] | None = None,
     timeout: float = 60,
+    before_sending: Callable[[Processes], None] | None = None,
+    untracked: Collection[str] = (),
 ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, dict[str, Any]]]]:
     """Start real workers and beats on ``database_url`` (migrated, empty) and ``broker_url``
     (an empty Redis db); once the clock ticks, register ``planned`` with the simulator and
@@ -68,7 +70,9 @@ def run_plan(
     stored. The test process reads the same database. ``during(group, elapsed)`` is called
     while waiting (``elapsed`` counts from the sending), to inject faults into the running
     processes; the processes keep running until ``settled()`` (e.g. webhooks delivered)
-    holds too."""
+    holds too. ``before_sending(group)`` starts more processes (a receiver) once the workers
+    and beats are started; the sessions named in ``untracked`` are registered with the
+    simulator but left for ``during`` to track."""
     env = {
         **TIMINGS,
         "RECEIPTS_DATABASE_URL": database_url,
@@ -84,6 +88,8 @@ def run_plan(
             group.worker(f"w{n + 1}")
         for n in range(beats):
             group.beat(f"beat{n + 1}")
+        if before_sending is not None:
+            before_sending(group)
         # Sent once a worker has run the beat's first tick: the schedule is measured from a
         # running clock, not from the seconds the processes take to boot on a loaded machine
         # (which would let every first poll miss what a scenario shows only early on).
@@ -109,6 +115,7 @@ def run_plan(
                 "sent_at": datetime.fromtimestamp(p.sent_at, UTC),
             }
             for p in planned
+            if p.session_no not in untracked
         )
 
         def pending() -> int:
@@ -150,8 +157,11 @@ def check(
     receipts: dict[str, dict[str, dict[str, Any]]],
     *,
     env_extra: dict[str, str] | None = None,
+    step: float = STEP,
+    pushed: dict[str, list[tuple[float, str, str]]] | None = None,
 ) -> dict[str, int]:
-    """Assert every rule held and every session ended right; return the count per state."""
+    """Assert every rule held and every session ended right; return the count per state.
+    ``pushed``: per SessionNo, the reports the receiver took (time, phone digits, result)."""
     timings = {**TIMINGS, **(env_extra or {})}
     first_delay = float(timings["RECEIPTS_FIRST_POLL_DELAY"])
     cutoff = float(timings["RECEIPTS_CUTOFF"])
@@ -185,7 +195,7 @@ def check(
                     if p.session_no in c["session_nos"]
                 ]
                 problems.append(f"{p.session_no}: polled twice {b - a:.3f}s apart: {history}")
-        state, expected = expected_outcome(p, STEP)
+        state, expected = expected_outcome(p, step, (pushed or {}).get(p.session_no))
         row = sessions[p.session_no]
         states[row["state"]] += 1
         if row["state"] != state:

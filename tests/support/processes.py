@@ -58,6 +58,12 @@ class Processes:
             name, "beat", "--schedule", str(self.folder / f"{name}-schedule"), env=env
         )
 
+    def receiver(
+        self, name: str = "receiver", port: int = 8720, workers: int = 1
+    ) -> subprocess.Popen[bytes]:
+        """``receipts receiver`` on loopback (RECEIPTS_CALLBACK_TOKEN in the group's env)."""
+        return self.start(name, "receiver", "--port", str(port), "--workers", str(workers))
+
     def stop(
         self, process: subprocess.Popen[bytes], *, kill: bool = False, timeout: float = 15
     ) -> None:

@@ -77,28 +77,45 @@ def plan(count: int, accounts: int, seed: int = 1) -> list[Planned]:
     return planned
 
 
-def expected_outcome(p: Planned, step: float) -> tuple[str, dict[str, str]]:
-    """(state, {phone_key: stored result}) after the answered polls in ``p.calls``.
+# How a pushed result reads once stored (Uspeedo's push spells a pending result UNKNOWN).
+_PUSHED = {"Success": "Success", "Fail": "Fail", "UNKNOWN": "Unknow"}
 
-    Each phone of a scenario has at most one final result, and a final result is never
-    replaced; otherwise the latest answer stands.
+
+def expected_outcome(
+    p: Planned, step: float, pushed: list[tuple[float, str, str]] | None = None
+) -> tuple[str, dict[str, str]]:
+    """(state, {phone_key: stored result}) after the answered polls in ``p.calls`` and the
+    reports ``pushed`` to the receiver ((time, phone digits, result as pushed)), in time order.
+
+    A final result is never replaced by a non-final one; otherwise the later one stands (the
+    scenarios never show two versions of one kind that the receipt time would order otherwise).
+    The session is resolved from the first moment its phones are all final: no poll comes
+    after that, but later pushes are still stored.
     """
     stored: dict[str, str] = {}
     tracked = {phone_key(x) for x in p.tracked_phones}
-    for call in sorted(p.calls):
+    events: list[tuple[float, dict[str, str]]] = []
+    for call in p.calls:
         t = (call - p.sent_at) / step
-        for index, phone in enumerate(p.sim_phones):
-            result = visible(p.scenario, index, len(p.sim_phones), t)
-            key = phone_key(phone)
-            if result is not None and stored.get(key) not in FINAL:
+        shown = {
+            phone_key(phone): result
+            for index, phone in enumerate(p.sim_phones)
+            for result in [visible(p.scenario, index, len(p.sim_phones), t)]
+            if result is not None
+        }
+        events.append((call, shown))
+    for at, phone, result in pushed or ():
+        events.append((at, {phone: _PUSHED[result]}))
+    resolved = False
+    for _, shown in sorted(events, key=lambda event: event[0]):
+        for key, result in shown.items():
+            if not (stored.get(key) in FINAL and result not in FINAL):
                 stored[key] = result
         if tracked:
-            resolved = all(stored.get(k) in FINAL for k in tracked)
+            resolved = resolved or all(stored.get(k) in FINAL for k in tracked)
         else:
-            resolved = bool(stored) and all(r in FINAL for r in stored.values())
-        if resolved:
-            return "resolved", stored
-    return "escalated", stored
+            resolved = resolved or (bool(stored) and all(r in FINAL for r in stored.values()))
+    return ("resolved" if resolved else "escalated"), stored
 
 
 def answered_calls(calls: list[dict[str, Any]]) -> dict[str, list[float]]:

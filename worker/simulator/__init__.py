@@ -6,16 +6,20 @@ scripted delivery *scenarios* for registered sessions, injects faults on demand,
 call, and tells the truth about what each session will eventually report, so that a test can
 compare what the worker stored with what it should have stored.
 
+It also pushes each report, when it shows, to a callback URL as Uspeedo's Callback API does
+(batches, retried every second three times then dropped, a share lost), when switched on.
+
 Control endpoints (no auth, loopback clients only): ``POST /_sim/sessions``, ``POST /_sim/faults``,
-``GET /_sim/calls``, ``GET /_sim/truth``, ``POST /_sim/reset``; each has a direct method on
-:class:`Simulator` for in-process use.
+``POST /_sim/push``, ``GET /_sim/pushes``, ``GET /_sim/calls``, ``GET /_sim/truth``,
+``POST /_sim/reset``; each has a direct method on :class:`Simulator` for in-process use.
 
 Time is measured in ``step`` seconds after a session's ``sent_at``; the clock is injectable so tests
 can move time without sleeping.
 
 Modules: ``scenarios`` (what each session reports and when, and the truth), ``faults`` (what can
-go wrong on a call), ``service`` (the API without its transport), ``http`` (the server, the
-:class:`Simulator` that runs it, and ``serve``), ``wire`` (actions, RetCodes and replies).
+go wrong on a call), ``service`` (the API without its transport), ``pusher`` (the push of
+reports), ``http`` (the server, the :class:`Simulator` that runs it, and ``serve``), ``wire``
+(actions, RetCodes and replies).
 """
 
 from worker.simulator.faults import FAULT_KINDS

@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
+from worker.simulator.pusher import DEFAULT_BATCH, Pusher
 from worker.simulator.service import FakeUspeedo
 from worker.simulator.wire import Reply, json_reply
 
@@ -32,8 +33,9 @@ class _Server(ThreadingHTTPServer):
     # Benchmarks open many connections at once; the default backlog of 5 drops them.
     request_queue_size = 256
 
-    def __init__(self, address: tuple[str, int], service: FakeUspeedo) -> None:
+    def __init__(self, address: tuple[str, int], service: FakeUspeedo, pusher: Pusher) -> None:
         self.service = service
+        self.pusher = pusher
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         super().__init__(address, _Handler)
@@ -117,14 +119,14 @@ class _Handler(BaseHTTPRequestHandler):
             content_type = headers.get("content-type", "")
             self._send(service.handle_api(content_type, headers, raw))
         else:
-            self._send(_control(service, "POST", path, raw, self.client_address[0]))
+            self._send(_control(self.server, "POST", path, raw, self.client_address[0]))
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/api":
             self._send(json_reply(405, {"error": "the API takes POST"}))
             return
-        self._send(_control(self.server.service, "GET", path, b"", self.client_address[0]))
+        self._send(_control(self.server, "GET", path, b"", self.client_address[0]))
 
     def _read_body(self) -> bytes | None:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -152,39 +154,50 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(reply.body)
 
 
-# --- control endpoints: each calls one public method of the service
+# --- control endpoints: each calls one public method of the service or the pusher
 
-_ControlAction = Callable[[FakeUspeedo, bytes], Any]
+_ControlAction = Callable[[_Server, bytes], Any]
 
 
-def _register(service: FakeUspeedo, raw: bytes) -> dict[str, Any]:
+def _register(server: _Server, raw: bytes) -> dict[str, Any]:
     sessions = _control_body(raw).get("sessions")
     if not isinstance(sessions, list):
         raise ValueError('body must be {"sessions": [...]}')
-    service.register(sessions)
+    server.service.register(sessions)
     return {"registered": len(sessions)}
 
 
-def _set_faults(service: FakeUspeedo, raw: bytes) -> dict[str, Any]:
-    service.set_faults(**_control_body(raw))
-    return {"faults": service.faults()}
+def _set_faults(server: _Server, raw: bytes) -> dict[str, Any]:
+    server.service.set_faults(**_control_body(raw))
+    return {"faults": server.service.faults()}
 
 
-def _reset(service: FakeUspeedo, _raw: bytes) -> dict[str, Any]:
-    service.reset()
+def _set_push(server: _Server, raw: bytes) -> dict[str, Any]:
+    return {"push": server.pusher.configure(**_control_body(raw)).to_dict()}
+
+
+def _pushes(server: _Server, _raw: bytes) -> dict[str, Any]:
+    return {"push": server.pusher.config().to_dict(), "reports": server.pusher.fates()}
+
+
+def _reset(server: _Server, _raw: bytes) -> dict[str, Any]:
+    server.service.reset()
+    server.pusher.reset()
     return {"reset": True}
 
 
 _CONTROL_ROUTES: dict[str, tuple[str, _ControlAction]] = {
     "/_sim/sessions": ("POST", _register),
     "/_sim/faults": ("POST", _set_faults),
-    "/_sim/calls": ("GET", lambda service, _: {"calls": service.calls()}),
-    "/_sim/truth": ("GET", lambda service, _: service.truth()),
+    "/_sim/push": ("POST", _set_push),
+    "/_sim/pushes": ("GET", _pushes),
+    "/_sim/calls": ("GET", lambda server, _: {"calls": server.service.calls()}),
+    "/_sim/truth": ("GET", lambda server, _: server.service.truth()),
     "/_sim/reset": ("POST", _reset),
 }
 
 
-def _control(service: FakeUspeedo, method: str, path: str, raw: bytes, client_host: str) -> Reply:
+def _control(server: _Server, method: str, path: str, raw: bytes, client_host: str) -> Reply:
     if not _is_loopback(client_host):
         return json_reply(403, {"error": "control endpoints answer loopback clients only"})
     route = _CONTROL_ROUTES.get(path)
@@ -194,7 +207,7 @@ def _control(service: FakeUspeedo, method: str, path: str, raw: bytes, client_ho
     if method != allowed:
         return json_reply(405, {"error": f"{path} takes {allowed}"})
     try:
-        return json_reply(200, action(service, raw))
+        return json_reply(200, action(server, raw))
     except ValueError as exc:
         return json_reply(400, {"error": str(exc)})
 
@@ -240,15 +253,18 @@ class Simulator:
         seed: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        # Its own RNG (seeded apart), so that losses drawn leave the service's draws as they were.
+        self.pusher = Pusher(clock=clock, seed=None if seed is None else seed + 1)
         self.service = FakeUspeedo(
             access_key_id=access_key_id,
             access_key_secret=access_key_secret,
             step=step,
             seed=seed,
             clock=clock,
+            on_session=self.pusher.add,
         )
         server_class = _Server6 if ":" in host else _Server
-        self._server = server_class((host, port), self.service)
+        self._server = server_class((host, port), self.service, self.pusher)
         self._thread: threading.Thread | None = None
         self._serving = False
         self._stopped = False
@@ -271,10 +287,12 @@ class Simulator:
             daemon=True,
         )
         self._thread.start()
+        self.pusher.start()
         return self
 
     def serve_forever(self) -> None:
         self._serving = True
+        self.pusher.start()
         try:
             self._server.serve_forever(poll_interval=_POLL_INTERVAL)
         finally:
@@ -284,6 +302,7 @@ class Simulator:
         if self._stopped:
             return
         self._stopped = True
+        self.pusher.stop()
         # shutdown() waits for a running serve loop and would wait forever without one.
         if self._thread is not None or self._serving:
             self._server.shutdown()
@@ -317,8 +336,18 @@ class Simulator:
     def truth(self) -> dict[str, Any]:
         return self.service.truth()
 
+    def configure_push(self, **changes: Any) -> dict[str, Any]:
+        """Change the push settings (``url``, ``enabled``, ``loss``, ``batch``)."""
+        return self.pusher.configure(**changes).to_dict()
+
+    def pushes(self) -> list[dict[str, Any]]:
+        """Every report's fate so far: ``delivered`` (``t``: when its push was sent,
+        ``answered``: when the receiver answered ok), ``lost``, ``dropped`` or ``off``."""
+        return self.pusher.fates()
+
     def reset(self) -> None:
         self.service.reset()
+        self.pusher.reset()
 
 
 def serve(
@@ -329,8 +358,12 @@ def serve(
     access_key_secret: str,
     step: float,
     seed: int | None,
+    push_url: str | None = None,
+    push_loss: float = 0.0,
+    push_batch: int = DEFAULT_BATCH,
 ) -> None:
-    """Run the simulator in the foreground until interrupted (the ``receipts simulate`` command)."""
+    """Run the simulator in the foreground until interrupted (the ``receipts simulate`` command);
+    with ``push_url``, it pushes every report there as Uspeedo's Callback API does."""
     simulator = Simulator(
         host=host,
         port=port,
@@ -339,8 +372,13 @@ def serve(
         step=step,
         seed=seed,
     )
+    pushing = ""
+    if push_url is not None:
+        simulator.configure_push(url=push_url, enabled=True, loss=push_loss, batch=push_batch)
+        pushing = f", pushing to {push_url} with {push_loss:.0%} of reports lost"
     print(
-        f"Uspeedo simulator on {simulator.url} (key id {access_key_id}, scenario step {step:g}s)",
+        f"Uspeedo simulator on {simulator.url} (key id {access_key_id}, scenario step {step:g}s"
+        f"{pushing})",
         flush=True,
     )
     try:

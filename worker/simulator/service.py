@@ -123,6 +123,7 @@ class FakeUspeedo:
         step: float,
         seed: int | None,
         clock: Callable[[], float],
+        on_session: Callable[[Session], None] | None = None,
     ) -> None:
         if not step > 0:
             raise ValueError("step must be positive")
@@ -130,6 +131,9 @@ class FakeUspeedo:
         self._secret = access_key_secret
         self._step = step
         self._clock = clock
+        # Told of every session registered or sent (the push schedules its reports), outside
+        # the lock.
+        self._on_session = on_session
         # One lock guards everything below; each request holds it only for O(batch) work.
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
@@ -153,6 +157,9 @@ class FakeUspeedo:
         with self._lock:
             for session in built:
                 self._sessions[session.session_no] = session
+        if self._on_session is not None:
+            for session in built:
+                self._on_session(session)
 
     def set_faults(self, **faults: float) -> None:
         """Replace the fault probabilities (per API call); no arguments clears them."""
@@ -393,7 +400,7 @@ class FakeUspeedo:
         with self._lock:
             scenario = template if template in SCENARIOS else self._rng.choice(DRAWABLE_SCENARIOS)
             session_no = self._new_session_no()
-            self._sessions[session_no] = build_session(
+            sent = build_session(
                 account_id=account_id,
                 session_no=session_no,
                 scenario=scenario,
@@ -401,6 +408,9 @@ class FakeUspeedo:
                 phones=phones,
                 step=self._step,
             )
+            self._sessions[session_no] = sent
+        if self._on_session is not None:
+            self._on_session(sent)
         response = {
             "RetCode": RET_OK,
             "Action": f"{SEND_BATCH}Response",
