@@ -894,7 +894,7 @@ def receiver(host: str, port: int, workers: int) -> None:
         with socket.create_server((host, port), reuse_port=False):
             pass
     except OSError as exc:
-        _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+        _cannot_listen(host, port, exc, "receiver")
     configure_logging(settings)
     logging.getLogger(__name__).info(
         "receiving Uspeedo's push on http://%s:%d/uspeedo/callback/<token> (%d process(es))",

@@ -34,6 +34,7 @@ def busy_port() -> Iterator[int]:
 
 def _receipts(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECEIPTS_")}
+    env["RECEIPTS_CALLBACK_TOKEN"] = "a-callback-token-of-30-chars-x"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env["RECEIPTS_DATABASE_URL"] = f"sqlite:///{folder / 'receipts.db'}"
     return subprocess.run(
@@ -47,7 +48,7 @@ def _receipts(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("command", ["simulate", "exporter"])
+@pytest.mark.parametrize("command", ["simulate", "exporter", "receiver"])
 def test_a_server_command_refuses_a_busy_port_in_one_line(
     command: str, busy_port: int, tmp_path: Path
 ) -> None:
