@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
@@ -20,18 +20,24 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from tests.support.clock import T0
+from tests.support.databases import Configure
 from tests.support.factories import stored_receipts, stored_sessions, track
 from tests.support.processes import wait_for
+from tests.support.push_receiver import TOKEN, Running, report
+from tests.support.servers import free_port
 from worker import db, push
-from worker.models import receipts_table
+from worker.config import load_settings
+from worker.models import push_counts_table, receipts_table
 from worker.push_writer import PushWriter
 from worker.receipts import Receipt
+from worker.receiver import create_app
 
 pytestmark = pytest.mark.usefixtures("database")
 
 PUSHED = T0 + timedelta(seconds=20)
 POISON = "85200000666"  # a phone whose receipt the database "refuses" (test_a_permanent_...)
 WAIT = 20.0
+WRITER_THREAD = "receipts-push-writer"
 
 
 def _receipts(*reports: tuple[str, str]) -> tuple[Receipt, ...]:
@@ -65,6 +71,11 @@ class Gate:
 
     @contextmanager
     def __call__(self) -> Iterator[Session]:
+        if threading.current_thread().name != WRITER_THREAD:
+            # A receiver's other units of work (its probe, its counts) pass straight through.
+            with db.session_scope() as session:
+                yield session
+            return
         with db.session_scope() as session:
             yield session
             # The transaction's work is done; its commit follows this block.
@@ -238,3 +249,51 @@ def test_stopping_writes_what_was_handed_over(recorded: list[list[str]]) -> None
     assert not stopping.is_alive()
     assert _results([first, second]) == [{"stored": 1}] * 2
     assert _committed() == {"S0", "S1"}
+
+
+def test_over_http_a_failed_group_is_answered_503_to_each_push_and_the_others_200(
+    database: str, configure: Configure
+) -> None:
+    track(*({"account_id": 1, "session_no": f"S{i}"} for i in range(4)))
+    configure(RECEIPTS_DATABASE_URL=database, RECEIPTS_CALLBACK_TOKEN=TOKEN)
+    gate = Gate()
+    app = create_app(load_settings(), session_factory=gate, clock=lambda: PUSHED)
+    running = Running(app, free_port()).start()
+    writer = app.state.receiver.writer
+
+    at = int(PUSHED.timestamp())
+
+    def send(session_no: str) -> tuple[int, int]:
+        answer = running.post(
+            {"MsgType": 2, "Data": [report(session_no, "85255311111", "Success", ReceiptTime=at)]}
+        )
+        return answer.status_code, answer.json()["code"]
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            gate.open.clear()
+            first = pool.submit(send, "S0")
+            assert gate.holding.wait(WAIT)
+            group = [pool.submit(send, f"S{i}") for i in (1, 2, 3)]
+            wait_for(lambda: writer.waiting() == len(group), timeout=WAIT)
+            assert not any(f.done() for f in [first, *group]), "answered before the commit"
+            lost = sa_exc.OperationalError("COMMIT", {}, Exception("server closed the connection"))
+            gate.fail = (1, lost)
+            gate.open.set()
+            assert first.result(WAIT) == (200, 0)
+            assert [f.result(WAIT) for f in group] == [(503, 503)] * 3
+            assert _committed() == {"S0"}
+            # Uspeedo's retries of the three are taken.
+            assert list(pool.map(send, ["S1", "S2", "S3"])) == [(200, 0)] * 3
+        assert _committed() == {"S0", "S1", "S2", "S3"}
+        running.flush()
+        with db.read_scope() as session:
+            counts = {
+                (r.metric, r.label): r.value for r in session.execute(sa.select(push_counts_table))
+            }
+        assert (counts[("requests", "ok")], counts[("requests", "unavailable")]) == (4, 3)
+        assert counts[("receipts", "stored")] == 4
+        assert counts[("latency_count", "")] == 4
+    finally:
+        gate.open.set()
+        running.stop()
