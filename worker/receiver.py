@@ -8,8 +8,9 @@ Routes (nothing else answers but 404):
   meanwhile (worker/push_writer.py); ``503`` with a non-zero code while the database cannot
   take them (every push of a transaction that failed), so that Uspeedo retries; ``404`` for a
   wrong token, as for any other path (compared in constant time); ``400`` for a body that is
-  not a push; ``413`` past ``RECEIPTS_RECEIVER_MAX_BODY``. A ``MsgType`` other than 2 is answered ok, ignored and
-  counted; malformed items inside a good body are skipped and counted, the rest stored.
+  not a push; ``413`` past ``RECEIPTS_RECEIVER_MAX_BODY``. A ``MsgType`` other than 2 is
+  answered ok, ignored and counted; malformed items inside a good body are skipped and
+  counted, the rest stored.
 - ``GET /healthz``: 200 while the database answers, else 503.
 
 Served by uvicorn (an ASGI server; Starlette routes the two paths): production-grade, run as
