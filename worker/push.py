@@ -116,6 +116,9 @@ class PushOutcome:
     applied: int  # receipts matched to a tracked session (stored or outranked)
     parked: int  # receipts waiting in the inbox
     resolved: tuple[str, ...]  # SessionNos the push settled
+    # SessionNos matched to a tracked session (their receipts applied; the others parked): what
+    # tells each of several pushes recorded together (worker/push_writer.py) its own counts.
+    matched: frozenset[str] = frozenset()
 
 
 def record_push(
@@ -154,7 +157,9 @@ def record_push(
         session, targets=targets, receipts=mine, now=now, source=ReceiptSource.PUSH
     )
     park(session, parked, account_id=account_id or NO_ACCOUNT, now=now)
-    return PushOutcome(applied=len(mine), parked=len(parked), resolved=outcome.resolved)
+    return PushOutcome(
+        applied=len(mine), parked=len(parked), resolved=outcome.resolved, matched=frozenset(names)
+    )
 
 
 def _tracked(

@@ -4,11 +4,13 @@ Routes (nothing else answers but 404):
 
 - ``POST /uspeedo/callback/<RECEIPTS_CALLBACK_TOKEN>[?account_id=N]``: a push body
   (worker/push.py). ``200 {"code": 0, "message": "ok"}`` only once its receipts are committed
-  (or parked in the inbox); ``503`` with a non-zero code while the database cannot take them,
-  so that Uspeedo retries; ``404`` for a wrong token, as for any other path (compared in
-  constant time); ``400`` for a body that is not a push; ``413`` past
-  ``RECEIPTS_RECEIVER_MAX_BODY``. A ``MsgType`` other than 2 is answered ok, ignored and
-  counted; malformed items inside a good body are skipped and counted, the rest stored.
+  (or parked in the inbox), by this process's one writer together with the pushes that arrived
+  meanwhile (worker/push_writer.py); ``503`` with a non-zero code while the database cannot
+  take them (every push of a transaction that failed), so that Uspeedo retries; ``404`` for a
+  wrong token, as for any other path (compared in constant time); ``400`` for a body that is
+  not a push; ``413`` past ``RECEIPTS_RECEIVER_MAX_BODY``. A ``MsgType`` other than 2 is
+  answered ok, ignored and counted; malformed items inside a good body are skipped and
+  counted, the rest stored.
 - ``GET /healthz``: 200 while the database answers, else 503.
 
 Served by uvicorn (an ASGI server; Starlette routes the two paths): production-grade, run as
@@ -23,6 +25,7 @@ reports for all of them.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -50,7 +53,7 @@ from worker.config import Settings, get_settings
 from worker.db import upsert_insert
 from worker.errors import SettingsError
 from worker.models import push_counts_table
-from worker.receipts import Receipt
+from worker.push_writer import PushWriter
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("worker.receiver.access")
@@ -204,43 +207,6 @@ class Flusher:
             self.flush()
 
 
-# --- storing a push -----------------------------------------------------------------------
-
-
-def store_push(
-    receipts: Sequence[Receipt],
-    *,
-    account_id: int | None,
-    session_factory: SessionFactory,
-    clock: Clock,
-) -> Counter[str]:
-    """Commit pushed receipts (or park them); a receipt the database refuses for good is
-    isolated by halving and skipped, so that it cannot cost the others. Raises a transient
-    database error (the caller answers 503 and Uspeedo retries)."""
-    fates: Counter[str] = Counter()
-    try:
-        with session_factory() as session:
-            outcome = push.record_push(session, receipts, now=clock(), account_id=account_id)
-    except sa_exc.DBAPIError as exc:
-        if db.is_transient(exc):
-            raise
-        if len(receipts) == 1:
-            log.warning("a pushed receipt was refused by the database: %s", db.error_text(exc))
-            fates["refused"] += 1
-            return fates
-        middle = len(receipts) // 2
-        for half in (receipts[:middle], receipts[middle:]):
-            fates.update(
-                store_push(
-                    half, account_id=account_id, session_factory=session_factory, clock=clock
-                )
-            )
-        return fates
-    fates["stored"] += outcome.applied
-    fates["parked"] += outcome.parked
-    return fates
-
-
 # --- the application ----------------------------------------------------------------------
 
 
@@ -254,6 +220,11 @@ class Receiver:
     session_factory: SessionFactory
     clock: Clock
     counts: PushCounts = field(default_factory=PushCounts)
+    # This process's one writer: concurrent pushes committed together (worker/push_writer.py).
+    writer: PushWriter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.writer = PushWriter(session_factory=self.session_factory, clock=self.clock)
 
     async def callback(self, request: Request) -> Response:
         started = time.monotonic()
@@ -281,20 +252,15 @@ class Receiver:
                 "; ".join(batch.skipped[:3]) + ("; ..." if len(batch.skipped) > 3 else ""),
             )
         if batch.receipts:
+            # Answered once the writer's transaction holding these receipts committed.
+            pending = self.writer.submit(batch.receipts, account_id=account_id or None)
             try:
-                fates.update(
-                    await run_in_threadpool(
-                        store_push,
-                        batch.receipts,
-                        account_id=account_id or None,
-                        session_factory=self.session_factory,
-                        clock=self.clock,
-                    )
-                )
+                stored: Counter[str] = await asyncio.wrap_future(pending)
             except sa_exc.DBAPIError as exc:
                 log.warning("a push could not be stored now: %s", db.error_text(exc))
                 retry = "the receipts could not be stored now; retry"
                 return self.finish("unavailable", started, 503, retry, fates)
+            fates.update(stored)
         return self.finish("ok", started, 200, "ok", fates)
 
     def probe(self) -> None:
@@ -361,10 +327,13 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         await run_in_threadpool(receiver.warm_up)
+        receiver.writer.start()
         flusher.start()
         try:
             yield
         finally:
+            # The pushes handed over are written (and counted) before the last flush.
+            await run_in_threadpool(receiver.writer.stop)
             await run_in_threadpool(flusher.stop)
 
     app = Starlette(
