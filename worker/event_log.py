@@ -1,0 +1,268 @@
+"""The append-only event log, which this module owns: ``sms_receipt_events`` (every observed
+change of a phone's receipt), ``sms_session_events`` (resolutions and escalations) and the one
+series of ids they share. ``worker.history()`` and ``receipts history`` read it
+(worker/records.py); an event stream to the sender's application can be derived from it.
+
+Nothing here opens a transaction: the receipts upsert (:func:`worker.store.upsert_receipts`)
+and the state changes of sessions (:func:`worker.store.record_receipts`,
+:func:`worker.store.escalate_due`) write their history in their own unit of work, so that a
+change and its history commit together or not at all. On PostgreSQL the receipt history is
+written by the upsert's own statement (:func:`receipt_history_statement`); on SQLite, whose
+statements cannot both upsert and insert elsewhere, by :func:`record_observed` right after it.
+
+Ids: PostgreSQL draws them from ``receipts_event_id_seq`` (the column default); SQLite from the
+one row of ``receipts_event_ids`` (:func:`take_ids`), inside the writing transaction. See
+:data:`worker.models.EVENT_IDS` for why a reader of the stream cannot simply remember the last
+id it saw on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from worker.db import json_document, json_rows
+from worker.domain import RECEIPT_FACTS, ReceiptSource, SessionEventType, is_repeat
+from worker.models import (
+    event_ids_table,
+    receipt_events_table,
+    receipts_table,
+    session_events_table,
+)
+
+E = receipt_events_table
+SE = session_events_table
+R = receipts_table
+
+# The columns of a receipt row (worker.store.receipt_rows) that its history row keeps; with
+# account_id, observed_at and applied, all of sms_receipt_events but its id.
+EVENT_COLUMNS = (
+    "session_no",
+    "phone",
+    "phone_key",
+    "result",
+    "receipt_code",
+    "receipt_desc",
+    "receipt_time",
+    "cost_count",
+    "user_id",
+    "source",
+)
+
+Key = tuple[str, str]  # (session_no, phone_key)
+
+
+def _key(row: Mapping[str, Any]) -> Key:
+    return (row["session_no"], row["phone_key"])
+
+
+def is_repeat_sql(stored: Any, new: Any) -> sa.ColumnElement[bool]:
+    """SQL twin of :func:`worker.domain.is_repeat` for a stored row that exists: every fact
+    equal, NULL equal to NULL."""
+    return sa.and_(*(stored[fact].is_not_distinct_from(new[fact]) for fact in RECEIPT_FACTS))
+
+
+# --- ids (SQLite) -------------------------------------------------------------------------
+
+
+def take_ids(session: Session, count: int) -> int:
+    """The first of ``count`` new consecutive event ids (SQLite). The counter's row is written
+    by the caller's transaction, which holds SQLite's one write lock from its first statement
+    (worker/db.py), so ids are handed out, and committed, in order."""
+    last = session.execute(
+        sa.update(event_ids_table)
+        .where(event_ids_table.c.id == 1)
+        .values(last_id=event_ids_table.c.last_id + count)
+        .returning(event_ids_table.c.last_id)
+    ).scalar_one()
+    return int(last) - count + 1
+
+
+# --- receipt history ----------------------------------------------------------------------
+
+
+def receipt_history_statement(incoming: Any, applied: Any, account_id: Any, now: Any) -> sa.Insert:
+    """PostgreSQL: the INSERT of the history rows of one upsert, the final part of its
+    statement (:func:`worker.store.upsert_receipts`).
+
+    ``incoming`` is the CTE of the upserted rows and ``applied`` the CTE of the upsert itself,
+    whose RETURNING names the (session_no, phone_key) it wrote. Every sub-statement of one
+    statement sees the same snapshot, taken before the upsert ran: the join to
+    ``sms_receipts`` here reads the receipt as it was stored before, so a row is kept when it
+    differs from that (:func:`is_repeat_sql`), and marked applied when the upsert wrote it. A
+    losing receipt already recorded as losing is not recorded again (a stale report that a
+    poll or a push keeps repeating). That snapshot is fresh: the sessions were locked by an
+    earlier statement of the transaction (worker.store.lock_sessions), so every writer of their
+    receipts before us has committed, and none can write them until we commit.
+    """
+    stored = R.alias("stored")
+    on_stored = sa.and_(
+        stored.c.account_id == account_id,
+        stored.c.session_no == incoming.c.session_no,
+        stored.c.phone_key == incoming.c.phone_key,
+    )
+    on_applied = sa.and_(
+        applied.c.session_no == incoming.c.session_no,
+        applied.c.phone_key == incoming.c.phone_key,
+    )
+    was_applied = applied.c.phone_key.is_not(None)
+    lost_before = sa.exists().where(
+        E.c.account_id == account_id,
+        E.c.session_no == incoming.c.session_no,
+        E.c.phone_key == incoming.c.phone_key,
+        E.c.applied.is_(False),
+        is_repeat_sql(E.c, incoming.c),
+    )
+    select = (
+        sa.select(
+            account_id,
+            *(incoming.c[name] for name in EVENT_COLUMNS),
+            now,
+            was_applied,
+        )
+        .select_from(incoming.outerjoin(stored, on_stored).outerjoin(applied, on_applied))
+        .where(
+            sa.or_(stored.c.id.is_(None), sa.not_(is_repeat_sql(stored.c, incoming.c))),
+            sa.or_(was_applied, sa.not_(lost_before)),
+        )
+        # Ids in a stable order within the statement, as on SQLite.
+        .order_by(incoming.c.session_no, incoming.c.phone_key)
+    )
+    return sa.insert(E).from_select(
+        ["account_id", *EVENT_COLUMNS, "observed_at", "applied"], select
+    )
+
+
+def stored_receipts(
+    session: Session, account_id: int, rows: Sequence[Mapping[str, Any]]
+) -> dict[Key, dict[str, Any]]:
+    """SQLite, before the upsert: the stored receipts of the phones of ``rows``."""
+    query = sa.select(R.c.session_no, R.c.phone_key, *(R.c[f] for f in RECEIPT_FACTS)).where(
+        R.c.account_id == account_id,
+        R.c.session_no.in_(sorted({row["session_no"] for row in rows})),
+    )
+    return {(row.session_no, row.phone_key): row._asdict() for row in session.execute(query)}
+
+
+def record_observed(
+    session: Session,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    account_id: int,
+    now: datetime,
+    stored: Mapping[Key, Mapping[str, Any]],
+    applied: Collection[Key],
+) -> int:
+    """SQLite, after the upsert: the history rows of one upsert, the same ones the PostgreSQL
+    statement writes (:func:`receipt_history_statement`), given the receipts ``stored`` before
+    it and the keys it ``applied`` (its RETURNING). Returns how many were written."""
+    observed = [row for row in rows if not is_repeat(stored.get(_key(row)), row)]
+    losing = {row["session_no"] for row in observed if _key(row) not in applied}
+    if losing:
+        lost = _lost_receipts(session, account_id, losing)
+        observed = [
+            row
+            for row in observed
+            if _key(row) in applied or not any(is_repeat(old, row) for old in lost[_key(row)])
+        ]
+    if not observed:
+        return 0
+    observed.sort(key=_key)
+    first = take_ids(session, len(observed))
+    session.connection().execute(
+        _insert_receipt_events(),
+        [
+            {
+                **{name: row[name] for name in EVENT_COLUMNS},
+                "id": first + offset,
+                "account_id": account_id,
+                "observed_at": now,
+                "applied": _key(row) in applied,
+            }
+            for offset, row in enumerate(observed)
+        ],
+    )
+    return len(observed)
+
+
+@functools.cache
+def _insert_receipt_events() -> sa.Insert:
+    return sa.insert(E)
+
+
+def _lost_receipts(
+    session: Session, account_id: int, session_nos: Iterable[str]
+) -> defaultdict[Key, list[dict[str, Any]]]:
+    query = sa.select(E.c.session_no, E.c.phone_key, *(E.c[f] for f in RECEIPT_FACTS)).where(
+        E.c.account_id == account_id,
+        E.c.session_no.in_(sorted(session_nos)),
+        E.c.applied.is_(False),
+    )
+    found: defaultdict[Key, list[dict[str, Any]]] = defaultdict(list)
+    for row in session.execute(query):
+        found[(row.session_no, row.phone_key)].append(row._asdict())
+    return found
+
+
+# --- session events -----------------------------------------------------------------------
+
+
+def session_event(
+    account_id: int,
+    session_no: str,
+    kind: SessionEventType,
+    source: ReceiptSource | None = None,
+) -> dict[str, Any]:
+    """One row of ``sms_session_events`` to write with :func:`record_session_events`."""
+    return {
+        "account_id": account_id,
+        "session_no": session_no,
+        "type": kind.value,
+        "source": source.value if source is not None else None,
+    }
+
+
+_SESSION_EVENT_TYPES: dict[str, Any] = {
+    "account_id": sa.BigInteger(),
+    "session_no": sa.Text(),
+    "type": sa.Text(),
+    "source": sa.Text(),
+}
+
+
+def record_session_events(
+    session: Session, events: Sequence[Mapping[str, Any]], *, now: datetime
+) -> None:
+    """Append ``events`` (:func:`session_event`) that occurred at ``now``, in their order, in
+    one statement (PostgreSQL) or one executemany (SQLite)."""
+    if not events:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(_session_events_statement(), {"now": now, **json_document(events)})
+        return
+    first = take_ids(session, len(events))
+    session.connection().execute(
+        sa.insert(SE),
+        [
+            {**event, "id": first + offset, "occurred_at": now}
+            for offset, event in enumerate(events)
+        ],
+    )
+
+
+@functools.cache
+def _session_events_statement() -> sa.Insert:
+    """PostgreSQL: the session events of one step of a transaction, from one JSON document;
+    their ids come from the sequence (the column's default)."""
+    source = json_rows(_SESSION_EVENT_TYPES).subquery("events")
+    now = sa.bindparam("now", type_=SE.c.occurred_at.type)
+    return sa.insert(SE).from_select(
+        [*_SESSION_EVENT_TYPES, "occurred_at"],
+        sa.select(*(source.c[name] for name in _SESSION_EVENT_TYPES), now),
+    )
