@@ -1,5 +1,5 @@
-"""Read-only views of the tables for people: ``receipts status``, ``receipts stale`` and
-``receipts rejected``.
+"""Read-only views of the tables for people: ``receipts status``, ``receipts history``,
+``receipts stale`` and ``receipts rejected``.
 
 Every value from the database reaches rich as a ``Text``, never as a ``str``: rich reads
 ``[...]`` in a string as markup (``[/]`` in a SessionNo or an API error text raised
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from rich.text import Text
 
     from worker.intake import RejectedTrack
+    from worker.records import SessionHistory
 
 
 def session_status(session_no: str, *, account_id: int | None = None) -> dict[str, Any]:
@@ -68,6 +69,62 @@ def print_status(found: dict[str, Any]) -> None:
                     "cost_count",
                 )
             )
+        )
+    console.print(table)
+
+
+def history_rows(found: SessionHistory, *, show_phones: bool) -> dict[str, Any]:
+    """What ``receipts history`` shows: the session's timeline as plain data, phones masked to
+    their last four digits unless ``show_phones`` (as the log and ``receipts rejected``)."""
+    from worker.logs import mask_phone
+
+    shown = found.as_dict()
+    for entry in shown["timeline"]:
+        if entry["type"] == "receipt":
+            entry["phone"] = mask_phone(entry["phone"], show=show_phones)
+            entry["phone_key"] = mask_phone(entry["phone_key"], show=show_phones)
+    return shown
+
+
+HISTORY_COLUMNS = (
+    "id",
+    "at",
+    "event",
+    "phone",
+    "result",
+    "code",
+    "receipt_time",
+    "source",
+    "applied",
+)
+
+
+def print_history(shown: dict[str, Any]) -> None:
+    """The timeline, one line per change, oldest first; a receipt that lost to the stored one
+    is marked ``no`` under ``applied``."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    timeline = shown["timeline"]
+    table = Table(
+        title=f"{shown['session_no']} (account {shown['account_id']}): "
+        f"{len(timeline)} change(s), oldest first"
+    )
+    for column in HISTORY_COLUMNS:
+        table.add_column(column)
+    for entry in timeline:
+        receipt = entry["type"] == "receipt"
+        table.add_row(
+            _cell(entry["id"]),
+            _cell(entry["observed_at"] if receipt else entry["occurred_at"]),
+            _cell(entry["type"]),
+            _cell(entry.get("phone")),
+            _cell(entry.get("result")),
+            _cell(entry.get("receipt_code")),
+            _cell(entry.get("receipt_time")),
+            _cell(entry["source"]),
+            _cell(("yes" if entry["applied"] else "no") if receipt else None),
         )
     console.print(table)
 

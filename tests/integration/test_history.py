@@ -5,6 +5,7 @@ event takes an id from one increasing series."""
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import timedelta
 from typing import Any
@@ -13,7 +14,9 @@ import pytest
 import sqlalchemy as sa
 
 import worker
+from tests.support.cli import invoke, ok
 from tests.support.clock import POLICY, T0
+from tests.support.databases import Configure
 from tests.support.factories import P1, P2, escalate, poll, receipt, track
 from worker import db, push, store
 from worker.domain import ReceiptSource, Result
@@ -184,3 +187,44 @@ def test_event_ids_increase_across_both_tables_and_transactions() -> None:
 def test_history_of_an_untracked_session_is_refused_like_its_status() -> None:
     with pytest.raises(worker.SessionNotFound, match="not tracked"):
         worker.history("nope")
+
+
+def test_the_history_command_shows_the_timeline_phones_masked(configure: Configure) -> None:
+    track({"account_id": 1, "session_no": "S", "phones": [P1]})
+    poll(1, [receipt("S", P1, Result.UNKNOW, T1)], FIRST)
+    poll(1, [receipt("S", P1, Result.SUCCESS, T2)], SECOND)
+    _push(receipt("S", "85255311111", Result.UNKNOW, T1), at=SECOND + timedelta(seconds=1))
+
+    lines = ok(invoke("history", "S")).output.splitlines()
+    rows = [line for line in lines if "Unknow" in line or "Success" in line or "session." in line]
+    assert len(rows) == 4
+    assert "Unknow" in rows[0] and "poll" in rows[0] and rows[0].rstrip(" │").endswith("yes")
+    assert "Success" in rows[1] and rows[1].rstrip(" │").endswith("yes")
+    assert "session.resolved" in rows[2]
+    assert "Unknow" in rows[3] and "push" in rows[3] and rows[3].rstrip(" │").endswith("no")
+    assert "*******1111" in rows[0] and "55311111" not in "\n".join(lines)
+
+    shown = json.loads(ok(invoke("history", "S", "--json")).output)
+    assert (shown["account_id"], shown["session_no"]) == (1, "S")
+    assert [
+        (e["type"], e.get("result"), e["source"], e.get("applied")) for e in shown["timeline"]
+    ] == [
+        ("receipt", "Unknow", "poll", True),
+        ("receipt", "Success", "poll", True),
+        ("session.resolved", None, "poll", None),
+        ("receipt", "Unknow", "push", False),
+    ]
+    first = shown["timeline"][0]
+    assert (first["phone"], first["phone_key"]) == ("*******1111", "*******1111")
+    assert first["observed_at"] == FIRST.isoformat(timespec="seconds")
+    assert first["receipt_time"] == T1.isoformat(timespec="seconds")
+
+    configure(RECEIPTS_LOG_PHONES="true")
+    shown = json.loads(ok(invoke("history", "S", "--json")).output)
+    assert shown["timeline"][0]["phone"] == P1
+
+
+def test_the_history_command_refuses_an_untracked_session_in_one_line() -> None:
+    result = invoke("history", "nope")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == ["error: session 'nope' is not tracked"]
