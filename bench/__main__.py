@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--json] [--sessions N] [--no-profile]``
+"""``python -m bench [--quick] [--json] [--sessions N] [--no-profile] [--only PHASE ...]``
 
 Runs every phase in one process against a fresh ``receipts_bench_<random>`` database (dropped at
 the end), a Redis db of its own (``BENCH_REDIS_URL``, else an empty db taken for the run; emptied
@@ -28,7 +28,7 @@ from typing import Any
 import psycopg
 from sqlalchemy import exc as sa_exc
 
-from bench import claims, inproc, raw, report, track, worker_run
+from bench import claims, history, inproc, raw, report, track, worker_run
 from bench.env import (
     bench_database,
     configure_process,
@@ -65,6 +65,7 @@ class Scale:
     claim_pending: int
     claim_history: tuple[int, ...]
     claim_rounds: int
+    history_sessions: int
 
 
 FULL = Scale(
@@ -87,6 +88,7 @@ FULL = Scale(
     # The best of five rounds: a round's mean moves by about 0.1 ms from run to run (measured),
     # which is 6% of a 1.7 ms claim.
     claim_rounds=5,
+    history_sessions=4_000,
 )
 QUICK = Scale(
     raw_rows=20_000,
@@ -106,6 +108,18 @@ QUICK = Scale(
     claim_pending=2_000,
     claim_history=(20_000, 100_000),
     claim_rounds=5,
+    history_sessions=1_000,
+)
+PHASES = (
+    "raw",
+    "track",
+    "seed",
+    "history",
+    "inproc",
+    "worker",
+    "memory_small",
+    "memory_large",
+    "claims",
 )
 
 
@@ -115,6 +129,13 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print the JSON result on stdout")
     parser.add_argument("--sessions", type=int, help="backlog of the main real-worker run")
     parser.add_argument("--no-profile", action="store_true", help="skip py-spy on the worker")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=PHASES,
+        metavar="PHASE",
+        help=f"run only these phases ({', '.join(PHASES)}); figures of the others show '-'",
+    )
     args = parser.parse_args(argv)
     if args.sessions is not None and args.sessions < 1:
         parser.error("--sessions must be positive")
@@ -136,9 +157,15 @@ def _connection_lost(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.OperationalError | sa_exc.OperationalError)
 
 
+_SELECTED: set[str] = set(PHASES)
+
+
 def _phase(results: dict[str, Any], name: str, work: Callable[[], dict[str, Any]]) -> None:
-    """Run one phase; a failure is recorded and the other phases still run. A phase cut short by
-    a lost database connection (PostgreSQL restarted by someone else) is retried once."""
+    """Run one phase (if selected, ``--only``); a failure is recorded and the other phases
+    still run. A phase cut short by a lost database connection (PostgreSQL restarted by someone
+    else) is retried once."""
+    if name not in _SELECTED:
+        return
     started = time.monotonic()
     for attempt in (1, 2):
         log(f"--- {name}" + (" (retry)" if attempt > 1 else ""))
@@ -191,6 +218,11 @@ def run(scale: Scale, *, profile: bool, mode: str) -> dict[str, Any]:
             ),
         )
         _phase(results, "seed", lambda: seed_history(database, scale.seed_sessions))
+        _phase(
+            results,
+            "history",
+            lambda: history.run(database, sessions=scale.history_sessions, phones=scale.phones),
+        )
         _phase(
             results,
             "inproc",
@@ -332,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     signal.signal(signal.SIGTERM, _terminate)
     scale = QUICK if args.quick else FULL
+    if args.only:
+        _SELECTED.intersection_update(args.only)
     if args.sessions:
         scale = dataclasses.replace(scale, worker_sessions=args.sessions)
     results = run(scale, profile=not args.no_profile, mode="quick" if args.quick else "full")

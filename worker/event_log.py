@@ -92,26 +92,32 @@ def receipt_history_statement(incoming: Any, applied: Any, account_id: Any, now:
     statement (:func:`worker.store.upsert_receipts`).
 
     ``incoming`` is the CTE of the upserted rows and ``applied`` the CTE of the upsert itself,
-    whose RETURNING names the (session_no, phone_key) it wrote. Every sub-statement of one
-    statement sees the same snapshot, taken before the upsert ran: the join to
-    ``sms_receipts`` here reads the receipt as it was stored before, so a row is kept when it
-    differs from that (:func:`is_repeat_sql`), and marked applied when the upsert wrote it. A
-    losing receipt already recorded as losing is not recorded again (a stale report that a
-    poll or a push keeps repeating). That snapshot is fresh: the sessions were locked by an
-    earlier statement of the transaction (worker.store.lock_sessions), so every writer of their
-    receipts before us has committed, and none can write them until we commit.
+    whose RETURNING gives the rows it wrote (:data:`EVENT_COLUMNS`). The upsert writes a receipt
+    when it wins and is not a repeat of the stored one (its guard), so:
+
+    - a row it wrote is a change, recorded as applied straight from the RETURNING: no join, no
+      lookup, which is nearly every row (a first receipt, a newer one, a final one);
+    - a row it did not write is either a repeat of the stored receipt (nothing to record) or a
+      receipt that lost to it (recorded, not applied, unless the same losing receipt was
+      recorded before: a stale report that a poll or a push keeps repeating). Only these rows
+      look at ``sms_receipts`` and ``sms_receipt_events``, one index probe each.
+
+    The upsert left those stored rows as they were, so this statement's snapshot reads them as
+    the guard saw them. No other writer can change them meanwhile: the sessions were locked by
+    an earlier statement of the transaction (worker.store.lock_sessions).
     """
-    stored = R.alias("stored")
-    on_stored = sa.and_(
-        stored.c.account_id == account_id,
-        stored.c.session_no == incoming.c.session_no,
-        stored.c.phone_key == incoming.c.phone_key,
-    )
-    on_applied = sa.and_(
+    columns = ["account_id", *EVENT_COLUMNS, "observed_at", "applied"]
+    written = sa.select(account_id, *(applied.c[name] for name in EVENT_COLUMNS), now, sa.true())
+    is_written = sa.exists().where(
         applied.c.session_no == incoming.c.session_no,
         applied.c.phone_key == incoming.c.phone_key,
     )
-    was_applied = applied.c.phone_key.is_not(None)
+    repeats_stored = sa.exists().where(
+        R.c.account_id == account_id,
+        R.c.session_no == incoming.c.session_no,
+        R.c.phone_key == incoming.c.phone_key,
+        is_repeat_sql(R.c, incoming.c),
+    )
     lost_before = sa.exists().where(
         E.c.account_id == account_id,
         E.c.session_no == incoming.c.session_no,
@@ -119,35 +125,18 @@ def receipt_history_statement(incoming: Any, applied: Any, account_id: Any, now:
         E.c.applied.is_(False),
         is_repeat_sql(E.c, incoming.c),
     )
-    select = (
-        sa.select(
-            account_id,
-            *(incoming.c[name] for name in EVENT_COLUMNS),
-            now,
-            was_applied,
-        )
-        .select_from(incoming.outerjoin(stored, on_stored).outerjoin(applied, on_applied))
-        .where(
-            sa.or_(stored.c.id.is_(None), sa.not_(is_repeat_sql(stored.c, incoming.c))),
-            sa.or_(was_applied, sa.not_(lost_before)),
-        )
-        # Ids in a stable order within the statement, as on SQLite.
-        .order_by(incoming.c.session_no, incoming.c.phone_key)
+    count = sa.func.count()
+    unwritten = sa.select(
+        account_id, *(incoming.c[name] for name in EVENT_COLUMNS), now, sa.false()
+    ).where(
+        # Evaluated once: when the upsert wrote every row, the rest of this branch never runs.
+        sa.select(count).select_from(applied).scalar_subquery()
+        < sa.select(count).select_from(incoming).scalar_subquery(),
+        sa.not_(is_written),
+        sa.not_(repeats_stored),
+        sa.not_(lost_before),
     )
-    return sa.insert(E).from_select(
-        ["account_id", *EVENT_COLUMNS, "observed_at", "applied"], select
-    )
-
-
-def stored_receipts(
-    session: Session, account_id: int, rows: Sequence[Mapping[str, Any]]
-) -> dict[Key, dict[str, Any]]:
-    """SQLite, before the upsert: the stored receipts of the phones of ``rows``."""
-    query = sa.select(R.c.session_no, R.c.phone_key, *(R.c[f] for f in RECEIPT_FACTS)).where(
-        R.c.account_id == account_id,
-        R.c.session_no.in_(sorted({row["session_no"] for row in rows})),
-    )
-    return {(row.session_no, row.phone_key): row._asdict() for row in session.execute(query)}
+    return sa.insert(E).from_select(columns, sa.union_all(written, unwritten))
 
 
 def record_observed(
@@ -156,24 +145,29 @@ def record_observed(
     *,
     account_id: int,
     now: datetime,
-    stored: Mapping[Key, Mapping[str, Any]],
     applied: Collection[Key],
 ) -> int:
     """SQLite, after the upsert: the history rows of one upsert, the same ones the PostgreSQL
-    statement writes (:func:`receipt_history_statement`), given the receipts ``stored`` before
-    it and the keys it ``applied`` (its RETURNING). Returns how many were written."""
-    observed = [row for row in rows if not is_repeat(stored.get(_key(row)), row)]
-    losing = {row["session_no"] for row in observed if _key(row) not in applied}
-    if losing:
-        lost = _lost_receipts(session, account_id, losing)
-        observed = [
-            row
-            for row in observed
-            if _key(row) in applied or not any(is_repeat(old, row) for old in lost[_key(row)])
-        ]
+    statement writes (:func:`receipt_history_statement`), given the keys it ``applied`` (its
+    RETURNING). Returns how many were written."""
+    observed = list(rows)
+    unwritten = [row for row in rows if _key(row) not in applied]
+    if unwritten:
+        # Repeats and losers: the upsert left their stored receipts as they were.
+        sessions = {row["session_no"] for row in unwritten}
+        stored = _stored_receipts(session, account_id, sessions)
+        lost = _lost_receipts(session, account_id, sessions)
+        dropped = {
+            _key(row)
+            for row in unwritten
+            if is_repeat(stored.get(_key(row)), row)
+            or any(is_repeat(old, row) for old in lost[_key(row)])
+        }
+        observed = [row for row in rows if _key(row) not in dropped]
     if not observed:
         return 0
-    observed.sort(key=_key)
+    # In the order the PostgreSQL statement gives them ids: the applied ones, then the others.
+    observed.sort(key=lambda row: _key(row) not in applied)
     first = take_ids(session, len(observed))
     session.connection().execute(
         _insert_receipt_events(),
@@ -189,6 +183,15 @@ def record_observed(
         ],
     )
     return len(observed)
+
+
+def _stored_receipts(
+    session: Session, account_id: int, session_nos: Iterable[str]
+) -> dict[Key, dict[str, Any]]:
+    query = sa.select(R.c.session_no, R.c.phone_key, *(R.c[f] for f in RECEIPT_FACTS)).where(
+        R.c.account_id == account_id, R.c.session_no.in_(sorted(session_nos))
+    )
+    return {(row.session_no, row.phone_key): row._asdict() for row in session.execute(query)}
 
 
 @functools.cache

@@ -437,7 +437,9 @@ def _recorded_upsert_statement() -> Any:
     Still one round trip per answer.
     """
     incoming = json_rows({name: R.c[name].type for name in RECEIPT_COLUMNS}).cte("incoming")
-    upsert = _on_conflict(_insert_from(incoming)).returning(R.c.session_no, R.c.phone_key)
+    upsert = _on_conflict(_insert_from(incoming)).returning(
+        *(R.c[name] for name in event_log.EVENT_COLUMNS)
+    )
     return event_log.receipt_history_statement(
         incoming, upsert.cte("applied"), _ACCOUNT_PARAM, _NOW_PARAM
     )
@@ -475,7 +477,11 @@ def _on_conflict(statement: Any) -> Any:
             "source": excluded.source,
             "updated_at": excluded.updated_at,
         },
-        where=receipt_guard(R.c, excluded),
+        # A receipt that says what the stored one says changes nothing, not even updated_at
+        # or source: the upsert leaves it alone, and its RETURNING names only real changes.
+        where=sa.and_(
+            receipt_guard(R.c, excluded), sa.not_(event_log.is_repeat_sql(R.c, excluded))
+        ),
     )
 
 
@@ -501,7 +507,6 @@ def upsert_receipts(
             {"account_id": account_id, "now": now, **json_document(rows)},
         )
         return len(rows)
-    stored = event_log.stored_receipts(session, account_id, rows)
     common = {"account_id": account_id, "first_seen_at": now, "updated_at": now}
     written = session.connection().execute(
         _upsert_statement("sqlite"), [{**row, **common} for row in rows]
@@ -511,7 +516,6 @@ def upsert_receipts(
         rows,
         account_id=account_id,
         now=now,
-        stored=stored,
         applied={(row.session_no, row.phone_key) for row in written},
     )
     return len(rows)

@@ -70,12 +70,13 @@ def test_unknow_then_success_then_a_stale_unknow_keeps_all_three_the_last_not_ap
     # The API serves P1's older report again: observed, kept, not applied.
     poll(1, [receipt("S", P1, Result.UNKNOW, T1), receipt("S", P2, Result.FAIL, T2)], THIRD)
 
+    # Within one answer, the receipts it applied come first, then those that lost.
     assert _changes() == [
         (P1, "Unknow", "poll", True),
         (P2, "Unknow", "poll", True),
         (P1, "Success", "poll", True),
-        (P1, "Unknow", "poll", False),
         (P2, "Fail", "poll", True),
+        (P1, "Unknow", "poll", False),
     ]
     assert _session_events() == [("S", "session.resolved", "poll")]
 
