@@ -115,6 +115,7 @@ PHASES = (
     "track",
     "seed",
     "history",
+    "history_polls",
     "inproc",
     "worker",
     "memory_small",
@@ -222,6 +223,13 @@ def run(scale: Scale, *, profile: bool, mode: str) -> dict[str, Any]:
             results,
             "history",
             lambda: history.run(database, sessions=scale.history_sessions, phones=scale.phones),
+        )
+        _phase(
+            results,
+            "history_polls",
+            lambda: history.polls(
+                database, sim, sessions=scale.inproc_sessions, phones=scale.phones
+            ),
         )
         _phase(
             results,

@@ -17,18 +17,39 @@ both alike. Four passes over the same phones:
 
 The target is on the ``insert`` and ``update`` passes together, where every receipt is a
 change and costs a history row: the worst case for the history.
+
+Then the same comparison on the whole poll path (:func:`polls`): ``worker.poller.poll`` of
+one tick's claims against the simulator, each claim's sessions answered with final receipts
+(a history row per receipt, a session event per session), every other claim with the history
+left out (the receipts upsert alone, no session events), so both halves share the API call,
+the parsing, the locks, the session updates and the commit, as ingestion does.
 """
 
 from __future__ import annotations
 
+import contextlib
+import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from bench.env import BenchDatabase, SessionSpec, copy_sessions, log, make_sessions
-from worker import store
+from bench.env import (
+    ACCESS_KEY_ID,
+    ACCESS_KEY_SECRET,
+    BenchDatabase,
+    SessionSpec,
+    copy_sessions,
+    log,
+    make_sessions,
+    register,
+)
+from worker import event_log, poller, store
+from worker.client import UspeedoClient
+from worker.config import get_settings
 from worker.db import json_document, session_scope
+from worker.simulator import Simulator
+from worker.store import Claim
 
 BATCH_SESSIONS = 100
 PASSES = ("insert", "update", "repeat", "stale")
@@ -149,5 +170,98 @@ def run(database: BenchDatabase, *, sessions: int, phones: int) -> dict[str, Any
             f"receipts/s ({p['ratio']}x)"
             for name, p in result["passes"].items()
         )
+    )
+    return result
+
+
+def _upsert_without_history(
+    session: Any, rows: Sequence[dict[str, Any]], *, account_id: int, now: datetime
+) -> int:
+    if rows:
+        session.execute(
+            store._upsert_statement("postgresql"),
+            {"account_id": account_id, "now": now, **json_document(rows)},
+        )
+    return len(rows)
+
+
+@contextlib.contextmanager
+def _history_left_out() -> Iterator[None]:
+    """The poll path as it would be without the history: the receipts upsert alone, and no
+    session events (store calls both through module globals, looked up at each call)."""
+    upsert, events = store.upsert_receipts, event_log.record_session_events
+    store.upsert_receipts = _upsert_without_history  # type: ignore[assignment]
+    event_log.record_session_events = lambda *_a, **_k: None
+    try:
+        yield
+    finally:
+        store.upsert_receipts = upsert
+        event_log.record_session_events = events
+
+
+def polls(database: BenchDatabase, sim: Simulator, *, sessions: int, phones: int) -> dict[str, Any]:
+    """Needs :func:`bench.env.configure_process` done with the simulator's URL."""
+    database.reset()
+    sim.reset()
+    specs = make_sessions(sessions, phones=phones, accounts=1, prefix="hp-")
+    sent_at = time.time() - 60
+    register(sim, specs, sent_at=sent_at)
+    copy_sessions(database, specs, sent_at=datetime.fromtimestamp(sent_at, UTC))
+    settings = get_settings()
+    policy = settings.poll_policy()
+    client = UspeedoClient(
+        api_url=settings.api_url, access_key_id=ACCESS_KEY_ID, access_key_secret=ACCESS_KEY_SECRET
+    )
+    claims: list[Claim] = []
+    poller.tick(
+        session_factory=session_scope,
+        clock=lambda: datetime.now(UTC),
+        policy=policy,
+        dispatch=claims.append,
+        lease=settings.lease,
+        tick_every=settings.tick,
+    )
+    rng = random.Random(1)
+    seconds = {"history": 0.0, "baseline": 0.0}
+    receipts = {"history": 0, "baseline": 0}
+    try:
+        for index, claim in enumerate(claims):
+            side = "history" if index % 2 == 0 else "baseline"
+            context = contextlib.nullcontext() if side == "history" else _history_left_out()
+            with context:
+                started = time.perf_counter()
+                report = poller.poll(
+                    claim,
+                    session_factory=session_scope,
+                    client=client,
+                    clock=lambda: datetime.now(UTC),
+                    policy=policy,
+                    rng=rng,
+                    budget=settings.poll_budget,
+                    in_flight=settings.poll_in_flight,
+                )
+                seconds[side] += time.perf_counter() - started
+            receipts[side] += report.receipts_written
+    finally:
+        client.close()
+    with database.connect() as conn:
+        row = conn.execute(
+            "SELECT (SELECT count(*) FROM sms_sessions WHERE session_no LIKE 'hp-%' "
+            "AND state = 'pending'), (SELECT count(*) FROM sms_receipt_events)"
+        ).fetchone()
+    if row is None or row[0] != 0 or row[1] != receipts["history"]:
+        raise RuntimeError(f"history polls: pending sessions and history rows {row}, {receipts}")
+    database.reset()
+    rates = {side: receipts[side] / seconds[side] for side in seconds}
+    result = {
+        "sessions": sessions,
+        "polls": len(claims),
+        "history_receipts_per_s": round(rates["history"]),
+        "baseline_receipts_per_s": round(rates["baseline"]),
+        "ratio": round(rates["history"] / rates["baseline"], 3),
+    }
+    log(
+        f"history, whole polls: {result['history_receipts_per_s']:,} vs "
+        f"{result['baseline_receipts_per_s']:,} receipts/s ({result['ratio']}x)"
     )
     return result

@@ -107,6 +107,19 @@ def _history_figures(r: dict[str, Any]) -> list[Figure]:
             note="every receipt a change: the worst case",
         ),
     ]
+    polls = _get(r, "history_polls.ratio")
+    out.append(
+        Figure(
+            key="history_polls_ratio",
+            label="8. … ratio on whole polls (API call, locks, sessions, commit)",
+            value=polls,
+            unit="x",
+            target=f">= {HISTORY_COST_TARGET}",
+            ok=polls >= HISTORY_COST_TARGET if polls is not None else None,
+            note=f"{_get(r, 'history_polls.history_receipts_per_s')} vs "
+            f"{_get(r, 'history_polls.baseline_receipts_per_s')} receipts/s",
+        )
+    )
     for name in ("insert", "update", "repeat", "stale"):
         out.append(
             Figure(
