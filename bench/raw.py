@@ -42,7 +42,8 @@ CREATE TABLE {TABLE} (
 )
 """
 
-# The same conflict clause as worker.store.upsert_receipts, guard included.
+# The same conflict clause as worker.store.upsert_receipts, guard included (the worker's also
+# leaves a repeat of the stored receipt alone, which no pass here sends).
 ON_CONFLICT = f"""
 ON CONFLICT (account_id, session_no, phone_key) DO UPDATE SET
     phone = EXCLUDED.phone, result = EXCLUDED.result, receipt_code = EXCLUDED.receipt_code,

@@ -427,14 +427,16 @@ def _recorded_upsert_statement() -> Any:
 
         WITH incoming AS (SELECT … FROM json_to_recordset(:json_rows)),
              applied AS (INSERT INTO sms_receipts … SELECT … FROM incoming
-                         ON CONFLICT … DO UPDATE … WHERE <guard>
-                         RETURNING session_no, phone_key)
-        INSERT INTO sms_receipt_events … SELECT … FROM incoming
-            LEFT JOIN sms_receipts AS stored … LEFT JOIN applied …
+                         ON CONFLICT … DO UPDATE … WHERE <guard> AND NOT <repeat>
+                         RETURNING session_no, phone, phone_key, result, …)
+        INSERT INTO sms_receipt_events …
+            SELECT …, true FROM applied
+            UNION ALL
+            SELECT …, false FROM incoming WHERE <not written, not a repeat, not lost before>
 
-    The upsert reports the keys it wrote (RETURNING), so which receipts were applied is the
-    guard's own verdict, never worked out again; worker.event_log says which rows are kept.
-    Still one round trip per answer.
+    The upsert reports the rows it wrote (RETURNING), so which receipts were applied is the
+    guard's own verdict, never worked out again; worker.event_log says which of the others
+    are kept. Still one round trip per answer.
     """
     incoming = json_rows({name: R.c[name].type for name in RECEIPT_COLUMNS}).cte("incoming")
     upsert = _on_conflict(_insert_from(incoming)).returning(
