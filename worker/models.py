@@ -234,12 +234,19 @@ class PushCount(Base):
 # PostgreSQL draws them from this sequence. The trap a reader of the stream must know: ids are
 # handed out when a row is written, not when its transaction commits, so a transaction that
 # took id 7 may commit after one that took id 8. A reader that saw 8 and remembers "after 8"
-# never sees 7. Reading "id > cursor" is safe only up to a horizon below which no writer can
-# still be open: ids of rows whose writing transaction is older than
-# ``pg_snapshot_xmin(pg_current_snapshot())`` (a reader keeps each row's ``xmin``, or waits
-# until the horizon passes the transactions it saw in flight). SQLite has one writer at a time
-# (every unit of work begins with the write lock, worker/db.py), so there ids are taken from
-# ``receipts_event_ids`` inside the writing transaction and commit in their order.
+# never sees 7. Reading "id > cursor" is safe only up to ids no open transaction can still
+# hold: having seen ids up to M in a snapshot whose ``pg_snapshot_xmax`` is X, the reader may
+# deliver the ids up to M, and move its cursor to M, only once
+# ``pg_snapshot_xmin(pg_current_snapshot())`` has reached X: every transaction that was running
+# then has ended, so every id up to M is committed or gone for good. That holds because each
+# writer has its
+# transaction id before it takes an event id: it locks the sessions' rows first
+# (store.lock_sessions, or the UPDATE of store.escalate_due). Within one session ids commit in
+# order, since its writers hold its row lock until they commit.
+#
+# SQLite has one writer at a time (every unit of work begins with the write lock, worker/db.py):
+# there ids are taken from ``receipts_event_ids`` inside the writing transaction and commit in
+# their order.
 EVENT_IDS = sa.Sequence("receipts_event_id_seq", metadata=metadata)
 
 
