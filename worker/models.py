@@ -235,11 +235,12 @@ class PushCount(Base):
 # handed out when a row is written, not when its transaction commits, so a transaction that
 # took id 7 may commit after one that took id 8. A reader that saw 8 and remembers "after 8"
 # never sees 7. Reading "id > cursor" is safe only up to ids no open transaction can still
-# hold: having seen ids up to M in a snapshot whose ``pg_snapshot_xmax`` is X, the reader may
-# deliver the ids up to M, and move its cursor to M, only once
-# ``pg_snapshot_xmin(pg_current_snapshot())`` has reached X: every transaction that was running
-# then has ended, so every id up to M is committed or gone for good. That holds because each
-# writer has its
+# hold: having seen ids up to M, the reader may deliver the ids up to M, and move its cursor
+# to M, only once every transaction in progress in that snapshot
+# (``pg_snapshot_xip(pg_current_snapshot())``) has ended (``pg_xact_status``); every id up to M
+# is then committed or gone for good. (``pg_snapshot_xmin`` reaching that snapshot's xmax says
+# the same, but is held back by any long transaction on the server, other databases' too.)
+# That holds because each writer has its
 # transaction id before it takes an event id: it locks the sessions' rows first
 # (store.lock_sessions, or the UPDATE of store.escalate_due). Within one session ids commit in
 # order, since its writers hold its row lock until they commit.
