@@ -5,9 +5,10 @@ over (as Prometheus does) while ``sms_sessions`` and ``sms_receipts`` hold a lar
 ``receipts_bench_<random>`` database (dropped at the end), apart from ``python -m bench``:
 writing the history takes about 40 s at 1M sessions. The history is written with
 ``generate_series`` in SQL: 97% resolved sessions, 2% escalated (half of them acknowledged),
-1% pending, and one receipt per session. The figures: the median wall time of a scrape (the
-exposition text a scrape returns) over ``rounds`` scrapes of one registry after a first one,
-the first scrape (which also counts the history totals), and one count of those totals alone.
+1% pending, and one receipt per session (2 s to 15 min after its session's sent_at). The
+figures: the median wall time of a scrape (the exposition text a scrape returns) over
+``rounds`` scrapes of one registry after a first one, the first scrape (which also counts the
+history totals), and one count of those totals alone.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ INSERT INTO sms_receipts (account_id, session_no, phone, phone_key, result, rece
                           receipt_time, cost_count, first_seen_at, updated_at)
 SELECT 1 + g %% 20, 'scrape-' || g, '+8613800000000', '8613800000000',
        (ARRAY['Success', 'Success', 'Success', 'Fail', 'Unknow', 'SubmitFail'])[1 + g %% 6],
-       'DELIVRD', now() - g * interval '1 second', 1, now(), now()
+       'DELIVRD', now() - g * interval '1 second' + (2 + g %% 900) * interval '1 second', 1,
+       now(), now()
 FROM generate_series(1, %(n)s::bigint) AS g
 """
 

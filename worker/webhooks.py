@@ -11,13 +11,17 @@ Payload (``Content-Type: application/json``)::
 ``text`` makes the message readable in Slack-compatible chats. Headers:
 ``X-Receipts-Delivery`` (the delivery id, stable across retries, for deduplication),
 ``X-Receipts-Event``, and with ``RECEIPTS_WEBHOOK_SECRET`` set,
-``X-Receipts-Signature: sha256=<hex HMAC-SHA256 of the raw body>``.
+``X-Receipts-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">``
+(worker/signing.py), signed afresh for each attempt with the time the attempt was claimed.
+
+A POST follows no redirect (a 3xx is a failed attempt, retried like any other): a redirect
+could carry the signed body and its headers to a host nobody configured. TLS certificates are
+always verified (``requests``' default, which nothing here turns off; a private CA is trusted
+through ``REQUESTS_CA_BUNDLE``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import secrets
@@ -34,6 +38,7 @@ from sqlalchemy.orm import Session
 from worker import bounded_http
 from worker.logs import redact_url_in
 from worker.models import outbox_table
+from worker.signing import WEBHOOK_SIGNATURE_HEADER, webhook_signature
 
 if TYPE_CHECKING:
     from worker.store import Escalation
@@ -41,7 +46,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OUTBOX = outbox_table
-SIGNATURE_HEADER = "X-Receipts-Signature"
 # Of a receiver's answer only its status counts, and the start of a failure's body is kept in
 # last_error (EXCERPT_CHARS): reading more would only cost memory.
 EXCERPT_BYTES = 1024
@@ -111,10 +115,6 @@ def queue_escalations(
     )
 
 
-def sign(body: bytes, secret: str) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-
-
 def backoff(attempts: int, *, base: timedelta, cap: timedelta) -> timedelta:
     """Delay before the next attempt after ``attempts`` failures: ``base * 2**(attempts-1)``,
     capped, so a receiver that is down for hours is not hammered."""
@@ -162,7 +162,8 @@ def deliver_due(
     delivered = failed = lost = 0
     while delivered + failed + lost < limit and not failed:
         token = secrets.token_hex(16)
-        row = _claim_one(session_factory, now(), lease, token)
+        claimed_at = now()
+        row = _claim_one(session_factory, claimed_at, lease, token)
         if row is None:
             break
         body = json.dumps(row.payload, sort_keys=True).encode()
@@ -172,7 +173,11 @@ def deliver_due(
             "X-Receipts-Event": row.event,
         }
         if secret:
-            headers[SIGNATURE_HEADER] = sign(body, secret)
+            # The claim's instant, from the injected clock (the database's in production):
+            # an instant just before the POST, with no clock read of its own.
+            headers[WEBHOOK_SIGNATURE_HEADER] = webhook_signature(
+                body, secret, timestamp=int(claimed_at.timestamp())
+            )
         error = _post(http, url, body, headers, timeout)
         finished = now()
         if error is None:
@@ -271,6 +276,12 @@ def _post(
         return redact_url_in(f"{type(exc).__name__}: {exc}", url)
     if 200 <= answer.status < 300:
         return None
+    if 300 <= answer.status < 400:
+        # Its Location is not shown: like the URL, it may carry a token.
+        return (
+            f"HTTP {answer.status}: a redirect, not followed (webhooks follow none): "
+            "set the webhook URL to the address that answers"
+        )
     # Redacted before it is cut short, so that no cut leaves part of a token behind.
     text = answer.body.decode("utf-8", errors="replace")
     return f"HTTP {answer.status}: {redact_url_in(text, url)[:EXCERPT_CHARS]}"

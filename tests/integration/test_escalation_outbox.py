@@ -254,14 +254,17 @@ def test_a_webhook_is_retried_with_backoff_until_a_2xx_and_never_sent_again() ->
         hits = receiver.hits()
         assert [h.status for h in hits] == [500, 200]
         assert [h.delivery_id for h in hits if h.ok] == [delivery_id]
-        for hit in hits:
+        for hit, at in zip(hits, (second, third), strict=True):
             assert hit.delivery_id == delivery_id
             assert hit.event == "session.escalated"
             assert hit.content_type == "application/json"
-            assert hit.signature == expected_signature(hit.body)
+            # Signed at the attempt's instant by the injected clock.
+            assert hit.signature == expected_signature(hit.body, int(at.timestamp()))
             assert hit.payload == row["payload"]
-        # A retry sends the very same bytes, so a receiver can deduplicate on them too.
+        # A retry sends the very same bytes, so a receiver can deduplicate on them too, but
+        # signed afresh: a receiver that refuses old signatures still takes a late retry.
         assert hits[0].body == hits[1].body
+        assert hits[0].signed_at != hits[1].signed_at
 
         # Without a secret, no signature header is sent.
         later = T0 + timedelta(hours=1)
@@ -327,7 +330,8 @@ def test_two_deliverers_at_once_never_post_the_same_webhook_twice() -> None:
     per_id = Counter(h.delivery_id for h in hits)
     assert len(per_id) == count
     assert [i for i, n in per_id.items() if n > 1] == [], "a webhook was POSTed twice"
-    assert all(h.ok and h.signature == expected_signature(h.body) for h in hits)
+    signature_at = int(at.timestamp())
+    assert all(h.ok and h.signature == expected_signature(h.body, signature_at) for h in hits)
     assert sum(delivered.values()) == count
     # Both really worked, at the same time.
     assert min(delivered.values()) > 0, delivered

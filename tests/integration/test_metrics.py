@@ -27,7 +27,7 @@ from tests.support.databases import Configure
 from tests.support.servers import free_port
 from worker import db
 from worker.cli import main
-from worker.metrics import make_registry, render
+from worker.metrics import LATENCY_BUCKETS, make_registry, render
 from worker.models import (
     api_calls_table,
     heartbeats_table,
@@ -64,6 +64,7 @@ def scrape(now: datetime = NOW) -> Samples:
         "receipts_push_requests": "counter",
         "receipts_push_receipts": "counter",
         "receipts_push_commit_seconds": "histogram",
+        "receipts_receipt_latency_seconds": "histogram",
     }
     assert all(t == kinds.get(n, "gauge") for n, t in types.items()), types
     return samples
@@ -124,6 +125,14 @@ def expected(
     by_source = {"poll": sum(counts.values()), "push": 0, "repoll": 0}
     for source, count in by_source.items():
         samples["receipts_receipts_by_source", (("source", source),)] = count
+    # No receipt here has a receipt_time: an empty latency histogram for every final result
+    # (tests/integration/test_metrics_latency.py fills it).
+    for result in ("Success", "Fail", "SubmitFail"):
+        for bound in [*map(float, LATENCY_BUCKETS), "+Inf"]:
+            labels = (("le", str(bound)), ("result", result))
+            samples["receipts_receipt_latency_seconds_bucket", labels] = 0
+        samples["receipts_receipt_latency_seconds_count", (("result", result),)] = 0
+        samples["receipts_receipt_latency_seconds_sum", (("result", result),)] = 0
     return samples
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -17,9 +18,10 @@ from typing import Any
 SECRET = "whsec-escalation-test"
 
 
-def expected_signature(body: bytes, secret: str = SECRET) -> str:
-    """The signature computed here, independently of worker.webhooks.sign."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def expected_signature(body: bytes, timestamp: int, secret: str = SECRET) -> str:
+    """The signature computed here, independently of worker.signing.webhook_signature."""
+    signed = f"{timestamp}.".encode() + body
+    return f"t={timestamp},v1={hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,20 @@ class Hit:
         return 200 <= self.status < 300
 
     @property
+    def signed_at(self) -> int | None:
+        """The signature's ``t`` (None when unsigned or when it has none)."""
+        for field in (self.signature or "").split(","):
+            key, _, value = field.partition("=")
+            if key == "t" and value.isdigit():
+                return int(value)
+        return None
+
+    def signed(self, secret: str = SECRET) -> bool:
+        """Whether the signature is ours for this body, at the ``t`` it names."""
+        at = self.signed_at
+        return at is not None and self.signature == expected_signature(self.body, at, secret)
+
+    @property
     def payload(self) -> dict[str, Any]:
         parsed: dict[str, Any] = json.loads(self.body)
         return parsed
@@ -51,11 +67,24 @@ class Receiver:
     The port is bound when the receiver is built but only listens after ``listen()``: until
     then a connection is refused, as by a receiver that is down. It answers ``status``, or
     503 to requests arriving before ``up_at`` (unix time) when that is set, and can take
-    ``delay`` seconds per request so that concurrent senders overlap.
+    ``delay`` seconds per request so that concurrent senders overlap. With ``location`` every
+    answer carries that Location header (a redirect, with a 3xx ``status``); with ``tls`` it
+    speaks HTTPS with that server context.
     """
 
-    def __init__(self, *, listening: bool = True, status: int = 200, delay: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        listening: bool = True,
+        status: int = 200,
+        delay: float = 0.0,
+        location: str | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.status = status
+        # Sent as the Location header of every answer (with a 3xx status: a redirect).
+        self.location = location
+        self._scheme = "https" if tls is not None else "http"
         self.up_at: float | None = None
         self.delay = delay
         self.max_in_flight = 0
@@ -66,13 +95,17 @@ class Receiver:
             ("127.0.0.1", 0), self._handler(), bind_and_activate=False
         )
         self._server.server_bind()
+        if tls is not None:
+            # Each accepted connection shakes hands first: a client that refuses the
+            # certificate never gets to send its request (and no hit is recorded).
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
         self._thread: threading.Thread | None = None
         if listening:
             self.listen()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_port}/hooks/escalations"
+        return f"{self._scheme}://127.0.0.1:{self._server.server_port}/hooks/escalations"
 
     def listen(self) -> None:
         self._server.server_activate()
@@ -142,6 +175,8 @@ class Receiver:
                 answer = b"thanks" if 200 <= status < 300 else b"receiver unavailable"
                 self.send_response(status)
                 self.send_header("Content-Type", "text/plain")
+                if receiver.location is not None:
+                    self.send_header("Location", receiver.location)
                 self.send_header("Content-Length", str(len(answer)))
                 self.end_headers()
                 self.wfile.write(answer)

@@ -1,4 +1,5 @@
-"""Request signing: the published test vector and the canonical-string rules around it."""
+"""Signatures: Uspeedo's request signing (the published test vector and the canonical-string
+rules around it), and our webhooks' timestamped HMAC."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.signing import NONCE_LENGTH, canonical, new_nonce, signature
+from worker.signing import NONCE_LENGTH, canonical, new_nonce, signature, webhook_signature
 
 VECTOR_BODY = {"Action": "GetUSMSSendReceipt", "AccountId": 1, "SessionNoSet": ["a", "b"]}
 VECTOR_CANONICAL = "AccountId1ActionGetUSMSSendReceiptSessionNoSetab"
@@ -130,3 +131,40 @@ def test_nonce_is_short_random_and_unique() -> None:
     assert len(set(nonces)) == len(nonces)
     # Header-safe: nothing that would need quoting.
     assert all(n.isascii() and n.isalnum() for n in nonces)
+
+
+# --- webhook signatures ---------------------------------------------------------------------
+
+WEBHOOK_BODY = b'{"event":"session.escalated"}'
+WEBHOOK_SECRET = "whsec-test-vector-0123"
+WEBHOOK_T = 1764504000
+# Computed apart from Python: printf '1764504000.{"event":"session.escalated"}' |
+#   openssl dgst -sha256 -hmac whsec-test-vector-0123
+WEBHOOK_HMAC = "c46d8161f1fbff994b7e51f4d88db798231464e411ddc40b767339433b7db9e8"
+
+
+def test_webhook_signature_vector_computed_by_openssl() -> None:
+    assert webhook_signature(WEBHOOK_BODY, WEBHOOK_SECRET, timestamp=WEBHOOK_T) == (
+        f"t={WEBHOOK_T},v1={WEBHOOK_HMAC}"
+    )
+
+
+def test_webhook_signature_covers_the_timestamp_the_body_and_the_secret() -> None:
+    base = webhook_signature(WEBHOOK_BODY, WEBHOOK_SECRET, timestamp=WEBHOOK_T)
+    variants = [
+        # A replay with a fresh t needs a new HMAC, which takes the secret.
+        webhook_signature(WEBHOOK_BODY, WEBHOOK_SECRET, timestamp=WEBHOOK_T + 1),
+        webhook_signature(WEBHOOK_BODY + b" ", WEBHOOK_SECRET, timestamp=WEBHOOK_T),
+        webhook_signature(WEBHOOK_BODY, WEBHOOK_SECRET + "x", timestamp=WEBHOOK_T),
+    ]
+    macs = {v.partition(",v1=")[2] for v in [base, *variants]}
+    assert len(macs) == 4
+
+
+@given(st.binary(max_size=64), st.integers(min_value=0, max_value=2**40))
+def test_webhook_signature_is_t_then_v1_lowercase_hex(body: bytes, timestamp: int) -> None:
+    header = webhook_signature(body, "s" * 16, timestamp=timestamp)
+    t_field, v1_field = header.split(",")
+    assert t_field == f"t={timestamp}"
+    mac = v1_field.removeprefix("v1=")
+    assert len(mac) == 64 and mac == mac.lower() and int(mac, 16) >= 0
