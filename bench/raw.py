@@ -36,6 +36,7 @@ CREATE TABLE {TABLE} (
     cost_count integer,
     user_id text,
     country_code text,
+    source text NOT NULL DEFAULT 'poll',
     first_seen_at timestamptz NOT NULL DEFAULT CURRENT_TIMESTAMP,
     updated_at timestamptz NOT NULL DEFAULT CURRENT_TIMESTAMP,
     UNIQUE (account_id, session_no, phone_key)
@@ -50,7 +51,7 @@ ON CONFLICT (account_id, session_no, phone_key) DO UPDATE SET
     receipt_desc = EXCLUDED.receipt_desc, receipt_time = EXCLUDED.receipt_time,
     cost_count = EXCLUDED.cost_count, user_id = EXCLUDED.user_id,
     country_code = COALESCE(EXCLUDED.country_code, t.country_code),
-    updated_at = EXCLUDED.updated_at
+    source = EXCLUDED.source, updated_at = EXCLUDED.updated_at
 WHERE (t.result NOT IN {_FINALS} AND EXCLUDED.result IN {_FINALS})
    OR ((t.result IN {_FINALS}) = (EXCLUDED.result IN {_FINALS})
        AND NOT (t.receipt_time IS NOT NULL AND EXCLUDED.receipt_time IS NOT NULL
@@ -80,6 +81,7 @@ def make_rows(count: int, *, result: str, at: datetime) -> list[tuple[Any, ...]]
                 1,
                 "",
                 "86",
+                "poll",
                 at,
                 at,
             )
