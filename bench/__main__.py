@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--json] [--sessions N] [--no-profile]``
+"""``python -m bench [--quick] [--json] [--sessions N] [--no-profile] [--only PHASE,...]``
 
 Runs every phase in one process against a fresh ``receipts_bench_<random>`` database (dropped at
 the end), a Redis db of its own (``BENCH_REDIS_URL``, else an empty db taken for the run; emptied
@@ -28,7 +28,7 @@ from typing import Any
 import psycopg
 from sqlalchemy import exc as sa_exc
 
-from bench import claims, inproc, push, raw, report, track, worker_run
+from bench import claims, history, inproc, push, raw, report, track, worker_run
 from bench.env import (
     bench_database,
     configure_process,
@@ -68,6 +68,7 @@ class Scale:
     push_sessions: int
     push_phones: int
     push_saved_sessions: int
+    history_sessions: int
 
 
 FULL = Scale(
@@ -93,6 +94,7 @@ FULL = Scale(
     push_sessions=10_000,
     push_phones=5,
     push_saved_sessions=1_000,
+    history_sessions=4_000,
 )
 QUICK = Scale(
     raw_rows=20_000,
@@ -115,11 +117,14 @@ QUICK = Scale(
     push_sessions=2_000,
     push_phones=5,
     push_saved_sessions=400,
+    history_sessions=1_000,
 )
 PHASES = (
     "raw",
     "track",
     "seed",
+    "history",
+    "history_polls",
     "inproc",
     "worker",
     "memory_small",
@@ -229,6 +234,18 @@ def run(scale: Scale, *, profile: bool, mode: str, only: set[str] | None = None)
             ),
         )
         _phase(results, "seed", lambda: seed_history(database, scale.seed_sessions))
+        _phase(
+            results,
+            "history",
+            lambda: history.run(database, sessions=scale.history_sessions, phones=scale.phones),
+        )
+        _phase(
+            results,
+            "history_polls",
+            lambda: history.polls(
+                database, sim, sessions=scale.inproc_sessions, phones=scale.phones
+            ),
+        )
         _phase(
             results,
             "inproc",

@@ -198,6 +198,9 @@ _URL_SHOWN: dict[str, Callable[[str], str]] = {
 }
 
 
+MIN_SQLITE = (3, 35, 0)
+
+
 class Settings(BaseSettings):
     """Every setting of README "Settings"; durations accept seconds or forms like ``5m``."""
 
@@ -292,6 +295,16 @@ class Settings(BaseSettings):
                 f"{url.drivername!r} databases are not supported: use a PostgreSQL URL "
                 "(postgresql://user@host/db, psycopg 3) or a SQLite one (sqlite:///path/file.db)"
             )
+        if url.get_backend_name() == "sqlite":
+            import sqlite3
+
+            # The receipts upsert reads back what it wrote (RETURNING, SQLite 3.35, 2021).
+            if sqlite3.sqlite_version_info < MIN_SQLITE:
+                raise ValueError(
+                    f"this Python's SQLite is {sqlite3.sqlite_version}; "
+                    f"{'.'.join(map(str, MIN_SQLITE))} or newer is needed: use PostgreSQL, "
+                    "or a Python built with a newer SQLite"
+                )
         return value
 
     @field_validator("broker_url")

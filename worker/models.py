@@ -11,7 +11,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from worker.domain import ReceiptSource, Result, SessionState
+from worker.domain import ReceiptSource, Result, SessionEventType, SessionState
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -66,7 +66,10 @@ class Base(DeclarativeBase):
     }
 
 
-def _in(column: str, values: type[Result] | type[SessionState] | type[ReceiptSource]) -> str:
+def _in(
+    column: str,
+    values: type[Result] | type[SessionState] | type[ReceiptSource] | type[SessionEventType],
+) -> str:
     return f"{column} IN ({', '.join(repr(v.value) for v in values)})"
 
 
@@ -223,8 +226,113 @@ class PushCount(Base):
     value: Mapped[float] = mapped_column(sa.Float, server_default=sa.text("0"))
 
 
+# --- history: every observed change, in one order -----------------------------------------
+
+# One increasing id for every event, receipt changes and session events alike, so that one
+# cursor per destination can later read them all in order (README "Tables").
+#
+# PostgreSQL draws them from this sequence. The trap a reader of the stream must know: ids are
+# handed out when a row is written, not when its transaction commits, so a transaction that
+# took id 7 may commit after one that took id 8. A reader that saw 8 and remembers "after 8"
+# never sees 7. Reading "id > cursor" is safe only up to ids no open transaction can still
+# hold: having seen ids up to M, the reader may deliver the ids up to M, and move its cursor
+# to M, only once every transaction in progress in that snapshot
+# (``pg_snapshot_xip(pg_current_snapshot())``) has ended (``pg_xact_status``); every id up to M
+# is then committed or gone for good. (``pg_snapshot_xmin`` reaching that snapshot's xmax says
+# the same, but is held back by any long transaction on the server, other databases' too.)
+# That holds because each writer has its
+# transaction id before it takes an event id: it locks the sessions' rows first
+# (store.lock_sessions, or the UPDATE of store.escalate_due). Within one session ids commit in
+# order, since its writers hold its row lock until they commit.
+#
+# SQLite has one writer at a time (every unit of work begins with the write lock, worker/db.py):
+# there ids are taken from ``receipts_event_ids`` inside the writing transaction and commit in
+# their order.
+EVENT_IDS = sa.Sequence("receipts_event_id_seq", metadata=metadata)
+
+
+def _event_id() -> Any:
+    """The id column of an event table: on PostgreSQL its default is ``nextval`` of
+    :data:`EVENT_IDS` (migration 0008); on SQLite the writer gives every id (worker/event_log.py).
+    Declared as a server-side default of no particular text, so that one model fits both."""
+    return mapped_column(
+        BigId,
+        primary_key=True,
+        autoincrement=False,
+        server_default=sa.FetchedValue(),
+    )
+
+
+class SmsReceiptEvent(Base):
+    """Append-only: one row per observed change of a phone's receipt (a repeat of the stored
+    receipt adds nothing), whether or not it became the stored one (``applied``)."""
+
+    __tablename__ = "sms_receipt_events"
+    __table_args__ = (
+        sa.CheckConstraint(_in("result", Result), name="result"),
+        sa.CheckConstraint(_in("source", ReceiptSource), name="source"),
+        # A session's timeline, and the receipts of one phone that lost (the upsert looks them
+        # up so that a repeated losing receipt is recorded once).
+        sa.Index("ix_sms_receipt_events_session", "account_id", "session_no", "phone_key"),
+    )
+
+    # No foreign key to sms_sessions: the check would cost every history row a trigger and a
+    # lookup on the hot path of ingestion, and the rows' only writer is the upsert of receipts
+    # of sessions it has just locked. Deleting a session's history is the purge's job.
+    id: Mapped[int] = _event_id()
+    account_id: Mapped[int] = mapped_column(sa.BigInteger)
+    session_no: Mapped[str] = mapped_column(sa.Text)
+    phone: Mapped[str] = mapped_column(sa.Text)
+    phone_key: Mapped[str] = mapped_column(sa.Text)
+    result: Mapped[str] = mapped_column(sa.Text)
+    receipt_code: Mapped[str | None] = mapped_column(sa.Text)
+    receipt_desc: Mapped[str | None] = mapped_column(sa.Text)
+    receipt_time: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    cost_count: Mapped[int | None] = mapped_column(sa.Integer)
+    user_id: Mapped[str | None] = mapped_column(sa.Text)
+    source: Mapped[str] = mapped_column(sa.Text)
+    observed_at: Mapped[timestamp]
+    # Whether it became the stored receipt (sms_receipts); false when the stored one won (it
+    # was final and this one not, or this one was older).
+    applied: Mapped[bool] = mapped_column(sa.Boolean)
+
+
+class SmsSessionEvent(Base):
+    """Append-only: a session became resolved or escalated, in the transaction that changed
+    its state, numbered from the same ids as receipt changes."""
+
+    __tablename__ = "sms_session_events"
+    __table_args__ = (
+        sa.CheckConstraint(_in("type", SessionEventType), name="type"),
+        sa.CheckConstraint(_in("source", ReceiptSource), name="source"),
+        sa.Index("ix_sms_session_events_session", "account_id", "session_no"),
+    )
+
+    id: Mapped[int] = _event_id()
+    account_id: Mapped[int] = mapped_column(sa.BigInteger)
+    session_no: Mapped[str] = mapped_column(sa.Text)
+    type: Mapped[str] = mapped_column(sa.Text)
+    # What resolved it (poll, push, repoll); NULL for an escalation.
+    source: Mapped[str | None] = mapped_column(sa.Text)
+    occurred_at: Mapped[timestamp]
+
+
+class EventIdCounter(Base):
+    """SQLite only: the last event id handed out (PostgreSQL uses ``receipts_event_id_seq``
+    and leaves this table as the migration made it). One row."""
+
+    __tablename__ = "receipts_event_ids"
+    __table_args__ = (sa.CheckConstraint("id = 1", name="one_row"),)
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=False)
+    last_id: Mapped[int] = mapped_column(sa.BigInteger)
+
+
 sessions_table: sa.Table = SmsSession.__table__  # type: ignore[assignment]
 receipts_table: sa.Table = SmsReceipt.__table__  # type: ignore[assignment]
+receipt_events_table: sa.Table = SmsReceiptEvent.__table__  # type: ignore[assignment]
+session_events_table: sa.Table = SmsSessionEvent.__table__  # type: ignore[assignment]
+event_ids_table: sa.Table = EventIdCounter.__table__  # type: ignore[assignment]
 
 
 class EscalationOutbox(Base):

@@ -25,6 +25,8 @@ Configure = Callable[..., None]
 
 # Every table a test may fill, children first.
 TABLES = (
+    "sms_receipt_events",
+    "sms_session_events",
     "sms_receipts",
     "sms_sessions",
     "escalation_outbox",
