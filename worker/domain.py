@@ -69,6 +69,29 @@ class SessionEventType(enum.StrEnum):
     ESCALATED = "session.escalated"
 
 
+class EventType(enum.StrEnum):
+    """The events told to the sender's application (README "Events"), selected by
+    ``RECEIPTS_EVENTS``."""
+
+    RECEIPT_FINAL = "receipt.final"  # a phone's receipt became final (once per phone)
+    RECEIPT_UPDATED = "receipt.updated"  # any other change of a phone's stored receipt
+    SESSION_RESOLVED = "session.resolved"
+    SESSION_ESCALATED = "session.escalated"
+
+
+DEFAULT_EVENT_TYPES = frozenset(
+    {EventType.RECEIPT_FINAL, EventType.SESSION_RESOLVED, EventType.SESSION_ESCALATED}
+)
+
+
+class EventDestination(enum.StrEnum):
+    """Where events go, each with its own cursor (``receipts_event_cursors``): a webhook
+    (``RECEIPTS_EVENTS_WEBHOOK_URL``) and a Celery task (``RECEIPTS_EVENTS_TASK``)."""
+
+    WEBHOOK = "webhook"
+    TASK = "task"
+
+
 def normalize_result(raw: str) -> Result:
     """Map a result as received to Uspeedo's spelling; ValueError names what was not understood."""
     result = _RESULT_ALIASES.get(raw.strip().lower())

@@ -11,7 +11,13 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from worker.domain import ReceiptSource, Result, SessionEventType, SessionState
+from worker.domain import (
+    EventDestination,
+    ReceiptSource,
+    Result,
+    SessionEventType,
+    SessionState,
+)
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -68,7 +74,11 @@ class Base(DeclarativeBase):
 
 def _in(
     column: str,
-    values: type[Result] | type[SessionState] | type[ReceiptSource] | type[SessionEventType],
+    values: type[Result]
+    | type[SessionState]
+    | type[ReceiptSource]
+    | type[SessionEventType]
+    | type[EventDestination],
 ) -> str:
     return f"{column} IN ({', '.join(repr(v.value) for v in values)})"
 
@@ -366,6 +376,73 @@ class EscalationOutbox(Base):
     claim_token: Mapped[str | None] = mapped_column(sa.Text)
 
 
+class EventCursor(Base):
+    """Where the event stream of one destination stands (worker/events.py): every event up
+    to ``delivered_id`` was delivered (or parked), and the batch after it is held by at most
+    one deliverer at a time (``claim_token`` until ``leased_until``)."""
+
+    __tablename__ = "receipts_event_cursors"
+    __table_args__ = (sa.CheckConstraint(_in("destination", EventDestination), name="destination"),)
+
+    destination: Mapped[str] = mapped_column(sa.Text, primary_key=True)
+    # Whether the destination was configured at the last tick: the exporter reports only
+    # these, so that one configured once and removed does not look ever later.
+    active: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.true())
+    delivered_id: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
+    # Every event id up to safe_id has committed or never will (worker/events.py: the
+    # horizon); pending_id is the next such bound, waiting for the transactions that were in
+    # progress in pending_snapshot (PostgreSQL's text form of a pg_snapshot) to end.
+    safe_id: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
+    pending_id: Mapped[int | None] = mapped_column(sa.BigInteger)
+    pending_snapshot: Mapped[str | None] = mapped_column(sa.Text)
+    claim_token: Mapped[str | None] = mapped_column(sa.Text)
+    leased_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The batch after delivered_id: failed attempts, the first of them, when to try again.
+    attempts: Mapped[int] = mapped_column(sa.Integer, server_default=sa.text("0"))
+    first_failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    delivered_events: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class ParkedEventBatch(Base):
+    """A batch of events that failed every attempt for ``RECEIPTS_EVENTS_RETRY_WINDOW``: the
+    destination's cursor went past it so that later events still flow, and it is kept here,
+    counted and alerted on, until an operator replays or dismisses it. The events are those
+    of the history with ``after_id < id <= through_id`` of the types selected."""
+
+    __tablename__ = "receipts_parked_event_batches"
+    __table_args__ = (
+        sa.CheckConstraint(_in("destination", EventDestination), name="destination"),
+        # parked; replay: an operator asked for it to be sent again (``receipts events
+        # replay``), which the next delivery round does before the stream; then replayed; or
+        # dismissed (``receipts events dismiss``).
+        sa.CheckConstraint("state IN ('parked', 'replay', 'replayed', 'dismissed')", name="state"),
+        # What the exporter counts and the deliverer looks for: the batches still open.
+        sa.Index(
+            "ix_receipts_parked_event_batches_open",
+            "destination",
+            "state",
+            postgresql_where=sa.text("state IN ('parked', 'replay')"),
+            sqlite_where=sa.text("state IN ('parked', 'replay')"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    destination: Mapped[str] = mapped_column(sa.Text)
+    after_id: Mapped[int] = mapped_column(sa.BigInteger)
+    through_id: Mapped[int] = mapped_column(sa.BigInteger)
+    events: Mapped[int] = mapped_column(sa.Integer)
+    attempts: Mapped[int] = mapped_column(sa.Integer)
+    first_failed_at: Mapped[timestamp]
+    parked_at: Mapped[timestamp]
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    state: Mapped[str] = mapped_column(sa.Text, server_default="parked")
+    # When it was replayed or dismissed (``receipts events``).
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
 class Heartbeat(Base):
     """When each periodic job last ran, and the timings it ran with (so that SQL views and
     the exporter can judge staleness without reading the workers' environment)."""
@@ -458,6 +535,8 @@ class CredentialsStatus(Base):
 
 
 outbox_table: sa.Table = EscalationOutbox.__table__  # type: ignore[assignment]
+event_cursors_table: sa.Table = EventCursor.__table__  # type: ignore[assignment]
+parked_batches_table: sa.Table = ParkedEventBatch.__table__  # type: ignore[assignment]
 heartbeats_table: sa.Table = Heartbeat.__table__  # type: ignore[assignment]
 api_calls_table: sa.Table = ApiCallCount.__table__  # type: ignore[assignment]
 workers_table: sa.Table = WorkerProcess.__table__  # type: ignore[assignment]

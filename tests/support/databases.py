@@ -37,6 +37,8 @@ TABLES = (
     "receipts_push_counts",
     "rejected_tracks",
     "receipts_credentials",
+    "receipts_event_cursors",
+    "receipts_parked_event_batches",
 )
 
 
