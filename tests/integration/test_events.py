@@ -261,3 +261,62 @@ def test_the_webhook_destination_posts_signed_batches_to_a_real_receiver() -> No
         assert all(h.signed() for h in hits)
         assert hits[1].content_type == "application/json"
         assert [e["type"] for e in hits[1].payload["events"]][-1] == "session.escalated"
+
+
+def test_the_exporter_reports_lag_waiting_delivered_and_parked_events() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from worker.metrics import make_registry, render
+
+    def scrape(now: datetime) -> dict[str, float]:
+        text = render(make_registry(lambda: now)).decode()
+        return {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name.startswith("receipts_events_")
+            and sample.labels.get("destination") == "webhook"
+        }
+
+    history()
+    sent = Recorder()
+    sent.fail = "HTTP 500: down"
+    at = T0 + POLICY.cutoff
+    deliver(sent, at, batch_size=2)
+    seen = scrape(at + timedelta(seconds=10))
+    # The oldest change not delivered is the first poll's (FIRST).
+    assert seen["receipts_events_lag_seconds"] == (at + timedelta(seconds=10) - FIRST).seconds
+    assert seen["receipts_events_undelivered"] >= 4
+    assert seen["receipts_events_failed_attempts"] == 1
+    assert seen["receipts_events_parked"] == 0
+
+    late = at + WINDOW + 2 * BASE
+    deliver(sent, at + BASE, batch_size=2)
+    sent.fail = None
+    deliver(sent, late, batch_size=2)  # parks nothing: the receiver is back
+    deliver(sent, late + BASE, batch_size=2)
+    seen = scrape(late + BASE)
+    assert seen["receipts_events_lag_seconds"] == 0
+    assert seen["receipts_events_undelivered"] == 0
+    assert seen["receipts_events_delivered_total"] == 4
+
+
+def test_parked_batches_are_counted_by_the_exporter() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from worker.metrics import make_registry, render
+
+    history()
+    sent = Recorder()
+    sent.fail = "HTTP 500: down"
+    at = T0 + POLICY.cutoff
+    deliver(sent, at, batch_size=2)
+    deliver(sent, at + WINDOW, batch_size=2)
+    text = render(make_registry(lambda: at + WINDOW)).decode()
+    values = {
+        s.name: s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name.startswith("receipts_events_parked")
+    }
+    assert values == {"receipts_events_parked": 2, "receipts_events_parked_batches": 1}

@@ -62,6 +62,7 @@ def scrape(now: datetime = NOW) -> Samples:
     kinds = {
         "receipts_api_calls": "counter",
         "receipts_push_requests": "counter",
+        "receipts_events_delivered": "counter",
         "receipts_push_receipts": "counter",
         "receipts_push_commit_seconds": "histogram",
         "receipts_receipt_latency_seconds": "histogram",
