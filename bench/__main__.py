@@ -28,7 +28,7 @@ from typing import Any
 import psycopg
 from sqlalchemy import exc as sa_exc
 
-from bench import claims, history, inproc, push, raw, report, track, worker_run
+from bench import claims, events, history, inproc, push, raw, report, track, worker_run
 from bench.env import (
     bench_database,
     configure_process,
@@ -69,6 +69,7 @@ class Scale:
     push_phones: int
     push_saved_sessions: int
     history_sessions: int
+    events_count: int
 
 
 FULL = Scale(
@@ -95,6 +96,7 @@ FULL = Scale(
     push_phones=5,
     push_saved_sessions=1_000,
     history_sessions=4_000,
+    events_count=50_000,
 )
 QUICK = Scale(
     raw_rows=20_000,
@@ -118,6 +120,7 @@ QUICK = Scale(
     push_phones=5,
     push_saved_sessions=400,
     history_sessions=1_000,
+    events_count=10_000,
 )
 PHASES = (
     "raw",
@@ -132,6 +135,7 @@ PHASES = (
     "claims",
     "push",
     "push_saved",
+    "events",
 )
 
 
@@ -337,6 +341,11 @@ def run(scale: Scale, *, profile: bool, mode: str, only: set[str] | None = None)
                 sessions=scale.push_saved_sessions,
                 folder=folder / "push_saved",
             ),
+        )
+        _phase(
+            results,
+            "events",
+            lambda: events.run(database, count=scale.events_count, batch_sizes=(100, 1000)),
         )
 
     results["machine"]["cpu_busy_after"] = cpu_busy()

@@ -375,6 +375,15 @@ def figures(results: dict[str, Any]) -> list[Figure]:
 
     out.extend(_push_figures(r))
     out.extend(_history_figures(r))
+    for size in ("100", "1000"):
+        out.append(
+            Figure(
+                key=f"events_per_s_{size}",
+                label=f"10. event delivery to a local webhook receiver, batches of {size}",
+                value=_get(r, f"events.batches.{size}.events_per_s"),
+                unit="events/s",
+            )
+        )
 
     add(
         "inproc_ms_per_poll",
