@@ -4,13 +4,16 @@ them, on both backends; a broker that does not take the task is a failed attempt
 
 from __future__ import annotations
 
-import threading
+import json
+import os
+import subprocess
+import sys
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from celery import Celery
-from celery.contrib.testing.worker import start_worker
 
 from tests.support.clock import POLICY, T0
 from tests.support.factories import P1, P2, escalate, poll, receipt, track
@@ -39,8 +42,25 @@ def _round(send: events.Sender, now: datetime) -> events.DeliveryReport:
     )
 
 
+CONSUMER = """
+import json, os
+from celery import Celery
+
+app = Celery("shop", broker=os.environ["SHOP_BROKER"])
+
+
+@app.task(name="shop.receipt_events")
+def receipt_events(batch):
+    with open(os.environ["SHOP_OUT"], "a") as out:
+        out.write(json.dumps(batch) + "\\n")
+"""
+
+
+@pytest.mark.slow
 @pytest.mark.usefixtures("database")
-def test_batches_reach_a_consumer_app_that_shares_only_the_broker(redis_url: str) -> None:
+def test_batches_reach_a_consumer_app_that_shares_only_the_broker(
+    redis_url: str, tmp_path: Path
+) -> None:
     track(
         {"account_id": 1, "session_no": "S1", "phones": [P1, P2], "user_ref": "order-1"},
         {"account_id": 1, "session_no": "S2", "phones": [P1]},
@@ -52,33 +72,61 @@ def test_batches_reach_a_consumer_app_that_shares_only_the_broker(redis_url: str
     )
     escalate(T0 + POLICY.cutoff)
 
-    # The sender's application: its own app and task, nothing of this project.
-    consumer = Celery("shop", broker=redis_url)
-    consumer.conf.task_default_queue = QUEUE
-    got: list[dict[str, Any]] = []
-    lock = threading.Lock()
-
-    @consumer.task(name="shop.receipt_events", shared=False)
-    def receipt_events(batch: dict[str, Any]) -> None:
-        with lock:
-            got.extend(batch["events"])
-
+    # The sender's application: its own app and task, nothing of this project, in a worker
+    # process of its own that shares only the broker.
+    (tmp_path / "shop.py").write_text(CONSUMER)
+    received = tmp_path / "received.jsonl"
     producer = Celery("receipts-test", broker=redis_url)
     send = events.task_sender(producer, "shop.receipt_events", QUEUE)
     report = _round(send, T0 + POLICY.cutoff)
     assert report.delivered == 4 and report.batches == 2
+    producer.close()
 
-    with start_worker(consumer, pool="solo", perform_ping_check=False, queues=[QUEUE]):
-        wait_for(lambda: len(got) == 4, timeout=20)
-    assert [e["type"] for e in got] == [
+    env = {**os.environ, "SHOP_BROKER": redis_url, "SHOP_OUT": str(received)}
+    consumer = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "shop",
+            "worker",
+            "--pool",
+            "solo",
+            "-Q",
+            QUEUE,
+            "--without-heartbeat",
+            "--without-mingle",
+            "--without-gossip",
+            "--loglevel",
+            "WARNING",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+
+        def got() -> list[dict[str, Any]]:
+            if not received.exists():
+                return []
+            lines = received.read_text().splitlines()
+            return [e for line in lines for e in json.loads(line)["events"]]
+
+        wait_for(lambda: len(got()) == 4, timeout=30)
+    finally:
+        consumer.terminate()
+        _, err = consumer.communicate(timeout=20)
+    assert consumer.returncode is not None, err
+    got_events = got()
+    assert [e["type"] for e in got_events] == [
         "receipt.final",
         "receipt.final",
         "session.resolved",
         "session.escalated",
     ]
-    assert got[0]["user_ref"] == "order-1"
-    producer.close()
-    consumer.close()
+    assert got_events[0]["user_ref"] == "order-1"
 
 
 @pytest.mark.usefixtures("database")
