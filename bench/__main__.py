@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--json] [--sessions N] [--no-profile]``
+"""``python -m bench [--quick] [--json] [--sessions N] [--no-profile] [--only PHASE,...]``
 
 Runs every phase in one process against a fresh ``receipts_bench_<random>`` database (dropped at
 the end), a Redis db of its own (``BENCH_REDIS_URL``, else an empty db taken for the run; emptied
@@ -28,7 +28,7 @@ from typing import Any
 import psycopg
 from sqlalchemy import exc as sa_exc
 
-from bench import claims, inproc, push, raw, report, track, worker_run
+from bench import claims, events, history, inproc, push, raw, report, track, worker_run
 from bench.env import (
     bench_database,
     configure_process,
@@ -68,6 +68,8 @@ class Scale:
     push_sessions: int
     push_phones: int
     push_saved_sessions: int
+    history_sessions: int
+    events_count: int
 
 
 FULL = Scale(
@@ -93,6 +95,8 @@ FULL = Scale(
     push_sessions=10_000,
     push_phones=5,
     push_saved_sessions=1_000,
+    history_sessions=4_000,
+    events_count=50_000,
 )
 QUICK = Scale(
     raw_rows=20_000,
@@ -115,11 +119,15 @@ QUICK = Scale(
     push_sessions=2_000,
     push_phones=5,
     push_saved_sessions=400,
+    history_sessions=1_000,
+    events_count=10_000,
 )
 PHASES = (
     "raw",
     "track",
     "seed",
+    "history",
+    "history_polls",
     "inproc",
     "worker",
     "memory_small",
@@ -127,6 +135,7 @@ PHASES = (
     "claims",
     "push",
     "push_saved",
+    "events",
 )
 
 
@@ -231,6 +240,18 @@ def run(scale: Scale, *, profile: bool, mode: str, only: set[str] | None = None)
         _phase(results, "seed", lambda: seed_history(database, scale.seed_sessions))
         _phase(
             results,
+            "history",
+            lambda: history.run(database, sessions=scale.history_sessions, phones=scale.phones),
+        )
+        _phase(
+            results,
+            "history_polls",
+            lambda: history.polls(
+                database, sim, sessions=scale.inproc_sessions, phones=scale.phones
+            ),
+        )
+        _phase(
+            results,
             "inproc",
             lambda: inproc.run(database, sim, sessions=scale.inproc_sessions, phones=scale.phones),
         )
@@ -320,6 +341,11 @@ def run(scale: Scale, *, profile: bool, mode: str, only: set[str] | None = None)
                 sessions=scale.push_saved_sessions,
                 folder=folder / "push_saved",
             ),
+        )
+        _phase(
+            results,
+            "events",
+            lambda: events.run(database, count=scale.events_count, batch_sizes=(100, 1000)),
         )
 
     results["machine"]["cpu_busy_after"] = cpu_busy()

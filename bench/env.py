@@ -74,14 +74,17 @@ class BenchDatabase:
 
     def vacuum_analyze(self, *tables: str) -> None:
         with self.connect() as conn:
-            for table in tables or ("sms_sessions", "sms_receipts"):
+            for table in tables or ("sms_sessions", "sms_receipts", "sms_receipt_events"):
                 conn.execute(f"VACUUM ANALYZE {table}")
 
     def reset(self) -> None:
         """Empty the tables for a run, keeping the seeded history (see :func:`seed_history`)."""
         with self.connect() as conn:
             conn.execute(f"DELETE FROM sms_sessions WHERE session_no NOT LIKE '{SEED_PREFIX}%'")
-            conn.execute("TRUNCATE escalation_outbox, receipts_heartbeats, api_call_counts")
+            conn.execute(
+                "TRUNCATE escalation_outbox, receipts_heartbeats, api_call_counts, "
+                "sms_receipt_events, sms_session_events"
+            )
         self.vacuum_analyze()
 
 

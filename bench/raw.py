@@ -43,14 +43,15 @@ CREATE TABLE {TABLE} (
 )
 """
 
-# The same conflict clause as worker.store.upsert_receipts, guard included.
+# The same conflict clause as worker.store.upsert_receipts, guard included (the worker's also
+# leaves a repeat of the stored receipt alone, which no pass here sends).
 ON_CONFLICT = f"""
 ON CONFLICT (account_id, session_no, phone_key) DO UPDATE SET
     phone = EXCLUDED.phone, result = EXCLUDED.result, receipt_code = EXCLUDED.receipt_code,
     receipt_desc = EXCLUDED.receipt_desc, receipt_time = EXCLUDED.receipt_time,
     cost_count = EXCLUDED.cost_count, user_id = EXCLUDED.user_id,
-    country_code = COALESCE(EXCLUDED.country_code, t.country_code), source = EXCLUDED.source,
-    updated_at = EXCLUDED.updated_at
+    country_code = COALESCE(EXCLUDED.country_code, t.country_code),
+    source = EXCLUDED.source, updated_at = EXCLUDED.updated_at
 WHERE (t.result NOT IN {_FINALS} AND EXCLUDED.result IN {_FINALS})
    OR ((t.result IN {_FINALS}) = (EXCLUDED.result IN {_FINALS})
        AND NOT (t.receipt_time IS NOT NULL AND EXCLUDED.receipt_time IS NOT NULL

@@ -16,6 +16,7 @@ MEMORY_RATIO_TARGET = 1.2
 INGEST_RATIO_TARGET = 0.5  # of the raw executemany limit
 PUSH_RATIO_TARGET = 0.5  # push ingestion, of the raw executemany limit
 PUSH_P99_TARGET_MS = 250
+HISTORY_COST_TARGET = 0.8  # ingestion with the history, of the upsert alone
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -73,6 +74,60 @@ def _cpu_figures(r: dict[str, Any], w: str) -> list[Figure]:
                 key="worker_machine_busy",
                 label="2. … share of the machine's CPU in use during the run",
                 value=round(busy, 2),
+                unit="x",
+            )
+        )
+    return out
+
+
+def _history_figures(r: dict[str, Any]) -> list[Figure]:
+    """What the history costs ingestion: the upsert with its history rows against the upsert
+    alone (bench/history.py)."""
+    receipts = _get(r, "history.receipts_per_pass")
+    scope = f" ({receipts:,} receipts per pass)" if receipts else ""
+    ratio = _get(r, "history.changes_ratio")
+    out = [
+        Figure(
+            key="history_receipts_per_s",
+            label=f"9. upsert with history, insert+update passes{scope}",
+            value=_get(r, "history.changes_history_receipts_per_s"),
+            unit="receipts/s",
+        ),
+        Figure(
+            key="history_baseline_receipts_per_s",
+            label="9. … the upsert alone, same receipts",
+            value=_get(r, "history.changes_baseline_receipts_per_s"),
+            unit="receipts/s",
+        ),
+        Figure(
+            key="history_ratio",
+            label="9. … ratio, with history vs upsert alone",
+            value=ratio,
+            unit="x",
+            target=f">= {HISTORY_COST_TARGET}",
+            ok=ratio >= HISTORY_COST_TARGET if ratio is not None else None,
+            note="every receipt a change: the worst case",
+        ),
+    ]
+    polls = _get(r, "history_polls.ratio")
+    out.append(
+        Figure(
+            key="history_polls_ratio",
+            label="9. … ratio on whole polls (API call, locks, sessions, commit)",
+            value=polls,
+            unit="x",
+            target=f">= {HISTORY_COST_TARGET}",
+            ok=polls >= HISTORY_COST_TARGET if polls is not None else None,
+            note=f"{_get(r, 'history_polls.history_receipts_per_s')} vs "
+            f"{_get(r, 'history_polls.baseline_receipts_per_s')} receipts/s",
+        )
+    )
+    for name in ("insert", "update", "repeat", "stale"):
+        out.append(
+            Figure(
+                key=f"history_ratio_{name}",
+                label=f"9. … ratio, {name} pass alone",
+                value=_get(r, f"history.passes.{name}.ratio"),
                 unit="x",
             )
         )
@@ -319,6 +374,16 @@ def figures(results: dict[str, Any]) -> list[Figure]:
     )
 
     out.extend(_push_figures(r))
+    out.extend(_history_figures(r))
+    for size in ("100", "1000"):
+        out.append(
+            Figure(
+                key=f"events_per_s_{size}",
+                label=f"10. event delivery to a local webhook receiver, batches of {size}",
+                value=_get(r, f"events.batches.{size}.events_per_s"),
+                unit="events/s",
+            )
+        )
 
     add(
         "inproc_ms_per_poll",

@@ -1,6 +1,6 @@
-"""The Python API: ``worker.track`` and ``worker.track_many`` for senders, ``worker.status`` to
-read a session back; acknowledging escalations and handling refused ``receipts.track`` tasks
-for operators."""
+"""The Python API: ``worker.track`` and ``worker.track_many`` for senders, ``worker.status`` and
+``worker.history`` to read a session back; acknowledging escalations and handling refused
+``receipts.track`` tasks for operators."""
 
 from __future__ import annotations
 
@@ -84,6 +84,15 @@ def status(session_no: str, *, account_id: int | None = None) -> records.Session
     ambiguous without ``account_id``)."""
     with read_scope() as session:
         return records.read_status(session, session_no, account_id=account_id)
+
+
+def history(session_no: str, *, account_id: int | None = None) -> records.SessionHistory:
+    """Everything observed of a tracked session, oldest first, as a frozen
+    :class:`worker.SessionHistory`: every change of its phones' receipts (applied or not) and
+    its resolutions and escalations. ``account_id`` is needed only when two accounts share the
+    SessionNo. Raises :class:`worker.SessionNotFound` as :func:`status` does."""
+    with read_scope() as session:
+        return records.read_history(session, session_no, account_id=account_id)
 
 
 def track_many(

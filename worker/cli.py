@@ -661,6 +661,30 @@ def status(session_no: str, account_id: int | None, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("session_no")
+@click.option("--account-id", type=int, help="Needed only when accounts share a SessionNo.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def history(session_no: str, account_id: int | None, as_json: bool) -> None:
+    """Every observed change of a session's receipts, oldest first, with its resolutions and
+    escalations; a receipt that lost to the stored one is marked not applied. Phones masked
+    unless RECEIPTS_LOG_PHONES."""
+    from worker import reports
+    from worker.api import history as read_history
+    from worker.errors import SessionNotFound
+
+    settings = _settings()
+    try:
+        found = read_history(session_no, account_id=account_id)
+    except SessionNotFound as exc:
+        _fail(str(exc), code=1)
+    shown = reports.history_rows(found, show_phones=settings.log_phones)
+    if as_json:
+        click.echo(json.dumps(shown, default=_json_default, indent=2))
+        return
+    reports.print_history(shown)
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (what support needs).")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV, one row per phone.")
 @click.option("--fail", is_flag=True, help="Exit 1 when any escalation is unacknowledged.")

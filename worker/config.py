@@ -24,6 +24,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.domain import DEFAULT_EVENT_TYPES, EventDestination, EventType
 from worker.errors import SettingsError
 from worker.logs import mask_password, redact_url
 from worker.receipts import DEFAULT_MAX_ANSWER_BYTES
@@ -195,7 +196,11 @@ _URL_SHOWN: dict[str, Callable[[str], str]] = {
     "broker_url": mask_password,
     "api_url": mask_password,
     "escalation_webhook_url": redact_url,
+    "events_webhook_url": redact_url,
 }
+
+
+MIN_SQLITE = (3, 35, 0)
 
 
 class Settings(BaseSettings):
@@ -260,6 +265,18 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = None
     webhook_timeout: WebhookDuration = timedelta(seconds=10)
 
+    # --- events to the sender's application (README "Events"; worker/events.py)
+    events_webhook_url: str | None = None
+    # A Celery task name the sender's own workers run, sent with send_task on events_queue.
+    events_task: str | None = None
+    events_queue: str = "celery"
+    # Which types are sent, comma-separated; kept in this canonical text (see event_types).
+    events: str = ",".join(sorted(DEFAULT_EVENT_TYPES))
+    events_batch_size: int = Field(default=100, ge=1, le=1000)
+    # A batch failing for this long is parked (kept, counted, alerted on) and the stream goes
+    # on after it.
+    events_retry_window: ScheduleDuration = timedelta(hours=24)
+
     # --- logs and errors
     log_phones: bool = False
     # ``json``: every log line of the worker, beat, exporter and receiver is one JSON object
@@ -292,6 +309,16 @@ class Settings(BaseSettings):
                 f"{url.drivername!r} databases are not supported: use a PostgreSQL URL "
                 "(postgresql://user@host/db, psycopg 3) or a SQLite one (sqlite:///path/file.db)"
             )
+        if url.get_backend_name() == "sqlite":
+            import sqlite3
+
+            # The receipts upsert reads back what it wrote (RETURNING, SQLite 3.35, 2021).
+            if sqlite3.sqlite_version_info < MIN_SQLITE:
+                raise ValueError(
+                    f"this Python's SQLite is {sqlite3.sqlite_version}; "
+                    f"{'.'.join(map(str, MIN_SQLITE))} or newer is needed: use PostgreSQL, "
+                    "or a Python built with a newer SQLite"
+                )
         return value
 
     @field_validator("broker_url")
@@ -316,6 +343,43 @@ class Settings(BaseSettings):
         if not value:
             return None
         return _check_http_url("RECEIPTS_ESCALATION_WEBHOOK_URL", value, shown=redact_url)
+
+    @field_validator("events_webhook_url")
+    @classmethod
+    def _events_webhook_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        return _check_http_url("RECEIPTS_EVENTS_WEBHOOK_URL", value, shown=redact_url)
+
+    @field_validator("events_task", "events_queue")
+    @classmethod
+    def _celery_name(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        if not value:
+            return None
+        if any(c.isspace() for c in value) or not value.isprintable():
+            raise ValueError(f"{value!r} is not a Celery task or queue name (no spaces)")
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _events(cls, value: str) -> str:
+        names = {name.strip().lower() for name in value.split(",") if name.strip()}
+        known = {t.value for t in EventType}
+        unknown = sorted(names - known)
+        if unknown:
+            raise ValueError(
+                f"unknown event type(s) {', '.join(unknown)}: use a comma-separated list of "
+                f"{', '.join(sorted(known))}"
+            )
+        if not names:
+            raise ValueError(
+                "names no event type: unset it for the default, or name some of "
+                f"{', '.join(sorted(known))} (unset both destinations to send none)"
+            )
+        return ",".join(sorted(names))
 
     @field_validator("webhook_secret")
     @classmethod
@@ -376,7 +440,7 @@ class Settings(BaseSettings):
 
     def secret_urls(self) -> list[str]:
         """URLs whose path, query and user info are secrets, redacted from every log line."""
-        return [url for url in (self.escalation_webhook_url,) if url]
+        return [url for url in (self.escalation_webhook_url, self.events_webhook_url) if url]
 
     def secret_values(self) -> list[str]:
         """Secrets that must never appear in a log line, were anything to print them."""
@@ -389,6 +453,23 @@ class Settings(BaseSettings):
     @property
     def lease(self) -> timedelta:
         return self.claim_lease or max(self.poll_interval_min, self.tick * 4)
+
+    @property
+    def event_types(self) -> frozenset[EventType]:
+        """The event types ``RECEIPTS_EVENTS`` selects."""
+        return frozenset(EventType(name) for name in self.events.split(","))
+
+    @property
+    def event_destinations(self) -> tuple[EventDestination, ...]:
+        """Where events go: none unless a webhook URL or a task name is set."""
+        return tuple(
+            destination
+            for destination, configured in (
+                (EventDestination.WEBHOOK, self.events_webhook_url),
+                (EventDestination.TASK, self.events_task),
+            )
+            if configured
+        )
 
     @property
     def webhook_lease(self) -> timedelta:

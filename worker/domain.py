@@ -10,7 +10,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 
 class Result(enum.StrEnum):
@@ -60,6 +60,36 @@ class SessionState(enum.StrEnum):
     PENDING = "pending"
     RESOLVED = "resolved"
     ESCALATED = "escalated"
+
+
+class SessionEventType(enum.StrEnum):
+    """What happened to a session (``sms_session_events.type``), named as the events are."""
+
+    RESOLVED = "session.resolved"
+    ESCALATED = "session.escalated"
+
+
+class EventType(enum.StrEnum):
+    """The events told to the sender's application (README "Events"), selected by
+    ``RECEIPTS_EVENTS``."""
+
+    RECEIPT_FINAL = "receipt.final"  # a phone's receipt became final (once per phone)
+    RECEIPT_UPDATED = "receipt.updated"  # any other change of a phone's stored receipt
+    SESSION_RESOLVED = "session.resolved"
+    SESSION_ESCALATED = "session.escalated"
+
+
+DEFAULT_EVENT_TYPES = frozenset(
+    {EventType.RECEIPT_FINAL, EventType.SESSION_RESOLVED, EventType.SESSION_ESCALATED}
+)
+
+
+class EventDestination(enum.StrEnum):
+    """Where events go, each with its own cursor (``receipts_event_cursors``): a webhook
+    (``RECEIPTS_EVENTS_WEBHOOK_URL``) and a Celery task (``RECEIPTS_EVENTS_TASK``)."""
+
+    WEBHOOK = "webhook"
+    TASK = "task"
 
 
 def normalize_result(raw: str) -> Result:
@@ -135,6 +165,17 @@ def should_replace(old: ReceiptVersion | None, new: ReceiptVersion) -> bool:
     if new.receipt_time is None:
         return old.receipt_time is None
     return old.receipt_time is None or new.receipt_time >= old.receipt_time
+
+
+# What a receipt says. One whose every fact equals the stored receipt's is a repeat: it changes
+# nothing and adds nothing to the history (the phone's spelling and where it came from do not
+# count; the upsert's SQL twin compares the same columns, worker/store.py).
+RECEIPT_FACTS = ("result", "receipt_code", "receipt_desc", "receipt_time", "cost_count", "user_id")
+
+
+def is_repeat(stored: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
+    """Whether ``new`` says exactly what ``stored`` says (None: nothing stored yet)."""
+    return stored is not None and all(stored[fact] == new[fact] for fact in RECEIPT_FACTS)
 
 
 def pick_latest(versions: Iterable[ReceiptVersion]) -> ReceiptVersion:

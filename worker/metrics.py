@@ -51,12 +51,16 @@ from worker.domain import FINAL_RESULTS, ReceiptSource, Result, SessionState
 from worker.intake import RejectionState
 from worker.models import (
     api_calls_table,
+    event_cursors_table,
     heartbeats_table,
     inbox_table,
     outbox_table,
+    parked_batches_table,
     push_counts_table,
+    receipt_events_table,
     receipts_table,
     rejected_table,
+    session_events_table,
     sessions_table,
 )
 
@@ -113,6 +117,21 @@ class Snapshot:
     push: dict[tuple[str, str], float] = field(default_factory=dict)
     oldest_parked_at: datetime | None = None
     credentials_failing: bool = False
+    # Per configured event destination (worker/events.py).
+    events: list[EventStream] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EventStream:
+    """Where one destination's event stream stands."""
+
+    destination: str
+    oldest_undelivered_at: datetime | None
+    undelivered: int
+    delivered: int
+    failed_attempts: int
+    parked_batches: int
+    parked_events: int
 
 
 @dataclass(frozen=True)
@@ -203,7 +222,72 @@ def read_snapshot(session: Session, now: datetime) -> Snapshot:
     ).scalar_one()
     # One row at most, written by every worker's polls (worker/credentials.py).
     snap.credentials_failing = credentials.failing(session)
+    snap.events = read_event_streams(session)
     return snap
+
+
+# Past this many, the events waiting for a destination are counted as this many: a count that
+# follows a long outage's backlog row by row would make every scrape slower as it grows.
+UNDELIVERED_CAP = 100_000
+
+
+def read_event_streams(session: Session) -> list[EventStream]:
+    """Each configured destination's stream: the history rows past its cursor (the oldest of
+    them, through the primary keys; their count, capped), what it delivered, and its parked
+    batches (the partial index of the open ones)."""
+    cursors, events, changes = event_cursors_table.c, session_events_table.c, receipt_events_table.c
+    parked_c = parked_batches_table.c
+    parked = {
+        destination: (int(batches), int(total or 0))
+        for destination, batches, total in session.execute(
+            sa.select(parked_c.destination, sa.func.count(), sa.func.sum(parked_c.events))
+            .where(parked_c.state.in_(("parked", "replay")))
+            .group_by(parked_c.destination)
+        )
+    }
+    streams = []
+    rows = session.execute(
+        sa.select(
+            cursors.destination, cursors.delivered_id, cursors.delivered_events, cursors.attempts
+        )
+        .where(cursors.active.is_(True))
+        .order_by(cursors.destination)
+    ).all()
+    for row in rows:
+        after = row.delivered_id
+        first_change = (
+            sa.select(changes.observed_at).where(changes.id > after).order_by(changes.id).limit(1)
+        )
+        first_event = (
+            sa.select(events.occurred_at).where(events.id > after).order_by(events.id).limit(1)
+        )
+        oldest = [
+            t
+            for t in (
+                session.execute(first_change).scalar(),
+                session.execute(first_event).scalar(),
+            )
+            if t is not None
+        ]
+        waiting = 0
+        for table, extra in ((changes, changes.applied.is_(True)), (events, sa.true())):
+            capped = (
+                sa.select(table.id).where(table.id > after, extra).limit(UNDELIVERED_CAP).subquery()
+            )
+            waiting += session.execute(sa.select(sa.func.count()).select_from(capped)).scalar_one()
+        batches, total = parked.get(row.destination, (0, 0))
+        streams.append(
+            EventStream(
+                destination=row.destination,
+                oldest_undelivered_at=min(oldest) if oldest else None,
+                undelivered=min(waiting, UNDELIVERED_CAP),
+                delivered=int(row.delivered_events),
+                failed_attempts=int(row.attempts),
+                parked_batches=batches,
+                parked_events=total,
+            )
+        )
+    return streams
 
 
 def read_totals(session: Session, now: datetime) -> Totals:
@@ -508,6 +592,7 @@ def _metrics(snap: Snapshot, totals: Totals | None, now: datetime) -> Iterator[M
     yield rejected
 
     yield from _push_metrics(snap, totals, now)
+    yield from _event_metrics(snap, now)
 
     if totals is not None:
         yield _latency_histogram(totals.latency)
@@ -518,6 +603,56 @@ def _metrics(snap: Snapshot, totals: Totals | None, now: datetime) -> Iterator[M
         "receipts by result) were counted; NaN before the first count.",
         (now - totals.computed_at).total_seconds() if totals is not None else math.nan,
     )
+
+
+def _event_metrics(snap: Snapshot, now: datetime) -> Iterator[Metric]:
+    """The event streams to the sender's application, one series per configured destination."""
+    families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+        "lag": GaugeMetricFamily(
+            "receipts_events_lag_seconds",
+            "Seconds since the oldest change not yet delivered to the destination occurred; 0 "
+            "when it is caught up.",
+            labels=["destination"],
+        ),
+        "undelivered": GaugeMetricFamily(
+            "receipts_events_undelivered",
+            "Changes of the history past the destination's cursor (events waiting, and rows "
+            f"of types not selected that it will pass over), counted up to {UNDELIVERED_CAP}.",
+            labels=["destination"],
+        ),
+        "delivered": CounterMetricFamily(
+            "receipts_events_delivered",
+            "Events the destination acknowledged (a 2xx, or the broker took the task).",
+            labels=["destination"],
+        ),
+        "failing": GaugeMetricFamily(
+            "receipts_events_failed_attempts",
+            "Failed attempts of the batch the destination is retrying; 0 when it is not.",
+            labels=["destination"],
+        ),
+        "parked": GaugeMetricFamily(
+            "receipts_events_parked",
+            "Events in batches parked after failing for RECEIPTS_EVENTS_RETRY_WINDOW, not "
+            "replayed or dismissed (receipts_parked_event_batches).",
+            labels=["destination"],
+        ),
+        "parked_batches": GaugeMetricFamily(
+            "receipts_events_parked_batches",
+            "Batches parked after failing for RECEIPTS_EVENTS_RETRY_WINDOW, not replayed or "
+            "dismissed.",
+            labels=["destination"],
+        ),
+    }
+    for stream in snap.events:
+        label = [stream.destination]
+        lag = _seconds_since(stream.oldest_undelivered_at, now)
+        families["lag"].add_metric(label, max(lag, 0.0) if lag is not None else 0.0)
+        families["undelivered"].add_metric(label, stream.undelivered)
+        families["delivered"].add_metric(label, stream.delivered)
+        families["failing"].add_metric(label, stream.failed_attempts)
+        families["parked"].add_metric(label, stream.parked_events)
+        families["parked_batches"].add_metric(label, stream.parked_batches)
+    yield from families.values()
 
 
 def _latency_histogram(latency: dict[str, Latency]) -> HistogramMetricFamily:

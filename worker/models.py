@@ -11,7 +11,13 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from worker.domain import ReceiptSource, Result, SessionState
+from worker.domain import (
+    EventDestination,
+    ReceiptSource,
+    Result,
+    SessionEventType,
+    SessionState,
+)
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -66,7 +72,14 @@ class Base(DeclarativeBase):
     }
 
 
-def _in(column: str, values: type[Result] | type[SessionState] | type[ReceiptSource]) -> str:
+def _in(
+    column: str,
+    values: type[Result]
+    | type[SessionState]
+    | type[ReceiptSource]
+    | type[SessionEventType]
+    | type[EventDestination],
+) -> str:
     return f"{column} IN ({', '.join(repr(v.value) for v in values)})"
 
 
@@ -227,8 +240,113 @@ class PushCount(Base):
     value: Mapped[float] = mapped_column(sa.Float, server_default=sa.text("0"))
 
 
+# --- history: every observed change, in one order -----------------------------------------
+
+# One increasing id for every event, receipt changes and session events alike, so that one
+# cursor per destination can later read them all in order (README "Tables").
+#
+# PostgreSQL draws them from this sequence. The trap a reader of the stream must know: ids are
+# handed out when a row is written, not when its transaction commits, so a transaction that
+# took id 7 may commit after one that took id 8. A reader that saw 8 and remembers "after 8"
+# never sees 7. Reading "id > cursor" is safe only up to ids no open transaction can still
+# hold: having seen ids up to M, the reader may deliver the ids up to M, and move its cursor
+# to M, only once every transaction in progress in that snapshot
+# (``pg_snapshot_xip(pg_current_snapshot())``) has ended (``pg_xact_status``); every id up to M
+# is then committed or gone for good. (``pg_snapshot_xmin`` reaching that snapshot's xmax says
+# the same, but is held back by any long transaction on the server, other databases' too.)
+# That holds because each writer has its
+# transaction id before it takes an event id: it locks the sessions' rows first
+# (store.lock_sessions, or the UPDATE of store.escalate_due). Within one session ids commit in
+# order, since its writers hold its row lock until they commit.
+#
+# SQLite has one writer at a time (every unit of work begins with the write lock, worker/db.py):
+# there ids are taken from ``receipts_event_ids`` inside the writing transaction and commit in
+# their order.
+EVENT_IDS = sa.Sequence("receipts_event_id_seq", metadata=metadata)
+
+
+def _event_id() -> Any:
+    """The id column of an event table: on PostgreSQL its default is ``nextval`` of
+    :data:`EVENT_IDS` (migration 0008); on SQLite the writer gives every id (worker/event_log.py).
+    Declared as a server-side default of no particular text, so that one model fits both."""
+    return mapped_column(
+        BigId,
+        primary_key=True,
+        autoincrement=False,
+        server_default=sa.FetchedValue(),
+    )
+
+
+class SmsReceiptEvent(Base):
+    """Append-only: one row per observed change of a phone's receipt (a repeat of the stored
+    receipt adds nothing), whether or not it became the stored one (``applied``)."""
+
+    __tablename__ = "sms_receipt_events"
+    __table_args__ = (
+        sa.CheckConstraint(_in("result", Result), name="result"),
+        sa.CheckConstraint(_in("source", ReceiptSource), name="source"),
+        # A session's timeline, and the receipts of one phone that lost (the upsert looks them
+        # up so that a repeated losing receipt is recorded once).
+        sa.Index("ix_sms_receipt_events_session", "account_id", "session_no", "phone_key"),
+    )
+
+    # No foreign key to sms_sessions: the check would cost every history row a trigger and a
+    # lookup on the hot path of ingestion, and the rows' only writer is the upsert of receipts
+    # of sessions it has just locked. Deleting a session's history is the purge's job.
+    id: Mapped[int] = _event_id()
+    account_id: Mapped[int] = mapped_column(sa.BigInteger)
+    session_no: Mapped[str] = mapped_column(sa.Text)
+    phone: Mapped[str] = mapped_column(sa.Text)
+    phone_key: Mapped[str] = mapped_column(sa.Text)
+    result: Mapped[str] = mapped_column(sa.Text)
+    receipt_code: Mapped[str | None] = mapped_column(sa.Text)
+    receipt_desc: Mapped[str | None] = mapped_column(sa.Text)
+    receipt_time: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    cost_count: Mapped[int | None] = mapped_column(sa.Integer)
+    user_id: Mapped[str | None] = mapped_column(sa.Text)
+    source: Mapped[str] = mapped_column(sa.Text)
+    observed_at: Mapped[timestamp]
+    # Whether it became the stored receipt (sms_receipts); false when the stored one won (it
+    # was final and this one not, or this one was older).
+    applied: Mapped[bool] = mapped_column(sa.Boolean)
+
+
+class SmsSessionEvent(Base):
+    """Append-only: a session became resolved or escalated, in the transaction that changed
+    its state, numbered from the same ids as receipt changes."""
+
+    __tablename__ = "sms_session_events"
+    __table_args__ = (
+        sa.CheckConstraint(_in("type", SessionEventType), name="type"),
+        sa.CheckConstraint(_in("source", ReceiptSource), name="source"),
+        sa.Index("ix_sms_session_events_session", "account_id", "session_no"),
+    )
+
+    id: Mapped[int] = _event_id()
+    account_id: Mapped[int] = mapped_column(sa.BigInteger)
+    session_no: Mapped[str] = mapped_column(sa.Text)
+    type: Mapped[str] = mapped_column(sa.Text)
+    # What resolved it (poll, push, repoll); NULL for an escalation.
+    source: Mapped[str | None] = mapped_column(sa.Text)
+    occurred_at: Mapped[timestamp]
+
+
+class EventIdCounter(Base):
+    """SQLite only: the last event id handed out (PostgreSQL uses ``receipts_event_id_seq``
+    and leaves this table as the migration made it). One row."""
+
+    __tablename__ = "receipts_event_ids"
+    __table_args__ = (sa.CheckConstraint("id = 1", name="one_row"),)
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=False)
+    last_id: Mapped[int] = mapped_column(sa.BigInteger)
+
+
 sessions_table: sa.Table = SmsSession.__table__  # type: ignore[assignment]
 receipts_table: sa.Table = SmsReceipt.__table__  # type: ignore[assignment]
+receipt_events_table: sa.Table = SmsReceiptEvent.__table__  # type: ignore[assignment]
+session_events_table: sa.Table = SmsSessionEvent.__table__  # type: ignore[assignment]
+event_ids_table: sa.Table = EventIdCounter.__table__  # type: ignore[assignment]
 
 
 class EscalationOutbox(Base):
@@ -260,6 +378,73 @@ class EscalationOutbox(Base):
     # The deliverer holding this row's lease: its result is recorded only while it still holds
     # it, so a deliverer outlived by its lease cannot overwrite the next one's outcome.
     claim_token: Mapped[str | None] = mapped_column(sa.Text)
+
+
+class EventCursor(Base):
+    """Where the event stream of one destination stands (worker/events.py): every event up
+    to ``delivered_id`` was delivered (or parked), and the batch after it is held by at most
+    one deliverer at a time (``claim_token`` until ``leased_until``)."""
+
+    __tablename__ = "receipts_event_cursors"
+    __table_args__ = (sa.CheckConstraint(_in("destination", EventDestination), name="destination"),)
+
+    destination: Mapped[str] = mapped_column(sa.Text, primary_key=True)
+    # Whether the destination was configured at the last tick: the exporter reports only
+    # these, so that one configured once and removed does not look ever later.
+    active: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.true())
+    delivered_id: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
+    # Every event id up to safe_id has committed or never will (worker/events.py: the
+    # horizon); pending_id is the next such bound, waiting for the transactions that were in
+    # progress in pending_snapshot (PostgreSQL's text form of a pg_snapshot) to end.
+    safe_id: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
+    pending_id: Mapped[int | None] = mapped_column(sa.BigInteger)
+    pending_snapshot: Mapped[str | None] = mapped_column(sa.Text)
+    claim_token: Mapped[str | None] = mapped_column(sa.Text)
+    leased_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The batch after delivered_id: failed attempts, the first of them, when to try again.
+    attempts: Mapped[int] = mapped_column(sa.Integer, server_default=sa.text("0"))
+    first_failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    delivered_events: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class ParkedEventBatch(Base):
+    """A batch of events that failed every attempt for ``RECEIPTS_EVENTS_RETRY_WINDOW``: the
+    destination's cursor went past it so that later events still flow, and it is kept here,
+    counted and alerted on, until an operator replays or dismisses it. The events are those
+    of the history with ``after_id < id <= through_id`` of the types selected."""
+
+    __tablename__ = "receipts_parked_event_batches"
+    __table_args__ = (
+        sa.CheckConstraint(_in("destination", EventDestination), name="destination"),
+        # parked; replay: an operator asked for it to be sent again (``receipts events
+        # replay``), which the next delivery round does before the stream; then replayed; or
+        # dismissed (``receipts events dismiss``).
+        sa.CheckConstraint("state IN ('parked', 'replay', 'replayed', 'dismissed')", name="state"),
+        # What the exporter counts and the deliverer looks for: the batches still open.
+        sa.Index(
+            "ix_receipts_parked_event_batches_open",
+            "destination",
+            "state",
+            postgresql_where=sa.text("state IN ('parked', 'replay')"),
+            sqlite_where=sa.text("state IN ('parked', 'replay')"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    destination: Mapped[str] = mapped_column(sa.Text)
+    after_id: Mapped[int] = mapped_column(sa.BigInteger)
+    through_id: Mapped[int] = mapped_column(sa.BigInteger)
+    events: Mapped[int] = mapped_column(sa.Integer)
+    attempts: Mapped[int] = mapped_column(sa.Integer)
+    first_failed_at: Mapped[timestamp]
+    parked_at: Mapped[timestamp]
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    state: Mapped[str] = mapped_column(sa.Text, server_default="parked")
+    # When it was replayed or dismissed (``receipts events``).
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class Heartbeat(Base):
@@ -354,6 +539,8 @@ class CredentialsStatus(Base):
 
 
 outbox_table: sa.Table = EscalationOutbox.__table__  # type: ignore[assignment]
+event_cursors_table: sa.Table = EventCursor.__table__  # type: ignore[assignment]
+parked_batches_table: sa.Table = ParkedEventBatch.__table__  # type: ignore[assignment]
 heartbeats_table: sa.Table = Heartbeat.__table__  # type: ignore[assignment]
 api_calls_table: sa.Table = ApiCallCount.__table__  # type: ignore[assignment]
 workers_table: sa.Table = WorkerProcess.__table__  # type: ignore[assignment]

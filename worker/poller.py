@@ -18,7 +18,7 @@ from typing import Final, TypeVar
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
-from worker import credentials, db, push, store, webhooks, workers
+from worker import credentials, db, events, push, store, webhooks, workers
 from worker.client import MAX_SESSIONS_PER_CALL, UspeedoClient
 from worker.domain import ReceiptSource
 from worker.errors import (
@@ -58,6 +58,8 @@ class TickReport:
     webhooks_due: bool = False  # with an outbox: some delivery is waiting for an attempt
     # The tick reached its bound (max_sessions or max_claims) with sessions possibly still due.
     bounded: bool = False
+    # The event destinations with events waiting for them (worker/events.py).
+    events_due: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -84,6 +86,7 @@ def tick(
     outbox: bool = False,
     reconcile: Callable[[int, list[int]], None] | None = None,
     inbox_max_rows: int = 1_000_000,
+    event_destinations: Sequence[str] = (),
 ) -> TickReport:
     """Record the heartbeat, release the polls of worker processes that stopped heartbeating,
     escalate what passed its cutoff (queuing webhooks with ``outbox``), hand the sessions whose
@@ -144,12 +147,20 @@ def tick(
     if outbox:
         with session_factory() as session:
             webhooks_due = webhooks.deliveries_due(session, now=clock())
+    # Every tick, so that a destination configured or removed is known within one.
+    with session_factory() as session:
+        events.sync_destinations(session, event_destinations)
+    events_due: list[str] = []
+    if event_destinations:
+        with session_factory() as session:
+            events_due = events.waiting(session, event_destinations, now=clock())
     return TickReport(
         escalated=escalated,
         claims=claims,
         sessions_claimed=claimed,
         webhooks_due=webhooks_due,
         bounded=bounded,
+        events_due=tuple(events_due),
     )
 
 

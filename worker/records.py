@@ -1,6 +1,8 @@
 """Typed, read-only records of a tracked session and its receipts: what ``worker.status()``
 returns to an application and what ``receipts status`` prints, read by one query
-(:func:`read_status`), so that an application never reaches into the tables or the reports.
+(:func:`read_status`), and the session's history, what ``worker.history()`` returns and
+``receipts history`` prints (:func:`read_history`), so that an application never reaches into
+the tables or the reports.
 
 Records are frozen dataclasses with slots; every datetime is timezone-aware, in UTC.
 """
@@ -8,7 +10,7 @@ Records are frozen dataclasses with slots; every datetime is timezone-aware, in 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,12 +18,26 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker.domain import FINAL_RESULTS, ReceiptSource, Result, SessionState, phone_key
+from worker.domain import (
+    FINAL_RESULTS,
+    ReceiptSource,
+    Result,
+    SessionEventType,
+    SessionState,
+    phone_key,
+)
 from worker.errors import SessionNotFound
-from worker.models import receipts_table, sessions_table
+from worker.models import (
+    receipt_events_table,
+    receipts_table,
+    session_events_table,
+    sessions_table,
+)
 
 S = sessions_table
 R = receipts_table
+E = receipt_events_table
+SE = session_events_table
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -178,13 +194,12 @@ _SESSION_COLUMNS = [
 ]
 
 
-def read_status(
-    session: Session, session_no: str, *, account_id: int | None = None
-) -> SessionStatus:
-    """The session ``session_no`` (of ``account_id``, needed only when two accounts share the
-    SessionNo) with its receipts, read in the caller's transaction. Raises
+def _one_session(
+    session: Session, columns: Sequence[Any], session_no: str, account_id: int | None
+) -> sa.RowMapping:
+    """``columns`` of the session ``session_no`` (of ``account_id``, when given); raises
     :class:`SessionNotFound` for a SessionNo that is not tracked, or ambiguous."""
-    query = sa.select(*_SESSION_COLUMNS, S.c.escalation_detail).where(S.c.session_no == session_no)
+    query = sa.select(*columns).where(S.c.session_no == session_no)
     if account_id is not None:
         query = query.where(S.c.account_id == account_id)
     rows = list(session.execute(query).mappings())
@@ -196,7 +211,16 @@ def read_status(
             f"session {session_no!r} exists in accounts {accounts}: "
             "give its account_id (--account-id)"
         )
-    row = rows[0]
+    return rows[0]
+
+
+def read_status(
+    session: Session, session_no: str, *, account_id: int | None = None
+) -> SessionStatus:
+    """The session ``session_no`` (of ``account_id``, needed only when two accounts share the
+    SessionNo) with its receipts, read in the caller's transaction. Raises
+    :class:`SessionNotFound` for a SessionNo that is not tracked, or ambiguous."""
+    row = _one_session(session, [*_SESSION_COLUMNS, S.c.escalation_detail], session_no, account_id)
     receipts = session.execute(
         sa.select(R)
         .where(R.c.account_id == row["account_id"], R.c.session_no == session_no)
@@ -212,4 +236,159 @@ def read_status(
             "escalation_detail": EscalationDetail.from_json(detail) if detail else None,
             "receipts": tuple(PhoneReceipt.from_row(r) for r in receipts),
         }
+    )
+
+
+# --- history ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReceiptChange:
+    """An observed change of one phone's receipt (a row of ``sms_receipt_events``): a receipt
+    that said something other than the stored one when it came in.
+
+    - ``id``: increasing, shared with :class:`SessionChange`; orders the timeline.
+    - ``account_id``, ``session_no``, ``phone``, ``phone_key``, ``result``, ``receipt_code``,
+      ``receipt_desc``, ``receipt_time``, ``cost_count``, ``user_id``: the receipt as observed,
+      as in :class:`PhoneReceipt`.
+    - ``source``: where it came from: a poll, Uspeedo's push, or an operator's repoll.
+    - ``observed_at``: when it came in.
+    - ``applied``: whether it became the stored receipt; False when the stored one won (it was
+      final and this one not, or this one was older).
+    """
+
+    id: int
+    account_id: int
+    session_no: str
+    phone: str
+    phone_key: str
+    result: Result
+    receipt_code: str | None
+    receipt_desc: str | None
+    receipt_time: datetime | None
+    cost_count: int | None
+    user_id: str | None
+    source: ReceiptSource
+    observed_at: datetime
+    applied: bool
+
+    @property
+    def final(self) -> bool:
+        """Whether this receipt is final (``Unknow`` may still change)."""
+        return self.result in FINAL_RESULTS
+
+    @property
+    def at(self) -> datetime:
+        """When it happened (``observed_at``), as for :class:`SessionChange`."""
+        return self.observed_at
+
+    @classmethod
+    def from_row(cls, row: sa.RowMapping) -> ReceiptChange:
+        values = {f.name: row[f.name] for f in dataclasses.fields(cls)}
+        return cls(
+            **{
+                **values,
+                "result": Result(row["result"]),
+                "source": ReceiptSource(row["source"]),
+                "applied": bool(row["applied"]),
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionChange:
+    """A session became resolved or escalated (a row of ``sms_session_events``).
+
+    - ``id``: increasing, shared with :class:`ReceiptChange`.
+    - ``account_id``, ``session_no``: the session.
+    - ``type``: ``session.resolved`` or ``session.escalated`` (:class:`SessionEventType`).
+    - ``source``: what resolved it (a poll, a push, a repoll); None for an escalation.
+    - ``occurred_at``: when.
+    """
+
+    id: int
+    account_id: int
+    session_no: str
+    type: SessionEventType
+    source: ReceiptSource | None
+    occurred_at: datetime
+
+    @property
+    def at(self) -> datetime:
+        """When it happened (``occurred_at``), as for :class:`ReceiptChange`."""
+        return self.occurred_at
+
+    @classmethod
+    def from_row(cls, row: sa.RowMapping) -> SessionChange:
+        return cls(
+            id=row["id"],
+            account_id=row["account_id"],
+            session_no=row["session_no"],
+            type=SessionEventType(row["type"]),
+            source=ReceiptSource(row["source"]) if row["source"] else None,
+            occurred_at=row["occurred_at"],
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionHistory:
+    """Everything observed of one session, oldest first.
+
+    - ``account_id``, ``session_no``: the session.
+    - ``receipts``: every observed change of its phones' receipts (:class:`ReceiptChange`).
+    - ``events``: its resolutions and escalations (:class:`SessionChange`).
+    - ``timeline``: both, in the order they happened (by ``id``).
+    """
+
+    account_id: int
+    session_no: str
+    receipts: tuple[ReceiptChange, ...]
+    events: tuple[SessionChange, ...]
+
+    @property
+    def timeline(self) -> tuple[ReceiptChange | SessionChange, ...]:
+        merged: list[ReceiptChange | SessionChange] = [*self.receipts, *self.events]
+        return tuple(sorted(merged, key=lambda change: change.id))
+
+    def for_phone(self, phone: str) -> tuple[ReceiptChange, ...]:
+        """The changes of ``phone``'s receipt, matched on its digits."""
+        key = phone_key(phone)
+        return tuple(change for change in self.receipts if change.phone_key == key)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (datetimes and enums kept as they are): the session's keys and its
+        ``timeline``, each entry with its ``type`` (``receipt`` for a receipt change)."""
+        return {
+            "account_id": self.account_id,
+            "session_no": self.session_no,
+            "timeline": [
+                {"type": "receipt", **dataclasses.asdict(change)}
+                if isinstance(change, ReceiptChange)
+                else dataclasses.asdict(change)
+                for change in self.timeline
+            ],
+        }
+
+
+def read_history(
+    session: Session, session_no: str, *, account_id: int | None = None
+) -> SessionHistory:
+    """The history of the session ``session_no`` (of ``account_id``, needed only when two
+    accounts share the SessionNo), read in the caller's transaction. Raises
+    :class:`SessionNotFound` for a SessionNo that is not tracked, or ambiguous."""
+    row = _one_session(session, [S.c.account_id], session_no, account_id)
+    account = row["account_id"]
+    receipts = session.execute(
+        sa.select(E).where(E.c.account_id == account, E.c.session_no == session_no).order_by(E.c.id)
+    ).mappings()
+    events = session.execute(
+        sa.select(SE)
+        .where(SE.c.account_id == account, SE.c.session_no == session_no)
+        .order_by(SE.c.id)
+    ).mappings()
+    return SessionHistory(
+        account_id=account,
+        session_no=session_no,
+        receipts=tuple(ReceiptChange.from_row(r) for r in receipts),
+        events=tuple(SessionChange.from_row(e) for e in events),
     )

@@ -1,5 +1,5 @@
-"""Read-only views of the tables for people: ``receipts status``, ``receipts stale`` and
-``receipts rejected``.
+"""Read-only views of the tables for people: ``receipts status``, ``receipts history``,
+``receipts stale`` and ``receipts rejected``.
 
 Every value from the database reaches rich as a ``Text``, never as a ``str``: rich reads
 ``[...]`` in a string as markup (``[/]`` in a SessionNo or an API error text raised
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from worker.intake import RejectedTrack
+    from worker.records import SessionHistory
 
 
 def session_status(session_no: str, *, account_id: int | None = None) -> dict[str, Any]:
@@ -108,6 +109,59 @@ def show_table(
         cells = [value.ljust(width) for value, width in zip(line[:-1], widths, strict=False)]
         out.write("  ".join([*cells, line[-1]]).rstrip() + "\n")
     out.flush()
+
+
+def history_rows(found: SessionHistory, *, show_phones: bool) -> dict[str, Any]:
+    """What ``receipts history`` shows: the session's timeline as plain data, phones masked to
+    their last four digits unless ``show_phones`` (as the log and ``receipts rejected``)."""
+    from worker.logs import mask_phone
+
+    shown = found.as_dict()
+    for entry in shown["timeline"]:
+        if entry["type"] == "receipt":
+            entry["phone"] = mask_phone(entry["phone"], show=show_phones)
+            entry["phone_key"] = mask_phone(entry["phone_key"], show=show_phones)
+    return shown
+
+
+HISTORY_COLUMNS = (
+    "id",
+    "at",
+    "event",
+    "phone",
+    "result",
+    "code",
+    "receipt_time",
+    "source",
+    "applied",
+)
+
+
+def print_history(shown: dict[str, Any], console: Console | None = None) -> None:
+    """The timeline, one line per change, oldest first; a receipt that lost to the stored one
+    is marked ``no`` under ``applied``."""
+    timeline = shown["timeline"]
+    rows = []
+    for entry in timeline:
+        receipt = entry["type"] == "receipt"
+        rows.append(
+            [
+                _text(entry["id"]),
+                _text(entry["observed_at"] if receipt else entry["occurred_at"]),
+                _text(entry["type"]),
+                _text(entry.get("phone")),
+                _text(entry.get("result")),
+                _text(entry.get("receipt_code")),
+                _text(entry.get("receipt_time")),
+                _text(entry["source"]),
+                _text(("yes" if entry["applied"] else "no") if receipt else None),
+            ]
+        )
+    title = (
+        f"{shown['session_no']} (account {shown['account_id']}): "
+        f"{len(timeline)} change(s), oldest first"
+    )
+    show_table(HISTORY_COLUMNS, rows, title=title, console=console)
 
 
 def _text(value: Any) -> str:

@@ -18,11 +18,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from worker import event_log
 from worker.db import json_document, json_rows, upsert_insert
 from worker.domain import (
     FINAL_RESULTS,
     ReceiptSource,
     ReceiptVersion,
+    SessionEventType,
     SessionState,
     is_resolved,
     phone_key,
@@ -400,30 +402,68 @@ def _version(row: Mapping[str, Any]) -> ReceiptVersion:
 
 @functools.cache
 def _upsert_statement(dialect: str) -> Any:
-    """The receipts upsert, built once per dialect (its text never changes).
+    """The receipts upsert alone, built once per dialect (its text never changes); on SQLite
+    it returns the (session_no, phone_key) it wrote. :func:`upsert_receipts` writes the
+    history with it (on PostgreSQL in the same statement, :func:`_recorded_upsert_statement`);
+    the benchmark measures the cost of that against this statement alone.
 
     On PostgreSQL it reads every row from one JSON document (:func:`worker.db.json_rows`): one
     round trip for a whole answer instead of one per receipt (see README "Performance"). The
     account and time, the same for every row of an answer, travel once, as parameters.
     """
-    statement: Any
     if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
         source = json_rows({name: R.c[name].type for name in RECEIPT_COLUMNS}).subquery()
-        now = sa.bindparam("now", type_=R.c.updated_at.type)
-        select = sa.select(
-            sa.bindparam("account_id", type_=R.c.account_id.type),
-            *(source.c[name] for name in RECEIPT_COLUMNS),
-            now,
-            now,
-        )
-        columns = ["account_id", *RECEIPT_COLUMNS, "first_seen_at", "updated_at"]
-        statement = pg_insert(R).from_select(columns, select)
-    else:
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+        return _on_conflict(_insert_from(source))
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-        statement = sqlite_insert(R)
+    # SQLite >= 3.35 returns the rows an upsert inserted or updated, and only those: a row
+    # the guard refused is not returned (worker.config refuses an older SQLite).
+    return _on_conflict(sqlite_insert(R)).returning(R.c.session_no, R.c.phone_key)
+
+
+@functools.cache
+def _recorded_upsert_statement() -> Any:
+    """PostgreSQL: the receipts upsert and its history in one statement::
+
+        WITH incoming AS (SELECT … FROM json_to_recordset(:json_rows)),
+             applied AS (INSERT INTO sms_receipts … SELECT … FROM incoming
+                         ON CONFLICT … DO UPDATE … WHERE <guard> AND NOT <repeat>
+                         RETURNING session_no, phone, phone_key, result, …)
+        INSERT INTO sms_receipt_events …
+            SELECT …, true FROM applied
+            UNION ALL
+            SELECT …, false FROM incoming WHERE <not written, not a repeat, not lost before>
+
+    The upsert reports the rows it wrote (RETURNING), so which receipts were applied is the
+    guard's own verdict, never worked out again; worker.event_log says which of the others
+    are kept. Still one round trip per answer.
+    """
+    incoming = json_rows({name: R.c[name].type for name in RECEIPT_COLUMNS}).cte("incoming")
+    upsert = _on_conflict(_insert_from(incoming)).returning(
+        *(R.c[name] for name in event_log.EVENT_COLUMNS)
+    )
+    return event_log.receipt_history_statement(
+        incoming, upsert.cte("applied"), _ACCOUNT_PARAM, _NOW_PARAM
+    )
+
+
+_ACCOUNT_PARAM = sa.bindparam("account_id", type_=R.c.account_id.type)
+_NOW_PARAM = sa.bindparam("now", type_=R.c.updated_at.type)
+
+
+def _insert_from(source: Any) -> Any:
+    """PostgreSQL: INSERT INTO sms_receipts the rows of ``source``, of one account, at one
+    time (the bound ``account_id`` and ``now``)."""
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    select = sa.select(
+        _ACCOUNT_PARAM, *(source.c[name] for name in RECEIPT_COLUMNS), _NOW_PARAM, _NOW_PARAM
+    )
+    columns = ["account_id", *RECEIPT_COLUMNS, "first_seen_at", "updated_at"]
+    return pg_insert(R).from_select(columns, select)
+
+
+def _on_conflict(statement: Any) -> Any:
     excluded = statement.excluded
     return statement.on_conflict_do_update(
         index_elements=["account_id", "session_no", "phone_key"],
@@ -439,7 +479,11 @@ def _upsert_statement(dialect: str) -> Any:
             "source": excluded.source,
             "updated_at": excluded.updated_at,
         },
-        where=receipt_guard(R.c, excluded),
+        # A receipt that says what the stored one says changes nothing, not even updated_at
+        # or source: the upsert leaves it alone, and its RETURNING names only real changes.
+        where=sa.and_(
+            receipt_guard(R.c, excluded), sa.not_(event_log.is_repeat_sql(R.c, excluded))
+        ),
     )
 
 
@@ -447,22 +491,35 @@ def upsert_receipts(
     session: Session, rows: Sequence[Mapping[str, Any]], *, account_id: int, now: datetime
 ) -> int:
     """Write the receipts of one account, seen at ``now``, in one ``INSERT … ON CONFLICT DO
-    UPDATE`` statement.
+    UPDATE`` statement, and each observed change in ``sms_receipt_events`` (worker.event_log):
+    every receipt that differs from the stored one, applied or not.
 
     Rows (see :func:`receipt_rows`) must be unique per (session, phone_key): PostgreSQL refuses
     to update one row twice in one statement. The conflict update only applies when the
     incoming receipt wins under the domain rule, so two pollers racing on the same phone (or a
-    backfill) can never put a stale or non-final receipt over a final one.
+    backfill) can never put a stale or non-final receipt over a final one. Callers lock the
+    rows' sessions first (:func:`lock_sessions`), which the history's reading of the stored
+    receipts relies on.
     """
     if not rows:
         return 0
-    dialect = session.get_bind().dialect.name
-    statement = _upsert_statement(dialect)
-    if dialect == "postgresql":
-        session.execute(statement, {"account_id": account_id, "now": now, **json_document(rows)})
-    else:
-        common = {"account_id": account_id, "first_seen_at": now, "updated_at": now}
-        session.connection().execute(statement, [{**row, **common} for row in rows])
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            _recorded_upsert_statement(),
+            {"account_id": account_id, "now": now, **json_document(rows)},
+        )
+        return len(rows)
+    common = {"account_id": account_id, "first_seen_at": now, "updated_at": now}
+    written = session.connection().execute(
+        _upsert_statement("sqlite"), [{**row, **common} for row in rows]
+    )
+    event_log.record_observed(
+        session,
+        rows,
+        account_id=account_id,
+        now=now,
+        applied={(row.session_no, row.phone_key) for row in written},
+    )
     return len(rows)
 
 
@@ -695,6 +752,7 @@ def record_receipts(
         stored.update(results_by_session(session, account_id, session_nos))
     updates: list[dict[str, Any]] = []
     resolved_nos: list[str] = []
+    events: list[dict[str, Any]] = []
     rescheduled = 0
     for target in live:
         locked = current[target.id]
@@ -704,6 +762,12 @@ def record_receipts(
         )
         if is_resolved((phone_key(p) for p in target.phones), results):
             resolved_nos.append(target.session_no)
+        if resolved:
+            events.append(
+                event_log.session_event(
+                    target.account_id, target.session_no, SessionEventType.RESOLVED, source
+                )
+            )
         held = schedule is not None and locked.holds(target)
         ours = schedule is not None and bool(target.held_by) and locked.held_by == target.held_by
         if not (held or resolved or ours):
@@ -733,6 +797,7 @@ def record_receipts(
             }
         )
     _write_sessions(session, updates, now)
+    event_log.record_session_events(session, events, now=now)
     return PollOutcome(
         receipts_written=written,
         resolved=tuple(resolved_nos),
@@ -888,6 +953,14 @@ def escalate_due(
         [{"id": e.id, "detail": e.detail()} for e in escalations],
         {"id": sa.BigInteger(), "detail": S.c.escalation_detail.type},
         lambda row: {"escalation_detail": row["detail"]},
+    )
+    event_log.record_session_events(
+        session,
+        [
+            event_log.session_event(e.account_id, e.session_no, SessionEventType.ESCALATED)
+            for e in sorted(escalations, key=lambda e: (e.account_id, e.session_no))
+        ],
+        now=now,
     )
     return escalations
 

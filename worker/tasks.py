@@ -11,11 +11,11 @@ from typing import Any
 import sqlalchemy as sa
 from celery.exceptions import Reject
 
-from worker import intake, poller, runtime, store, webhooks
+from worker import events, intake, poller, runtime, store, webhooks
 from worker.celery import EMBEDDED_POLLS_PER_SECOND, app, embedded_claim_bound
 from worker.config import Settings, get_settings
 from worker.db import error_text, read_scope, session_scope
-from worker.domain import ReceiptSource
+from worker.domain import EventDestination, ReceiptSource
 from worker.errors import show
 from worker.store import Claim
 from worker.tracking import parse_request, track_requests
@@ -41,12 +41,17 @@ def tick() -> dict[str, int]:
         outbox=settings.escalation_webhook_url is not None,
         reconcile=_dispatch_reconcile,
         inbox_max_rows=settings.inbox_max_rows,
+        event_destinations=settings.event_destinations,
     )
     if report.bounded and max_claims is not None:
         _warn_embedded_behind(settings, now=runtime.utcnow())
     if report.webhooks_due:
         # Delivery runs as its own task so that a slow receiver never delays the clock.
         deliver_webhooks.apply_async()
+    for destination in report.events_due:
+        # One task per destination: a slow webhook never holds the Celery destination back.
+        # It expires with the tick: the next tick queues another if events still wait.
+        deliver_events.apply_async(args=[destination], expires=settings.tick.total_seconds() * 4)
     if report.escalated or report.claims:
         log.info(
             "tick: escalated %d, dispatched %d poll(s) for %d session(s)",
@@ -75,6 +80,39 @@ def deliver_webhooks() -> dict[str, int]:
         timeout=settings.webhook_timeout.total_seconds(),
     )
     return {"delivered": report.delivered, "failed": report.failed}
+
+
+@app.task(name="receipts.deliver_events", ignore_result=True)
+def deliver_events(destination: Any) -> dict[str, int]:
+    settings = get_settings()
+    if destination not in settings.event_destinations:
+        if destination not in tuple(EventDestination):
+            raise Reject(f"unknown event destination {destination!r}", requeue=False)
+        return {"delivered": 0, "failed": 0}  # no longer configured
+    send: events.Sender
+    if destination == EventDestination.WEBHOOK:
+        secret = settings.webhook_secret.get_secret_value() if settings.webhook_secret else None
+        send = events.webhook_sender(
+            runtime.webhook_http(),
+            settings.events_webhook_url or "",
+            secret,
+            timeout=settings.webhook_timeout.total_seconds(),
+        )
+    else:
+        send = events.task_sender(app, settings.events_task or "", settings.events_queue)
+    report = events.deliver(
+        session_factory=session_scope,
+        destination=destination,
+        send=send,
+        now=runtime.utcnow,
+        types=settings.event_types,
+        lease=settings.webhook_lease,
+        batch_size=settings.events_batch_size,
+        retry_base=settings.tick,
+        retry_cap=max(settings.tick, timedelta(minutes=15)),
+        window=settings.events_retry_window,
+    )
+    return {"delivered": report.delivered, "failed": report.failed, "parked": report.parked}
 
 
 # Monotonic time of this process's last warning that the embedded broker fell behind.

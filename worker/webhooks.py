@@ -149,7 +149,7 @@ def deliver_due(
 
     Rows are claimed one at a time with ``FOR UPDATE SKIP LOCKED`` under a fresh claim token
     and pushed ``lease`` ahead before the POST, which is bounded as a whole by ``timeout``
-    (see :func:`_post`). With a lease longer than that
+    (see :func:`post_once`). With a lease longer than that
     (``Settings.webhook_lease``), concurrent deliverers (two beats, many workers) never send
     the same row at the same time, and a deliverer that dies mid-way leaves only that row,
     retried after its lease. Whatever the lease, an outcome is recorded only while the
@@ -178,7 +178,7 @@ def deliver_due(
             headers[WEBHOOK_SIGNATURE_HEADER] = webhook_signature(
                 body, secret, timestamp=int(claimed_at.timestamp())
             )
-        error = _post(http, url, body, headers, timeout)
+        error = post_once(http, url, body, headers, timeout)
         finished = now()
         if error is None:
             values: dict[str, Any] = {"delivered_at": finished, "last_error": None}
@@ -249,7 +249,7 @@ def _claim_one(session_factory: SessionFactory, now: datetime, lease: timedelta,
         ).first()
 
 
-def _post(
+def post_once(
     http: requests.Session, url: str, body: bytes, headers: dict[str, str], timeout: float
 ) -> str | None:
     """POST once, within ``timeout`` as a whole; the error text, or None on a 2xx answer.
@@ -258,7 +258,7 @@ def _post(
     follows it or however slowly. Of any body only ``EXCERPT_BYTES`` are read (the start of
     a failure's body goes to last_error), so a huge answer costs no memory. The text never
     shows the URL's path, query or user info (a Slack-style webhook URL's path is its token):
-    it is stored in ``escalation_outbox.last_error`` and logged.
+    it is stored in ``escalation_outbox.last_error`` (or an event cursor's) and logged.
     """
     try:
         answer = bounded_http.post(

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from worker import db
 from worker.metrics import make_registry, render
-from worker.models import api_calls_table, receipts_table, sessions_table
+from worker.models import api_calls_table, event_cursors_table, receipts_table, sessions_table
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana-dashboard.json"
@@ -109,6 +109,8 @@ def _populate() -> None:
         session.execute(
             sa.insert(api_calls_table), [{"outcome": "retcode", "ret_code": 215398, "calls": 2}]
         )
+        # A configured event destination, so that the event families have their series.
+        session.execute(sa.insert(event_cursors_table), [{"destination": "webhook"}])
 
 
 def served() -> dict[str, set[str]]:
@@ -162,6 +164,8 @@ def test_every_query_names_only_metrics_and_labels_the_exporter_serves() -> None
         "receipts_api_calls_total",
         "receipts_push_requests_total",
         "receipts_escalations_unacknowledged",
+        "receipts_events_lag_seconds",
+        "receipts_events_parked",
     } <= named
 
 

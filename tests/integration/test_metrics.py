@@ -30,6 +30,7 @@ from worker.cli import main
 from worker.metrics import LATENCY_BUCKETS, make_registry, render
 from worker.models import (
     api_calls_table,
+    event_cursors_table,
     heartbeats_table,
     outbox_table,
     receipts_table,
@@ -62,6 +63,7 @@ def scrape(now: datetime = NOW) -> Samples:
     kinds = {
         "receipts_api_calls": "counter",
         "receipts_push_requests": "counter",
+        "receipts_events_delivered": "counter",
         "receipts_push_receipts": "counter",
         "receipts_push_commit_seconds": "histogram",
         "receipts_receipt_latency_seconds": "histogram",
@@ -313,6 +315,9 @@ def test_acknowledging_an_escalation_lowers_the_unacknowledged_count() -> None:
 def test_every_metric_the_alert_rules_name_is_exported() -> None:
     rules = (Path(__file__).resolve().parents[2] / "deploy" / "prometheus-alerts.yml").read_text()
     named = set(re.findall(r"\breceipts_[a-z_]+", rules)) - {"receipts_api_calls_total"}
+    # A configured event destination, so that the event streams have their series.
+    with db.session_scope() as session:
+        session.execute(sa.insert(event_cursors_table), [{"destination": "webhook"}])
     exported = {name for name, _labels in scrape()} | {"receipts_api_calls"}
     assert "receipts_credentials_failing" in named
     assert named <= exported, named - exported

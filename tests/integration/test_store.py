@@ -23,9 +23,9 @@ from tests.support.factories import (
     track,
 )
 from worker import db, store
-from worker.domain import FINAL_RESULTS, ReceiptVersion, Result, should_replace
+from worker.domain import FINAL_RESULTS, ReceiptVersion, Result, is_repeat, should_replace
 from worker.errors import TrackError
-from worker.models import sessions_table
+from worker.models import receipt_events_table, sessions_table
 from worker.receipts import Receipt, parse_receipts
 from worker.tracking import TrackRequest, parse_requests, track_requests
 
@@ -306,23 +306,27 @@ def test_sql_upsert_guard_agrees_with_the_pure_rule(
             id=0, account_id=1, session_no="s", phones=("1234567",), sent_at=T0, polled_at=base
         )
     ]
+    old_rows = store.receipt_rows(targets, [receipt("s", "1234567", old, old_time)])
+    new_rows = store.receipt_rows(targets, [receipt("s", "1234567", new, new_time)])
     with db.session_scope() as session:
-        store.upsert_receipts(
-            session,
-            store.receipt_rows(targets, [receipt("s", "1234567", old, old_time)]),
-            account_id=1,
-            now=base,
-        )
+        store.upsert_receipts(session, old_rows, account_id=1, now=base)
     with db.session_scope() as session:
-        store.upsert_receipts(
-            session,
-            store.receipt_rows(targets, [receipt("s", "1234567", new, new_time)]),
-            account_id=1,
-            now=base,
-        )
+        store.upsert_receipts(session, new_rows, account_id=1, now=base)
     expected_replaced = should_replace(
         ReceiptVersion(result=old, receipt_time=old_time),
         ReceiptVersion(result=new, receipt_time=new_time),
+    )
+    # The history agrees too: the second receipt is kept unless it repeats the first
+    # (domain.is_repeat, whose SQL twin decides on PostgreSQL), applied as the guard decided.
+    events = receipt_events_table
+    with db.session_scope() as session:
+        kept = session.execute(
+            sa.select(events.c.result, events.c.receipt_time, events.c.applied).order_by(
+                events.c.id
+            )
+        ).all()
+    assert [tuple(row) for row in kept] == [(old.value, old_time, True)] + (
+        [] if is_repeat(old_rows[0], new_rows[0]) else [(new.value, new_time, expected_replaced)]
     )
     stored = stored_receipts()[("s", "1234567")]
     expected = new if expected_replaced else old

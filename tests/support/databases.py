@@ -25,6 +25,8 @@ Configure = Callable[..., None]
 
 # Every table a test may fill, children first.
 TABLES = (
+    "sms_receipt_events",
+    "sms_session_events",
     "sms_receipts",
     "sms_sessions",
     "escalation_outbox",
@@ -35,6 +37,8 @@ TABLES = (
     "receipts_push_counts",
     "rejected_tracks",
     "receipts_credentials",
+    "receipts_event_cursors",
+    "receipts_parked_event_batches",
 )
 
 

@@ -14,6 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
+# A ``status`` that answers nothing: the receiver dies mid-request, after reading the body.
+DIE = 0
+
 # The webhook secret the tests configure.
 SECRET = "whsec-escalation-test"
 
@@ -69,7 +72,8 @@ class Receiver:
     503 to requests arriving before ``up_at`` (unix time) when that is set, and can take
     ``delay`` seconds per request so that concurrent senders overlap. With ``location`` every
     answer carries that Location header (a redirect, with a 3xx ``status``); with ``tls`` it
-    speaks HTTPS with that server context.
+    speaks HTTPS with that server context. ``port`` binds a given port (a receiver restarted
+    where the previous one listened).
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class Receiver:
         delay: float = 0.0,
         location: str | None = None,
         tls: ssl.SSLContext | None = None,
+        port: int = 0,
     ) -> None:
         self.status = status
         # Sent as the Location header of every answer (with a 3xx status: a redirect).
@@ -92,7 +97,7 @@ class Receiver:
         self._hits: list[Hit] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(
-            ("127.0.0.1", 0), self._handler(), bind_and_activate=False
+            ("127.0.0.1", port), self._handler(), bind_and_activate=False
         )
         self._server.server_bind()
         if tls is not None:
@@ -172,6 +177,10 @@ class Receiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 status = receiver._record(self.headers, body)
+                if status == DIE:
+                    # Killed after reading the body: the sender gets no answer at all.
+                    self.close_connection = True
+                    return
                 answer = b"thanks" if 200 <= status < 300 else b"receiver unavailable"
                 self.send_response(status)
                 self.send_header("Content-Type", "text/plain")

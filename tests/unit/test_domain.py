@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import re
 import unicodedata
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from hypothesis import given
@@ -14,9 +14,11 @@ from hypothesis import strategies as st
 
 from worker.domain import (
     FINAL_RESULTS,
+    RECEIPT_FACTS,
     ReceiptVersion,
     Result,
     is_final,
+    is_repeat,
     is_resolved,
     normalize_result,
     phone_key,
@@ -611,3 +613,44 @@ def test_phone_key_of_any_decimal_digits_is_ascii(phone: str) -> None:
     key = phone_key(phone)
     assert key.isascii() and key == key.strip() and (key == "" or key.isdigit())
     assert len(key) in (len(phone), len(phone) - 2)
+
+
+# --- is_repeat: what the history leaves out ------------------------------------------------
+
+_RECEIPT = {
+    "result": "Unknow",
+    "receipt_code": "UNKNOWN",
+    "receipt_desc": "pending",
+    "receipt_time": T0,
+    "cost_count": 1,
+    "user_id": None,
+    "phone": "(852)55311111",
+    "source": "poll",
+}
+
+
+def test_a_receipt_saying_what_the_stored_one_says_is_a_repeat() -> None:
+    same = {**_RECEIPT, "phone": "85255311111", "source": "push"}  # spelling and origin aside
+    assert is_repeat(_RECEIPT, same)
+    assert is_repeat(_RECEIPT, {**_RECEIPT, "receipt_time": T0.astimezone(timezone(SECOND * 3600))})
+
+
+@pytest.mark.parametrize(
+    ("fact", "other"),
+    [
+        ("result", "Success"),
+        ("receipt_code", "DELIVRD"),
+        ("receipt_desc", None),
+        ("receipt_time", T0 + SECOND),
+        ("receipt_time", None),
+        ("cost_count", 2),
+        ("user_id", "u1"),
+    ],
+)
+def test_any_other_fact_makes_it_a_change(fact: str, other: object) -> None:
+    assert set(RECEIPT_FACTS) >= {fact}
+    assert not is_repeat(_RECEIPT, {**_RECEIPT, fact: other})
+
+
+def test_nothing_stored_means_no_repeat() -> None:
+    assert not is_repeat(None, _RECEIPT)

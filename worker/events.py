@@ -1,0 +1,661 @@
+"""Events to the sender's application (README "Events"), read from the history tables that
+worker/event_log.py writes: one write serves both the history and the stream.
+
+Each destination (a webhook, a Celery task) has a cursor in ``receipts_event_cursors`` (this
+module owns it and ``receipts_parked_event_batches``): every event with an id up to
+``delivered_id`` was delivered, or parked. A delivery round takes the cursor under a lease
+(a claim token, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, like worker/webhooks.py's outbox),
+reads the next batch of events after it, sends it with no transaction open, and moves the
+cursor past the batch only after the destination acknowledged it (a 2xx, or the broker took
+the task). A failed batch is tried again with exponential backoff; after failing for
+``RECEIPTS_EVENTS_RETRY_WINDOW`` it is parked (kept, counted, alerted on) and the stream goes
+on after it. At least once: a receiver deduplicates on ``id``.
+
+The horizon. Ids come from a sequence and commit out of order (worker/models.py,
+EVENT_IDS): a cursor that moved past the highest id it saw could skip an id taken earlier by a
+transaction still running. So a round delivers only up to ``safe_id``, an id below which every
+event has committed or never will, found as models.py says: having seen the highest visible
+id M in a snapshot, M becomes safe once every transaction in progress in that snapshot has
+ended. Every writer takes its transaction id (by locking a session's row) before its event
+id, and a sequence hands out increasing values, so any id up to M was taken by a transaction
+that had committed before the snapshot or was in progress in it. The snapshot is kept in the
+cursor (``pending_id``, ``pending_snapshot``) until those transactions have ended, checked
+with ``pg_xact_status``; a transaction that runs in another database of the server (its
+backend or prepared transaction says so) cannot have written here and is not waited for, so
+a long transaction elsewhere does not hold the stream back. SQLite has one writer at a
+time, and a round holds the write lock: every visible id is safe there.
+
+Within a session events are in id order, which is their commit order: its writers hold its
+row lock until they commit. Batches are in id order, and a batch is sent only after the one
+before it was acknowledged (or parked), so a receiver sees each session's events in order.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable, Collection, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import requests
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from worker.domain import FINAL_RESULTS, EventType
+from worker.models import (
+    event_cursors_table,
+    parked_batches_table,
+    receipt_events_table,
+    session_events_table,
+    sessions_table,
+)
+from worker.signing import WEBHOOK_SIGNATURE_HEADER, webhook_signature
+from worker.webhooks import backoff, post_once
+
+log = logging.getLogger(__name__)
+
+C = event_cursors_table
+P = parked_batches_table
+E = receipt_events_table
+SE = session_events_table
+S = sessions_table
+
+FINALS = sorted(r.value for r in FINAL_RESULTS)
+RECEIPT_TYPES = frozenset({EventType.RECEIPT_FINAL, EventType.RECEIPT_UPDATED})
+SESSION_TYPES = frozenset({EventType.SESSION_RESOLVED, EventType.SESSION_ESCALATED})
+# How long a round waits for the transactions that hold its horizon back (writers' transactions
+# last milliseconds) before leaving the events to the next round.
+HORIZON_WAIT = 0.5
+HORIZON_STEP = 0.02
+
+SessionFactory = Callable[[], AbstractContextManager[Session]]
+# Sends one batch ({"events": [...]}) claimed at the given instant: None when acknowledged,
+# else the error's text.
+Sender = Callable[[dict[str, Any], datetime], str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A destination's cursor, held by one deliverer under ``token``."""
+
+    destination: str
+    token: str
+    delivered_id: int
+    safe_id: int
+    waiting: bool  # a horizon beyond safe_id waits for transactions to end
+    attempts: int
+    first_failed_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """The events with ``after_id < id <= through_id`` (of the types selected)."""
+
+    after_id: int
+    through_id: int
+    events: list[dict[str, Any]]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeliveryReport:
+    delivered: int = 0  # events acknowledged
+    batches: int = 0
+    failed: int = 0
+    parked: int = 0  # batches parked
+    lost: int = 0  # outcomes not recorded: the lease had been taken over
+
+
+# --- destinations and their cursors -------------------------------------------------------
+
+
+def sync_destinations(session: Session, destinations: Collection[str]) -> None:
+    """Make a cursor for each configured destination (from the start of the history) and mark
+    which ones are configured (the exporter reports only those)."""
+    names = sorted(destinations)
+    if names:
+        existing = set(session.scalars(sa.select(C.c.destination)))
+        missing = [name for name in names if name not in existing]
+        if missing:
+            session.execute(sa.insert(C), [{"destination": name} for name in missing])
+    configured = C.c.destination.in_(names) if names else sa.false()
+    session.execute(
+        sa.update(C).where(C.c.active != configured).values(active=configured),
+        execution_options={"synchronize_session": False},
+    )
+
+
+def last_event_id(session: Session) -> int:
+    """The highest event id this transaction sees (two probes of the primary keys)."""
+    top = sa.select(
+        sa.func.coalesce(sa.select(sa.func.max(E.c.id)).scalar_subquery(), 0),
+        sa.func.coalesce(sa.select(sa.func.max(SE.c.id)).scalar_subquery(), 0),
+    )
+    receipts, sessions = session.execute(top).one()
+    return max(int(receipts), int(sessions))
+
+
+def waiting(session: Session, destinations: Collection[str], *, now: datetime) -> list[str]:
+    """The configured destinations with events after their cursor, not backing off and not
+    held by a deliverer: the clock queues a delivery task for each."""
+    if not destinations:
+        return []
+    top = last_event_id(session)
+    rows = session.execute(
+        sa.select(C.c.destination).where(
+            C.c.destination.in_(sorted(destinations)),
+            C.c.delivered_id < top,
+            sa.or_(C.c.next_attempt_at.is_(None), C.c.next_attempt_at <= now),
+            sa.or_(C.c.leased_until.is_(None), C.c.leased_until <= now),
+        )
+    )
+    return sorted(rows.scalars())
+
+
+def claim(
+    session: Session, destination: str, *, now: datetime, lease: timedelta, token: str
+) -> Claimed | None:
+    """Take the destination's cursor for ``lease`` unless another deliverer holds it or its
+    batch is backing off, and move its horizon as far as it can go."""
+    free = sa.select(C.c.destination).where(
+        C.c.destination == destination,
+        sa.or_(C.c.leased_until.is_(None), C.c.leased_until <= now),
+        sa.or_(C.c.next_attempt_at.is_(None), C.c.next_attempt_at <= now),
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        free = free.with_for_update(skip_locked=True)
+    row = session.execute(
+        sa.update(C)
+        .where(C.c.destination.in_(free.scalar_subquery()))
+        .values(claim_token=token, leased_until=now + lease)
+        .returning(C.c.delivered_id, C.c.attempts, C.c.first_failed_at)
+    ).first()
+    if row is None:
+        return None
+    safe, waiting_ = advance_horizon(session, destination, token)
+    return Claimed(
+        destination=destination,
+        token=token,
+        delivered_id=int(row.delivered_id),
+        safe_id=safe,
+        waiting=waiting_,
+        attempts=int(row.attempts),
+        first_failed_at=row.first_failed_at,
+    )
+
+
+# --- the horizon --------------------------------------------------------------------------
+
+# The highest visible id and the snapshot it was seen in, in one statement (one snapshot).
+_SNAPSHOT = sa.text(
+    "SELECT pg_current_snapshot()::text AS snapshot, GREATEST("
+    "(SELECT COALESCE(max(id), 0) FROM sms_receipt_events), "
+    "(SELECT COALESCE(max(id), 0) FROM sms_session_events)) AS top"
+)
+# The transactions of a snapshot that may still write event ids below its top: in progress
+# and not known to run in another database. Not our own (a deliverer writes no event). NOT
+# EXISTS, not NOT IN: a NULL backend_xid must not make every row pass.
+_BLOCKING = sa.text(
+    "SELECT count(*) FROM pg_snapshot_xip(CAST(:snapshot AS pg_snapshot)) AS x(xid) "
+    "WHERE x.xid IS DISTINCT FROM pg_current_xact_id_if_assigned() "
+    "AND pg_xact_status(x.xid) = 'in progress' "
+    "AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.backend_xid = x.xid::xid "
+    "AND a.datname IS NOT NULL AND a.datname <> current_database()) "
+    "AND NOT EXISTS (SELECT 1 FROM pg_prepared_xacts p WHERE p.transaction = x.xid::xid "
+    "AND p.database <> current_database())"
+)
+
+
+def _settled(session: Session, snapshot: str) -> bool:
+    return int(session.execute(_BLOCKING, {"snapshot": snapshot}).scalar_one()) == 0
+
+
+def advance_horizon(session: Session, destination: str, token: str) -> tuple[int, bool]:
+    """Move the cursor's ``safe_id`` as far as it may go (see the module's docstring), under
+    the lease ``token``: (safe_id, whether a further horizon still waits)."""
+    row = session.execute(
+        sa.select(C.c.safe_id, C.c.pending_id, C.c.pending_snapshot).where(
+            C.c.destination == destination, C.c.claim_token == token
+        )
+    ).first()
+    if row is None:
+        return 0, False
+    safe, pending_id, snapshot = int(row.safe_id), row.pending_id, row.pending_snapshot
+    if session.get_bind().dialect.name != "postgresql":
+        # One writer at a time, and this transaction holds the write lock: all committed.
+        top = last_event_id(session)
+        if top != safe:
+            session.execute(sa.update(C).where(C.c.destination == destination).values(safe_id=top))
+        return top, False
+    if pending_id is not None and _settled(session, snapshot):
+        safe, pending_id, snapshot = max(safe, int(pending_id)), None, None
+    if pending_id is None:
+        seen = session.execute(_SNAPSHOT).one()
+        if int(seen.top) > safe:
+            if _settled(session, seen.snapshot):
+                safe = int(seen.top)
+            else:
+                pending_id, snapshot = int(seen.top), seen.snapshot
+    session.execute(
+        sa.update(C)
+        .where(C.c.destination == destination, C.c.claim_token == token)
+        .values(safe_id=safe, pending_id=pending_id, pending_snapshot=snapshot)
+    )
+    return safe, pending_id is not None
+
+
+# --- reading a batch ----------------------------------------------------------------------
+
+
+def _receipt_query(types: Collection[EventType]) -> sa.Select[Any]:
+    earlier = E.alias("earlier")
+    first_final = sa.and_(
+        E.c.result.in_(FINALS),
+        ~sa.exists().where(
+            earlier.c.account_id == E.c.account_id,
+            earlier.c.session_no == E.c.session_no,
+            earlier.c.phone_key == E.c.phone_key,
+            earlier.c.applied.is_(True),
+            earlier.c.result.in_(FINALS),
+            earlier.c.id < E.c.id,
+        ),
+    )
+    query = (
+        sa.select(
+            E.c.id,
+            E.c.account_id,
+            E.c.session_no,
+            E.c.phone,
+            E.c.result,
+            E.c.receipt_code,
+            E.c.receipt_desc,
+            E.c.receipt_time,
+            E.c.cost_count,
+            E.c.user_id,
+            E.c.source,
+            E.c.observed_at,
+            S.c.user_ref,
+            first_final.label("first_final"),
+        )
+        .select_from(
+            E.outerjoin(
+                S, sa.and_(S.c.account_id == E.c.account_id, S.c.session_no == E.c.session_no)
+            )
+        )
+        .where(
+            E.c.id > sa.bindparam("after"),
+            E.c.id <= sa.bindparam("upto"),
+            E.c.applied.is_(True),
+        )
+        .order_by(E.c.id)
+        .limit(sa.bindparam("limit"))
+    )
+    if EventType.RECEIPT_UPDATED not in types:
+        query = query.where(E.c.result.in_(FINALS))
+    return query
+
+
+def _session_query(types: Collection[EventType]) -> sa.Select[Any]:
+    return (
+        sa.select(
+            SE.c.id,
+            SE.c.account_id,
+            SE.c.session_no,
+            SE.c.type,
+            SE.c.source,
+            SE.c.occurred_at,
+            S.c.user_ref,
+        )
+        .select_from(
+            SE.outerjoin(
+                S,
+                sa.and_(S.c.account_id == SE.c.account_id, S.c.session_no == SE.c.session_no),
+            )
+        )
+        .where(
+            SE.c.id > sa.bindparam("after"),
+            SE.c.id <= sa.bindparam("upto"),
+            SE.c.type.in_(sorted(t.value for t in types if t in SESSION_TYPES)),
+        )
+        .order_by(SE.c.id)
+        .limit(sa.bindparam("limit"))
+    )
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _receipt_event(row: Any, types: Collection[EventType]) -> dict[str, Any] | None:
+    if row.first_final and EventType.RECEIPT_FINAL in types:
+        kind = EventType.RECEIPT_FINAL
+    elif EventType.RECEIPT_UPDATED in types:
+        kind = EventType.RECEIPT_UPDATED
+    else:
+        return None  # a later change of a final receipt, and receipt.updated not selected
+    return {
+        "id": int(row.id),
+        "type": kind.value,
+        "occurred_at": _iso(row.observed_at),
+        "account_id": int(row.account_id),
+        "session_no": row.session_no,
+        "phone": row.phone,
+        "result": row.result,
+        "receipt_code": row.receipt_code,
+        "receipt_desc": row.receipt_desc,
+        "receipt_time": _iso(row.receipt_time),
+        "cost_count": row.cost_count,
+        "user_id": row.user_id,
+        "user_ref": row.user_ref,
+        "source": row.source,
+    }
+
+
+def _session_event(row: Any) -> dict[str, Any]:
+    return {
+        "id": int(row.id),
+        "type": row.type,
+        "occurred_at": _iso(row.occurred_at),
+        "account_id": int(row.account_id),
+        "session_no": row.session_no,
+        "user_ref": row.user_ref,
+        "source": row.source,
+    }
+
+
+def read_batch(
+    session: Session, *, after: int, upto: int, limit: int, types: Collection[EventType]
+) -> Batch:
+    """The next events after ``after``, up to ``upto`` (the horizon), at most ``limit`` of
+    the history's rows, in id order. ``through_id`` is where the cursor may move once they
+    are delivered: past rows of types not selected too."""
+    if upto <= after:
+        return Batch(after_id=after, through_id=after, events=[])
+    params = {"after": after, "upto": upto, "limit": limit}
+    fetched: list[tuple[int, bool, Any]] = []  # (id, is_receipt, row)
+    through = upto
+    for is_receipt, wanted, query in (
+        (True, RECEIPT_TYPES, _receipt_query),
+        (False, SESSION_TYPES, _session_query),
+    ):
+        if not (wanted & set(types)):
+            continue
+        rows = session.execute(query(types), params).all()
+        if len(rows) == limit:
+            # More may follow: only ids up to this query's last are known from both.
+            through = min(through, int(rows[-1].id))
+        fetched += [(int(row.id), is_receipt, row) for row in rows]
+    fetched = sorted((f for f in fetched if f[0] <= through), key=lambda f: f[0])
+    if len(fetched) > limit:
+        fetched = fetched[:limit]
+        through = fetched[-1][0]
+    events = []
+    for _id, is_receipt, row in fetched:
+        event = _receipt_event(row, types) if is_receipt else _session_event(row)
+        if event is not None:
+            events.append(event)
+    return Batch(after_id=after, through_id=through, events=events)
+
+
+# --- recording the outcome ----------------------------------------------------------------
+
+
+def _release(destination: str, token: str) -> sa.Update:
+    return (
+        sa.update(C)
+        .where(C.c.destination == destination, C.c.claim_token == token)
+        .values(claim_token=None, leased_until=None)
+    )
+
+
+def record_delivered(session: Session, claimed: Claimed, batch: Batch, *, now: datetime) -> bool:
+    """Move the cursor past an acknowledged batch (or one with no event to send); False when
+    the lease had been taken over (nothing recorded)."""
+    values: dict[str, Any] = {
+        "delivered_id": batch.through_id,
+        "attempts": 0,
+        "first_failed_at": None,
+        "next_attempt_at": None,
+        "last_error": None,
+    }
+    if batch.events:
+        values |= {
+            "delivered_events": C.c.delivered_events + len(batch.events),
+            "delivered_at": now,
+        }
+    done = session.connection().execute(
+        _release(claimed.destination, claimed.token).values(**values)
+    )
+    return bool(done.rowcount)
+
+
+def record_failure(
+    session: Session,
+    claimed: Claimed,
+    batch: Batch,
+    *,
+    error: str,
+    now: datetime,
+    retry_base: timedelta,
+    retry_cap: timedelta,
+    window: timedelta,
+) -> bool | None:
+    """A batch the destination did not acknowledge: try it again after a backoff, or, once
+    it has failed for ``window``, park it and move the cursor past it. True when parked,
+    False when it will be retried, None when the lease had been taken over."""
+    attempts = claimed.attempts + 1
+    first = claimed.first_failed_at or now
+    parked = now - first >= window
+    if parked:
+        values: dict[str, Any] = {
+            "delivered_id": batch.through_id,
+            "attempts": 0,
+            "first_failed_at": None,
+            "next_attempt_at": None,
+            "last_error": error,
+        }
+    else:
+        values = {
+            "attempts": attempts,
+            "first_failed_at": first,
+            "next_attempt_at": now + backoff(attempts, base=retry_base, cap=retry_cap),
+            "last_error": error,
+        }
+    done = session.connection().execute(
+        _release(claimed.destination, claimed.token).values(**values)
+    )
+    if not done.rowcount:
+        return None
+    if parked:
+        session.execute(
+            sa.insert(P).values(
+                destination=claimed.destination,
+                after_id=batch.after_id,
+                through_id=batch.through_id,
+                events=len(batch.events),
+                attempts=attempts,
+                first_failed_at=first,
+                parked_at=now,
+                last_error=error,
+            )
+        )
+    return parked
+
+
+# --- a delivery round ---------------------------------------------------------------------
+
+
+def deliver(
+    *,
+    session_factory: SessionFactory,
+    destination: str,
+    send: Sender,
+    now: Callable[[], datetime],
+    types: Collection[EventType],
+    lease: timedelta,
+    batch_size: int,
+    retry_base: timedelta,
+    retry_cap: timedelta,
+    window: timedelta,
+    max_batches: int = 50,
+    horizon_wait: float = HORIZON_WAIT,
+) -> DeliveryReport:
+    """Deliver the destination's events, batch after batch, until it is caught up, a batch
+    fails, another deliverer holds it, or ``max_batches`` were sent."""
+    delivered = batches = failed = parked = lost = 0
+    waited = False
+    while batches < max_batches:
+        token = secrets.token_hex(16)
+        claimed_at = now()
+        with session_factory() as session:
+            claimed = claim(session, destination, now=claimed_at, lease=lease, token=token)
+        if claimed is None:
+            break
+        if claimed.safe_id <= claimed.delivered_id and claimed.waiting and not waited:
+            # Events wait behind transactions that are still running (they last
+            # milliseconds): give them a moment rather than a whole tick.
+            waited = True
+            claimed = _wait_for_horizon(session_factory, claimed, horizon_wait)
+        with session_factory() as session:
+            batch = read_batch(
+                session,
+                after=claimed.delivered_id,
+                upto=claimed.safe_id,
+                limit=batch_size,
+                types=types,
+            )
+        error = send({"events": batch.events}, claimed_at) if batch.events else None
+        finished = now()
+        with session_factory() as session:
+            if error is None:
+                outcome: bool | None = record_delivered(session, claimed, batch, now=finished)
+            else:
+                outcome = record_failure(
+                    session,
+                    claimed,
+                    batch,
+                    error=error,
+                    now=finished,
+                    retry_base=retry_base,
+                    retry_cap=retry_cap,
+                    window=window,
+                )
+        if outcome is None or (error is None and outcome is False):
+            log.warning(
+                "events to %s: another deliverer took the cursor over during this batch "
+                "(ids %d..%d); its outcome is left to it",
+                destination,
+                batch.after_id + 1,
+                batch.through_id,
+            )
+            lost += 1
+            break
+        if error is None:
+            delivered += len(batch.events)
+            batches += 1 if batch.events else 0
+            if batch.through_id >= claimed.safe_id:
+                if claimed.waiting and not waited:
+                    continue
+                break
+            continue
+        if outcome:
+            parked += 1
+            log.error(
+                "events to %s: batch of %d event(s) (ids %d..%d) parked after failing for "
+                "%s (%d attempts): %s; see receipts_parked_event_batches",
+                destination,
+                len(batch.events),
+                batch.after_id + 1,
+                batch.through_id,
+                window,
+                claimed.attempts + 1,
+                error,
+            )
+            continue
+        failed += 1
+        log.warning(
+            "events to %s: batch of %d event(s) failed (attempt %d): %s",
+            destination,
+            len(batch.events),
+            claimed.attempts + 1,
+            error,
+        )
+        break
+    return DeliveryReport(
+        delivered=delivered, batches=batches, failed=failed, parked=parked, lost=lost
+    )
+
+
+def _wait_for_horizon(session_factory: SessionFactory, claimed: Claimed, within: float) -> Claimed:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        time.sleep(HORIZON_STEP)
+        with session_factory() as session:
+            safe, still = advance_horizon(session, claimed.destination, claimed.token)
+        if safe > claimed.delivered_id or not still:
+            return Claimed(
+                destination=claimed.destination,
+                token=claimed.token,
+                delivered_id=claimed.delivered_id,
+                safe_id=safe,
+                waiting=still,
+                attempts=claimed.attempts,
+                first_failed_at=claimed.first_failed_at,
+            )
+    return claimed
+
+
+# --- senders ------------------------------------------------------------------------------
+
+
+def webhook_sender(
+    http: requests.Session, url: str, secret: str | None, *, timeout: float
+) -> Sender:
+    """POST each batch to ``url``, signed like every webhook (worker/signing.py), bounded as a
+    whole, following no redirect (worker/webhooks.py: post_once)."""
+
+    def send(payload: dict[str, Any], claimed_at: datetime) -> str | None:
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        events: Sequence[dict[str, Any]] = payload["events"]
+        headers = {
+            "Content-Type": "application/json",
+            "X-Receipts-Event": "events",
+            "X-Receipts-Delivery": f"events-{events[0]['id']}-{events[-1]['id']}",
+        }
+        if secret:
+            headers[WEBHOOK_SIGNATURE_HEADER] = webhook_signature(
+                body, secret, timestamp=int(claimed_at.timestamp())
+            )
+        return post_once(http, url, body, headers, timeout)
+
+    return send
+
+
+def task_sender(app: Any, name: str, queue: str) -> Sender:
+    """Send each batch as the single argument of the Celery task ``name`` on ``queue``: the
+    batch counts as delivered once the broker took the message."""
+    from worker.logs import mask_password
+
+    def send(payload: dict[str, Any], _claimed_at: datetime) -> str | None:
+        try:
+            app.send_task(
+                name,
+                args=[payload],
+                queue=queue,
+                retry=True,
+                retry_policy={
+                    "max_retries": 2,
+                    "interval_start": 0.2,
+                    "interval_step": 0.5,
+                    "interval_max": 1,
+                },
+            )
+        except Exception as exc:  # whatever the transport raises: the broker did not take it
+            return mask_password(f"{type(exc).__name__}: {exc}")[:200]
+        return None
+
+    return send
