@@ -36,6 +36,23 @@ pytest_plugins = ["tests.support.untouched"]
 _WAITING_MODULES = {"test_demo", "test_readme_demo", "test_credentials_start"}
 
 
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A command run in-process (CliRunner) sets up logging as its process would: filters and
+    formatters on the root logger's handlers, which are pytest's own and outlive the test.
+    Put them back, so that no test's logging depends on which tests ran before it."""
+    import logging
+
+    root = logging.getLogger()
+    saved = [(h, list(h.filters), h.formatter) for h in root.handlers]
+    level = root.level
+    yield
+    for handler, filters, formatter in saved:
+        handler.filters[:] = filters
+        handler.setFormatter(formatter)
+    root.setLevel(level)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("slow") is None:

@@ -250,6 +250,9 @@ def test_a_deliverer_that_lost_its_lease_records_nothing() -> None:
         # B runs while A's POST is in flight, on a clock past A's lease.
         deliver("b", timedelta(seconds=1))
         first.join(timeout=10)
+        # The server marks an exchange complete after its last byte is sent, which can be
+        # just after the client has read it.
+        wait_for(lambda: all(e.completed for e in receiver.exchanges()), timeout=5, interval=0.01)
         exchanges = receiver.exchanges()
     assert not first.is_alive()
     assert len(exchanges) == 2 and all(e.completed for e in exchanges)
