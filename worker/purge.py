@@ -40,12 +40,14 @@ from datetime import datetime, timedelta
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from worker.db import upsert_insert
 from worker.domain import SessionState
 from worker.models import (
     event_cursors_table,
     inbox_table,
     outbox_table,
     parked_batches_table,
+    purge_counts_table,
     receipt_events_table,
     receipts_table,
     session_events_table,
@@ -70,6 +72,8 @@ BATCH_SIZE = 2000
 # first purge of years of history does not hold a worker for hours.
 MAX_PER_RUN = 1_000_000
 OPEN_PARKED = ("parked", "replay")
+# What a purge deletes from, as receipts_purge_counts and the exporter name them.
+PURGED_TABLES = tuple(t.name for t in (S, R, E, SE, INBOX, OUTBOX))
 
 SessionFactory = Callable[[], AbstractContextManager[Session]]
 
@@ -192,11 +196,17 @@ def purge_batch(
     def delete(table: sa.Table, where: sa.ColumnElement[bool]) -> int:
         return int(session.connection().execute(sa.delete(table).where(where)).rowcount)
 
-    history = delete(E, _ids_of(E, ids)) + delete(SE, _ids_of(SE, ids))
-    receipts = delete(R, _ids_of(R, ids))
-    inbox = delete(INBOX, _ids_of(INBOX, ids))
-    outbox = delete(OUTBOX, _ids_of(OUTBOX, ids))
-    sessions = delete(S, S.c.id.in_(ids))
+    counts = {
+        E.name: delete(E, _ids_of(E, ids)),
+        SE.name: delete(SE, _ids_of(SE, ids)),
+        R.name: delete(R, _ids_of(R, ids)),
+        INBOX.name: delete(INBOX, _ids_of(INBOX, ids)),
+        OUTBOX.name: delete(OUTBOX, _ids_of(OUTBOX, ids)),
+        S.name: delete(S, S.c.id.in_(ids)),
+    }
+    count_purged(session, counts, now=now)
+    history = counts[E.name] + counts[SE.name]
+    receipts, inbox, outbox, sessions = (counts[t.name] for t in (R, INBOX, OUTBOX, S))
     report = PurgeReport(
         sessions=sessions,
         receipts=receipts,
@@ -206,6 +216,28 @@ def purge_batch(
         batches=1,
     )
     return report, last
+
+
+def count_purged(session: Session, counts: dict[str, int], *, now: datetime) -> None:
+    """Add to ``receipts_purge_counts`` in the batch's own transaction, so that the totals
+    never count a batch that rolled back. Two purges at once queue on these few rows until
+    commit, which slows only the purges."""
+    table = purge_counts_table
+    statement = upsert_insert(session, table)
+    statement = statement.on_conflict_do_update(
+        index_elements=["table_name"],
+        set_={
+            "purged": table.c.purged + statement.excluded.purged,
+            "last_purged_at": statement.excluded.last_purged_at,
+        },
+    )
+    session.connection().execute(
+        statement,
+        [
+            {"table_name": name, "purged": purged, "last_purged_at": now}
+            for name, purged in sorted(counts.items())
+        ],
+    )
 
 
 def purge(
