@@ -379,3 +379,15 @@ def test_retention_from_the_setting_and_the_beat_schedule(database: str, configu
     result = ok(invoke("purge"))
     assert result.output.startswith("purged 1 session(s)")
     assert remaining() == set()
+
+
+@pytest.mark.usefixtures("cli_now")
+def test_the_daily_task_purges_only_with_a_retention(database: str, configure: Any) -> None:
+    from worker import tasks
+
+    resolved("R")
+    assert tasks.purge_finished() == {"sessions": 0}
+    assert remaining() == {"R"}
+    configure(RECEIPTS_RETENTION="90d")
+    assert tasks.purge_finished() == {"sessions": 1}
+    assert remaining() == set()
