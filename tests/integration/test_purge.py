@@ -391,3 +391,66 @@ def test_the_daily_task_purges_only_with_a_retention(database: str, configure: A
     configure(RECEIPTS_RETENTION="90d")
     assert tasks.purge_finished() == {"sessions": 1}
     assert remaining() == set()
+
+
+def test_a_purge_racing_pushes_never_deletes_an_undelivered_event(pg: str) -> None:
+    """Late receipts pushed to resolved sessions while a purge runs: every session whose push
+    committed first keeps its new, undelivered event; one purged first takes its whole history
+    with it; no history row is ever left without its session."""
+    from worker import push
+
+    names = [f"S{i:02d}" for i in range(20)]
+    resolved(*names)
+    delivered = top_event_id(*names)
+    set_cursor("webhook", delivered)
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def pushes() -> None:
+        try:
+            start.wait(timeout=10)
+            # From the end, while the purge walks from the start: they meet in between.
+            for name in reversed(names):
+                late = receipt(name, P1, Result.FAIL, FIRST + timedelta(minutes=1))
+                with db.session_scope() as session:
+                    push.record_push(session, [late], now=NOW, account_id=1)
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+
+    def purging() -> None:
+        try:
+            start.wait(timeout=10)
+            run(destinations=("webhook",), batch_size=2)
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=pushes), threading.Thread(target=purging)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    with db.session_scope() as session:
+        for history in (receipt_events_table, session_events_table, receipts_table):
+            orphans = session.scalar(
+                sa.select(sa.func.count())
+                .select_from(history)
+                .where(
+                    ~sa.exists().where(
+                        sessions_table.c.account_id == history.c.account_id,
+                        sessions_table.c.session_no == history.c.session_no,
+                    )
+                )
+            )
+            assert orphans == 0, history.name
+        undelivered = set(
+            session.scalars(
+                sa.select(receipt_events_table.c.session_no).where(
+                    receipt_events_table.c.id > delivered
+                )
+            )
+        )
+    assert undelivered <= remaining()
+    # Every session is either kept whole or gone whole, and a rerun keeps what is undelivered.
+    run(destinations=("webhook",))
+    assert remaining() == undelivered
