@@ -121,7 +121,6 @@ def make_broker_folders(settings: Settings) -> None:
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     broker_url, transport_options = broker_options(settings)
-    tick = settings.tick.total_seconds()
     return {
         "broker_url": broker_url,
         "broker_transport": broker_transport(settings),
@@ -138,17 +137,35 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "accept_content": ["json"],
         "task_default_queue": POLL_QUEUE,
         "task_routes": {"receipts.tick": {"queue": CLOCK_QUEUE}},
-        "beat_schedule": {
-            "receipts-tick": {
-                "task": "receipts.tick",
-                "schedule": tick,
-                "options": {"queue": CLOCK_QUEUE, "expires": tick},
-            }
-        },
+        "beat_schedule": beat_schedule(settings),
         "worker_hijack_root_logger": True,
         "enable_utc": True,
         "timezone": "UTC",
     }
+
+
+# How often the beat queues a purge when RECEIPTS_RETENTION is set.
+PURGE_EVERY = 86400.0
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The clock's tick; and, with RECEIPTS_RETENTION set, a daily purge. The purge goes to
+    the polls' queue, not the clock's: a long purge must never delay a tick."""
+    tick = settings.tick.total_seconds()
+    schedule: dict[str, dict[str, Any]] = {
+        "receipts-tick": {
+            "task": "receipts.tick",
+            "schedule": tick,
+            "options": {"queue": CLOCK_QUEUE, "expires": tick},
+        }
+    }
+    if settings.retention is not None:
+        schedule["receipts-purge"] = {
+            "task": "receipts.purge",
+            "schedule": PURGE_EVERY,
+            "options": {"queue": POLL_QUEUE, "expires": PURGE_EVERY},
+        }
+    return schedule
 
 
 def embedded_claim_bound(settings: Settings) -> int | None:

@@ -753,6 +753,66 @@ def repoll(session_nos: tuple[str, ...], account_id: int | None) -> None:
         sys.exit(EXIT_NO)
 
 
+# --- retention -------------------------------------------------------------------------
+
+
+def _older_than(value: str | None, settings: Settings) -> Any:
+    """--older-than, else RECEIPTS_RETENTION; one line when neither is usable."""
+    from worker.config import MAX_RETENTION, parse_duration
+
+    if value is None:
+        if settings.retention is None:
+            _fail("give --older-than (e.g. 90d) or set RECEIPTS_RETENTION")
+        return settings.retention
+    try:
+        duration = parse_duration(value)
+    except ValueError as exc:
+        _fail(f"--older-than: {exc}")
+    if duration > MAX_RETENTION:
+        _fail(f"--older-than: {value!r} is longer than the maximum, {MAX_RETENTION.days}d")
+    return duration
+
+
+@main.command()
+@click.option(
+    "--older-than",
+    metavar="DURATION",
+    help="Purge finished sessions sent longer ago than this (e.g. 90d) [default: "
+    "RECEIPTS_RETENTION].",
+)
+@click.option("--dry-run", is_flag=True, help="Count what would go, by state and month.")
+def purge(older_than: str | None, dry_run: bool) -> None:
+    """Delete finished sessions past retention with their receipts and history.
+
+    Never a pending session, an unacknowledged escalation, or a session with an event or
+    webhook not yet delivered. Runs in batches, each its own transaction: safe to interrupt
+    and to run again.
+    """
+    from worker import purge as purging
+    from worker import runtime
+    from worker.db import read_scope, session_scope
+
+    settings = _settings()
+    duration = _older_than(older_than, settings)
+    now = runtime.utcnow()
+    destinations = settings.event_destinations
+    if dry_run:
+        with read_scope() as session:
+            lines = purging.dry_run(
+                session, now=now, older_than=duration, destinations=destinations
+            )
+        for line in lines:
+            click.echo(f"{line.state:<10} {line.month}  {line.sessions} session(s)")
+        click.echo(f"total: {sum(line.sessions for line in lines)} session(s) would be purged")
+        return
+    report = purging.purge(session_scope, now=now, older_than=duration, destinations=destinations)
+    click.echo(
+        f"purged {report.sessions} session(s): {report.receipts} receipt(s), "
+        f"{report.history} history row(s), {report.inbox} inbox row(s), "
+        f"{report.outbox} webhook row(s)"
+    )
+
+
 # --- refused receipts.track tasks --------------------------------------------------------
 
 

@@ -111,6 +111,8 @@ MAX_CLAIM_LEASE = timedelta(days=1)
 MAX_HTTP = timedelta(seconds=TASK_SOFT_TIME_LIMIT)
 MAX_WEBHOOK_TIMEOUT = timedelta(minutes=1)
 MAX_EXPORTER_TOTALS_INTERVAL = timedelta(days=1)
+# Retention beyond a century is keeping everything: unset it.
+MAX_RETENTION = timedelta(days=36500)
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
 ScheduleDuration = Annotated[timedelta, BeforeValidator(parse_duration), _at_most(MAX_SCHEDULE)]
@@ -120,6 +122,7 @@ HttpDuration = Annotated[timedelta, BeforeValidator(parse_duration), _at_most(MA
 WebhookDuration = Annotated[
     timedelta, BeforeValidator(parse_duration), _at_most(MAX_WEBHOOK_TIMEOUT)
 ]
+RetentionDuration = Annotated[timedelta, BeforeValidator(parse_duration), _at_most(MAX_RETENTION)]
 TotalsDuration = Annotated[
     timedelta, BeforeValidator(parse_duration), _at_most(MAX_EXPORTER_TOTALS_INTERVAL)
 ]
@@ -293,6 +296,9 @@ class Settings(BaseSettings):
     # --- metrics (receipts exporter)
     # The totals that grow with history are recounted (whole tables) at most this often.
     exporter_totals_interval: TotalsDuration = timedelta(minutes=5)
+    # Finished sessions sent longer ago than this are purged daily (worker/purge.py); None
+    # keeps everything.
+    retention: RetentionDuration | None = None
 
     @field_validator("database_url")
     @classmethod

@@ -56,6 +56,7 @@ from worker.models import (
     inbox_table,
     outbox_table,
     parked_batches_table,
+    purge_counts_table,
     push_counts_table,
     receipt_events_table,
     receipts_table,
@@ -63,6 +64,7 @@ from worker.models import (
     session_events_table,
     sessions_table,
 )
+from worker.purge import PURGED_TABLES
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,8 @@ class Snapshot:
     credentials_failing: bool = False
     # Per configured event destination (worker/events.py).
     events: list[EventStream] = field(default_factory=list)
+    # Rows the purge deleted, by table (worker/purge.py).
+    purged: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,7 @@ class Totals:
     by_source: dict[str, int] = field(default_factory=dict)  # receipts by where they came from
     parked: int = 0  # receipts waiting in the inbox
     latency: dict[str, Latency] = field(default_factory=dict)  # final receipts by result
+    oldest_sent_at: datetime | None = None  # of every stored session: what retention bounds
 
 
 def read_snapshot(session: Session, now: datetime) -> Snapshot:
@@ -223,6 +228,12 @@ def read_snapshot(session: Session, now: datetime) -> Snapshot:
     # One row at most, written by every worker's polls (worker/credentials.py).
     snap.credentials_failing = credentials.failing(session)
     snap.events = read_event_streams(session)
+    # One row per table the purge ever deleted from.
+    purged = purge_counts_table.c
+    snap.purged = {
+        str(name): int(count)
+        for name, count in session.execute(sa.select(purged.table_name, purged.purged))
+    }
     return snap
 
 
@@ -316,6 +327,8 @@ def read_totals(session: Session, now: datetime) -> Totals:
         by_source=dict(session.execute(by_source).all()),
         parked=session.execute(sa.select(sa.func.count()).select_from(inbox_table)).scalar_one(),
         latency=read_latency(session),
+        # No index on sent_at over every state: a whole-table read, like the counts above.
+        oldest_sent_at=session.execute(sa.select(sa.func.min(sessions.sent_at))).scalar_one(),
     )
 
 
@@ -593,6 +606,7 @@ def _metrics(snap: Snapshot, totals: Totals | None, now: datetime) -> Iterator[M
 
     yield from _push_metrics(snap, totals, now)
     yield from _event_metrics(snap, now)
+    yield from _purge_metrics(snap, totals)
 
     if totals is not None:
         yield _latency_histogram(totals.latency)
@@ -603,6 +617,28 @@ def _metrics(snap: Snapshot, totals: Totals | None, now: datetime) -> Iterator[M
         "receipts by result) were counted; NaN before the first count.",
         (now - totals.computed_at).total_seconds() if totals is not None else math.nan,
     )
+
+
+def _purge_metrics(snap: Snapshot, totals: Totals | None) -> Iterator[Metric]:
+    purged = CounterMetricFamily(
+        "receipts_purged_rows",
+        "Rows deleted by the purge of finished sessions past retention (receipts purge, "
+        "RECEIPTS_RETENTION), by table.",
+        labels=["table"],
+    )
+    for table in PURGED_TABLES:
+        purged.add_metric([table], snap.purged.get(table, 0))
+    yield purged
+    if totals is not None:
+        oldest = _seconds_since(totals.oldest_sent_at, totals.computed_at)
+        yield _gauge(
+            "receipts_oldest_session_age_seconds",
+            "Seconds since the oldest stored session (any state) was sent, as of "
+            "receipts_totals_age_seconds ago; 0 when none. With RECEIPTS_RETENTION set it stays "
+            "near the retention plus a day, unless sessions are held back (pending, "
+            "unacknowledged, undelivered).",
+            max(oldest, 0.0) if oldest is not None else 0.0,
+        )
 
 
 def _event_metrics(snap: Snapshot, now: datetime) -> Iterator[Metric]:

@@ -486,6 +486,18 @@ class ApiCallCount(Base):
     calls: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
 
 
+class PurgeCount(Base):
+    """Rows the purge deleted (worker/purge.py), by table, summed over every run, so that the
+    exporter reports the same totals whichever process purged."""
+
+    __tablename__ = "receipts_purge_counts"
+
+    # A table's name: sms_sessions, sms_receipts, sms_receipt_events, ...
+    table_name: Mapped[str] = mapped_column(sa.Text, primary_key=True)
+    purged: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
+    last_purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
 class RejectedTrack(Base):
     """A ``receipts.track`` task refused by validation, kept so that nothing a sender handed
     over is lost: the arguments as received, why they were refused, and what became of the
@@ -548,6 +560,7 @@ inbox_table: sa.Table = ReceiptInbox.__table__  # type: ignore[assignment]
 push_counts_table: sa.Table = PushCount.__table__  # type: ignore[assignment]
 rejected_table: sa.Table = RejectedTrack.__table__  # type: ignore[assignment]
 credentials_table: sa.Table = CredentialsStatus.__table__  # type: ignore[assignment]
+purge_counts_table: sa.Table = PurgeCount.__table__  # type: ignore[assignment]
 
 
 # The views (created by migration 0002; stale_sessions recreated by 0005), described for

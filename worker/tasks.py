@@ -11,7 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from celery.exceptions import Reject
 
-from worker import events, intake, poller, runtime, store, webhooks
+from worker import events, intake, poller, purge, runtime, store, webhooks
 from worker.celery import EMBEDDED_POLLS_PER_SECOND, app, embedded_claim_bound
 from worker.config import Settings, get_settings
 from worker.db import error_text, read_scope, session_scope
@@ -60,6 +60,31 @@ def tick() -> dict[str, int]:
             report.sessions_claimed,
         )
     return {"escalated": report.escalated, "claims": report.claims}
+
+
+@app.task(name="receipts.purge", ignore_result=True)
+def purge_finished() -> dict[str, int]:
+    """The daily purge (queued by the beat when RECEIPTS_RETENTION is set), bounded per run."""
+    settings = get_settings()
+    if settings.retention is None:
+        return {"sessions": 0}
+    report = purge.purge(
+        session_scope,
+        now=runtime.utcnow(),
+        older_than=settings.retention,
+        destinations=settings.event_destinations,
+        max_sessions=purge.MAX_PER_RUN,
+    )
+    if report.sessions or report.bounded:
+        log.info(
+            "purge: %d session(s) older than %s deleted, %d receipt(s), %d history row(s)%s",
+            report.sessions,
+            settings.retention,
+            report.receipts,
+            report.history,
+            " (bounded: the rest goes next run)" if report.bounded else "",
+        )
+    return {"sessions": report.sessions}
 
 
 @app.task(name="receipts.deliver_webhooks", ignore_result=True)

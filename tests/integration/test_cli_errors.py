@@ -33,6 +33,8 @@ NEED_TABLES = {
     ("rejected",): "rejected_tracks",
     ("ack", "S1"): "sms_sessions",
     ("track", "--account-id", "1", "S1"): "sms_sessions",
+    ("purge", "--older-than", "90d"): "sms_sessions",
+    ("purge", "--older-than", "90d", "--dry-run"): "sms_sessions",
 }
 MIGRATE_FIRST = "run receipts migrate"
 

@@ -36,6 +36,7 @@ from worker.models import (
     receipts_table,
     sessions_table,
 )
+from worker.purge import PURGED_TABLES
 
 NOW = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 NAN = "NaN"  # NaN never equals itself; samples carry this marker instead so dicts compare
@@ -64,6 +65,7 @@ def scrape(now: datetime = NOW) -> Samples:
         "receipts_api_calls": "counter",
         "receipts_push_requests": "counter",
         "receipts_events_delivered": "counter",
+        "receipts_purged_rows": "counter",
         "receipts_push_receipts": "counter",
         "receipts_push_commit_seconds": "histogram",
         "receipts_receipt_latency_seconds": "histogram",
@@ -85,6 +87,8 @@ def expected(
     receipts: dict[str, int] | None = None,
     rejected: dict[str, int] | None = None,
     credentials_failing: int = 0,
+    oldest_session: float = 0.0,
+    purged: dict[str, int] | None = None,
 ) -> Samples:
     """The full exposition of a successful scrape: every metric, nothing else."""
     pending, resolved, escalated = sessions
@@ -103,7 +107,10 @@ def expected(
         # A fresh registry counts the history totals at its first scrape: they are current.
         ("receipts_totals_age_seconds", ()): 0,
         ("receipts_scrape_error", ()): 0,
+        ("receipts_oldest_session_age_seconds", ()): oldest_session,
     }
+    for table in PURGED_TABLES:
+        samples["receipts_purged_rows_total", (("table", table),)] = (purged or {}).get(table, 0)
     for result, count in counts.items():
         samples["receipts_receipts", (("result", result),)] = count
     refused = {"open": 0, "resubmitted": 0, "dismissed": 0, **(rejected or {})}
@@ -253,6 +260,7 @@ def populated(*, overdue: int, tick_age: float | str = NAN) -> Samples:
         webhooks_pending=2,
         webhook_failures=1,
         receipts={"Success": 2, "Fail": 1, "SubmitFail": 1, "Unknow": 1},
+        oldest_session=3 * 86400.0,
     )
 
 
@@ -273,6 +281,24 @@ def test_every_metric_is_computed_from_the_tables() -> None:
     # The heartbeat's own longest interval decides what is overdue (2 x 300 s < 15 min).
     _heartbeat(beat_at=NOW - timedelta(seconds=42.5), interval_max=300.0)
     assert scrape() == populated(overdue=2, tick_age=42.5)
+
+
+@pytest.mark.usefixtures("database")
+def test_purged_rows_are_counted_by_table() -> None:
+    from worker import purge
+
+    _populate()
+    # r1 and r2 (resolved, 3 days old) go with their 4 receipts, and e3 (escalated and
+    # acknowledged); pending and unacknowledged sessions stay.
+    report = purge.purge(db.session_scope, now=NOW, older_than=timedelta(days=1), destinations=())
+    assert (report.sessions, report.receipts) == (3, 4)
+    samples = scrape()
+    purged = {
+        table: samples["receipts_purged_rows_total", (("table", table),)] for table in PURGED_TABLES
+    }
+    assert purged == {**dict.fromkeys(PURGED_TABLES, 0), "sms_sessions": 3, "sms_receipts": 4}
+    # The oldest left is escalated, sent 2 days ago.
+    assert samples["receipts_oldest_session_age_seconds", ()] == 2 * 86400.0
 
 
 @pytest.mark.usefixtures("database")

@@ -39,6 +39,7 @@ TABLES = (
     "receipts_credentials",
     "receipts_event_cursors",
     "receipts_parked_event_batches",
+    "receipts_purge_counts",
 )
 
 

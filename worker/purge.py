@@ -1,0 +1,295 @@
+"""Retention: deleting finished sessions past ``RECEIPTS_RETENTION`` with everything they left
+behind (README "Retention and purge").
+
+A session may go when it is finished (resolved, or escalated and acknowledged), was sent
+before ``now - older_than``, and nothing of it is still owed to anyone:
+
+- no event of its history is after the cursor of a configured event destination
+  (``receipts_event_cursors.delivered_id``, worker/events.py), nor inside a parked batch still
+  open (``parked``/``replay``: an operator may replay it from the history). A configured
+  destination without a cursor yet has delivered nothing. With no destination configured
+  there is nothing to deliver;
+- no escalation webhook of it is still undelivered (``escalation_outbox``).
+
+So a pending session, an unacknowledged escalation and a session with an undelivered event
+are never deleted.
+
+Work goes in batches of at most ``batch_size`` sessions, each its own transaction, walking the
+sessions in ``(account_id, session_no)`` order, the order every writer locks them in
+(CONTRIBUTING.md). On PostgreSQL a batch locks its sessions ``FOR UPDATE SKIP LOCKED``: a
+session a poll, push or acknowledgement holds is skipped (the next run takes it), never waited
+for, so the purge never blocks them. Once locked, the rules are checked again in a new
+statement: every writer of history locks the session before writing, so what that check sees
+is all the session will ever have until the purge commits. The history tables have no
+foreign key (worker/models.py): their rows are deleted explicitly, like the receipts, the
+inbox rows of the same (SessionNo, account) and the escalation webhooks, then the session.
+
+A crash loses at most the batch in progress, which rolls back whole; a rerun starts again
+from the beginning and finds only what is left. Two purges at once: a session locked by one
+is skipped by the other, and one deleted is no longer found, so each is deleted once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from worker.db import upsert_insert
+from worker.domain import SessionState
+from worker.models import (
+    event_cursors_table,
+    inbox_table,
+    outbox_table,
+    parked_batches_table,
+    purge_counts_table,
+    receipt_events_table,
+    receipts_table,
+    session_events_table,
+    sessions_table,
+)
+
+log = logging.getLogger(__name__)
+
+S = sessions_table
+R = receipts_table
+E = receipt_events_table
+SE = session_events_table
+C = event_cursors_table
+P = parked_batches_table
+OUTBOX = outbox_table
+INBOX = inbox_table
+
+# Sessions per transaction: large enough that a million go in minutes, small enough that a
+# batch's locks and deletions last well under a second.
+BATCH_SIZE = 2000
+# What the daily task purges at most in one run: the rest waits for the next day, so that a
+# first purge of years of history does not hold a worker for hours.
+MAX_PER_RUN = 1_000_000
+OPEN_PARKED = ("parked", "replay")
+# What a purge deletes from, as receipts_purge_counts and the exporter name them.
+PURGED_TABLES = tuple(t.name for t in (S, R, E, SE, INBOX, OUTBOX))
+
+SessionFactory = Callable[[], AbstractContextManager[Session]]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PurgeReport:
+    sessions: int = 0
+    receipts: int = 0
+    history: int = 0  # rows of sms_receipt_events and sms_session_events
+    inbox: int = 0
+    outbox: int = 0
+    batches: int = 0
+    bounded: bool = False  # stopped at max_sessions: more may be left
+
+    def __add__(self, other: PurgeReport) -> PurgeReport:
+        return PurgeReport(
+            sessions=self.sessions + other.sessions,
+            receipts=self.receipts + other.receipts,
+            history=self.history + other.history,
+            inbox=self.inbox + other.inbox,
+            outbox=self.outbox + other.outbox,
+            batches=self.batches + other.batches,
+            bounded=self.bounded or other.bounded,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DryRunLine:
+    state: str
+    month: str  # YYYY-MM of sent_at (UTC)
+    sessions: int
+
+
+def delivered_through(session: Session, destinations: Collection[str]) -> int | None:
+    """The highest event id every configured destination has delivered (or parked); None when
+    no destination is configured (nothing to deliver)."""
+    if not destinations:
+        return None
+    names = sorted(str(d) for d in destinations)
+    rows = session.execute(
+        sa.select(C.c.destination, C.c.delivered_id).where(C.c.destination.in_(names))
+    )
+    cursors = {str(row.destination): int(row.delivered_id) for row in rows}
+    return min(cursors.get(name, 0) for name in names)
+
+
+def _of_session(table: sa.Table) -> sa.ColumnElement[bool]:
+    return sa.and_(table.c.account_id == S.c.account_id, table.c.session_no == S.c.session_no)
+
+
+def purgeable(*, cutoff: datetime, through: int | None) -> sa.ColumnElement[bool]:
+    """The rules (see the module's docstring) as a condition on ``sms_sessions``."""
+    conditions: list[sa.ColumnElement[bool]] = [
+        sa.or_(
+            S.c.state == SessionState.RESOLVED.value,
+            sa.and_(S.c.state == SessionState.ESCALATED.value, S.c.acknowledged_at.is_not(None)),
+        ),
+        S.c.sent_at < cutoff,
+        ~sa.exists().where(_of_session(OUTBOX), OUTBOX.c.delivered_at.is_(None)),
+    ]
+    if through is not None:
+        for history in (E, SE):
+            conditions.append(~sa.exists().where(_of_session(history), history.c.id > through))
+            conditions.append(
+                ~sa.exists().where(
+                    _of_session(history),
+                    P.c.state.in_(OPEN_PARKED),
+                    history.c.id > P.c.after_id,
+                    history.c.id <= P.c.through_id,
+                )
+            )
+    return sa.and_(*conditions)
+
+
+def _ids_of(table: sa.Table, ids: Sequence[int]) -> sa.ColumnElement[bool]:
+    """Rows of ``table`` belonging to the sessions with these ids."""
+    return sa.exists().where(_of_session(table), S.c.id.in_(ids))
+
+
+def purge_batch(
+    session: Session,
+    *,
+    now: datetime,
+    older_than: timedelta,
+    destinations: Collection[str],
+    after: tuple[int, str] | None,
+    limit: int,
+) -> tuple[PurgeReport, tuple[int, str] | None]:
+    """Delete the next ``limit`` purgeable sessions after the key ``after``: (what was
+    deleted, the key to go on after, or None when nothing is left)."""
+    cutoff = now - older_than
+    through = delivered_through(session, destinations)
+    pick = (
+        sa.select(S.c.id, S.c.account_id, S.c.session_no)
+        .where(purgeable(cutoff=cutoff, through=through))
+        .order_by(S.c.account_id, S.c.session_no)
+        .limit(limit)
+    )
+    if after is not None:
+        pick = pick.where(sa.tuple_(S.c.account_id, S.c.session_no) > sa.tuple_(*after))
+    if session.get_bind().dialect.name == "postgresql":
+        pick = pick.with_for_update(of=S, skip_locked=True)
+    picked = session.execute(pick).all()
+    if not picked:
+        return PurgeReport(), None
+    last = (int(picked[-1].account_id), str(picked[-1].session_no))
+    # Checked again now that they are locked: a writer may have committed between the
+    # snapshot of the pick and its lock (PostgreSQL rechecks only the row itself then).
+    ids = list(
+        session.scalars(
+            sa.select(S.c.id).where(
+                S.c.id.in_([int(row.id) for row in picked]),
+                purgeable(cutoff=cutoff, through=through),
+            )
+        )
+    )
+    if not ids:
+        return PurgeReport(batches=1), last
+
+    def delete(table: sa.Table, where: sa.ColumnElement[bool]) -> int:
+        return int(session.connection().execute(sa.delete(table).where(where)).rowcount)
+
+    counts = {
+        E.name: delete(E, _ids_of(E, ids)),
+        SE.name: delete(SE, _ids_of(SE, ids)),
+        R.name: delete(R, _ids_of(R, ids)),
+        INBOX.name: delete(INBOX, _ids_of(INBOX, ids)),
+        OUTBOX.name: delete(OUTBOX, _ids_of(OUTBOX, ids)),
+        S.name: delete(S, S.c.id.in_(ids)),
+    }
+    count_purged(session, counts, now=now)
+    history = counts[E.name] + counts[SE.name]
+    receipts, inbox, outbox, sessions = (counts[t.name] for t in (R, INBOX, OUTBOX, S))
+    report = PurgeReport(
+        sessions=sessions,
+        receipts=receipts,
+        history=history,
+        inbox=inbox,
+        outbox=outbox,
+        batches=1,
+    )
+    return report, last
+
+
+def count_purged(session: Session, counts: dict[str, int], *, now: datetime) -> None:
+    """Add to ``receipts_purge_counts`` in the batch's own transaction, so that the totals
+    never count a batch that rolled back. Two purges at once queue on these few rows until
+    commit, which slows only the purges."""
+    table = purge_counts_table
+    statement = upsert_insert(session, table)
+    statement = statement.on_conflict_do_update(
+        index_elements=["table_name"],
+        set_={
+            "purged": table.c.purged + statement.excluded.purged,
+            "last_purged_at": statement.excluded.last_purged_at,
+        },
+    )
+    session.connection().execute(
+        statement,
+        [
+            {"table_name": name, "purged": purged, "last_purged_at": now}
+            for name, purged in sorted(counts.items())
+        ],
+    )
+
+
+def purge(
+    session_factory: SessionFactory,
+    *,
+    now: datetime,
+    older_than: timedelta,
+    destinations: Collection[str],
+    batch_size: int = BATCH_SIZE,
+    max_sessions: int | None = None,
+) -> PurgeReport:
+    """Purge batch after batch, each in its own transaction, until nothing is left or
+    ``max_sessions`` were deleted."""
+    total = PurgeReport()
+    after: tuple[int, str] | None = None
+    while True:
+        if max_sessions is not None and total.sessions >= max_sessions:
+            return total + PurgeReport(bounded=True)
+        limit = batch_size
+        if max_sessions is not None:
+            limit = min(limit, max_sessions - total.sessions)
+        with session_factory() as session:
+            report, after = purge_batch(
+                session,
+                now=now,
+                older_than=older_than,
+                destinations=destinations,
+                after=after,
+                limit=limit,
+            )
+        total = total + report
+        if after is None:
+            return total
+
+
+def _month(session: Session) -> sa.ColumnElement[str]:
+    if session.get_bind().dialect.name == "postgresql":
+        return sa.func.to_char(sa.func.timezone("UTC", S.c.sent_at), "YYYY-MM")
+    # SQLite keeps UTC text, "YYYY-MM-DD HH:MM:SS..." (worker/models.py, UTCDateTime).
+    return sa.func.substr(S.c.sent_at, 1, 7)
+
+
+def dry_run(
+    session: Session, *, now: datetime, older_than: timedelta, destinations: Collection[str]
+) -> list[DryRunLine]:
+    """What a purge at ``now`` would delete, by state and month of ``sent_at``."""
+    through = delivered_through(session, destinations)
+    month = _month(session).label("month")
+    rows = session.execute(
+        sa.select(S.c.state, month, sa.func.count())
+        .where(purgeable(cutoff=now - older_than, through=through))
+        .group_by(S.c.state, month)
+        .order_by(month, S.c.state)
+    )
+    return [DryRunLine(state=str(s), month=str(m), sessions=int(n)) for s, m, n in rows]
