@@ -129,7 +129,8 @@ def test_repoll_ends_within_its_budget_when_the_api_trickles(configure: Configur
     assert elapsed <= budget + bound + SLACK, f"repoll ran {elapsed:.2f}s on a {budget:g}s budget"
     assert result.exit_code == 1, result.output  # some sessions got no answer
     assert "3 failed" in result.output
-    assert exchanges and all(e.started - started < budget for e in exchanges)
+    # The repoll's budget starts once the command is running, a little after `started`.
+    assert exchanges and all(e.started - started < budget + SLACK for e in exchanges)
     with db.session_scope() as session:
         errors = session.scalars(sa.select(sessions_table.c.last_error)).all()
     assert all(error for error in errors), errors
