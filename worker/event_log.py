@@ -46,12 +46,7 @@ EVENT_COLUMNS = (
     "session_no",
     "phone",
     "phone_key",
-    "result",
-    "receipt_code",
-    "receipt_desc",
-    "receipt_time",
-    "cost_count",
-    "user_id",
+    *RECEIPT_FACTS,
     "source",
 )
 

@@ -28,6 +28,7 @@ from worker import store
 from worker.db import json_document, json_rows
 from worker.domain import (
     MAX_SESSION_NO_LENGTH,
+    RECEIPT_FACTS,
     SESSION_NO_CHARACTERS,
     ReceiptSource,
     ReceiptVersion,
@@ -184,12 +185,7 @@ INBOX_COLUMNS = (
     "account_id",
     "phone",
     "phone_key",
-    "result",
-    "receipt_code",
-    "receipt_desc",
-    "receipt_time",
-    "cost_count",
-    "user_id",
+    *RECEIPT_FACTS,
     "country_code",
     "reason",
     "received_at",

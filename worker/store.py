@@ -22,6 +22,7 @@ from worker import event_log
 from worker.db import json_document, json_rows, upsert_insert
 from worker.domain import (
     FINAL_RESULTS,
+    RECEIPT_FACTS,
     ReceiptSource,
     ReceiptVersion,
     SessionEventType,
@@ -342,12 +343,7 @@ RECEIPT_COLUMNS = (
     "session_no",
     "phone",
     "phone_key",
-    "result",
-    "receipt_code",
-    "receipt_desc",
-    "receipt_time",
-    "cost_count",
-    "user_id",
+    *RECEIPT_FACTS,
     "country_code",
     "source",
 )
