@@ -82,12 +82,13 @@ def take_ids(session: Session, count: int) -> int:
 # --- receipt history ----------------------------------------------------------------------
 
 
-def receipt_history_statement(incoming: Any, applied: Any, account_id: Any, now: Any) -> sa.Insert:
+def receipt_history_statement(incoming: Any, applied: Any, now: Any) -> sa.Insert:
     """PostgreSQL: the INSERT of the history rows of one upsert, the final part of its
     statement (:func:`worker.store.upsert_receipts`).
 
-    ``incoming`` is the CTE of the upserted rows and ``applied`` the CTE of the upsert itself,
-    whose RETURNING gives the rows it wrote (:data:`EVENT_COLUMNS`). The upsert writes a receipt
+    ``incoming`` is the CTE of the upserted rows (each with its ``account_id``) and ``applied``
+    the CTE of the upsert itself, whose RETURNING gives the rows it wrote (``account_id`` and
+    :data:`EVENT_COLUMNS`). The upsert writes a receipt
     when it wins and is not a repeat of the stored one (its guard), so:
 
     - a row it wrote is a change, recorded as applied straight from the RETURNING: no join, no
@@ -102,8 +103,12 @@ def receipt_history_statement(incoming: Any, applied: Any, account_id: Any, now:
     an earlier statement of the transaction (worker.store.lock_sessions).
     """
     columns = ["account_id", *EVENT_COLUMNS, "observed_at", "applied"]
-    written = sa.select(account_id, *(applied.c[name] for name in EVENT_COLUMNS), now, sa.true())
+    account_id = incoming.c.account_id
+    written = sa.select(
+        applied.c.account_id, *(applied.c[name] for name in EVENT_COLUMNS), now, sa.true()
+    )
     is_written = sa.exists().where(
+        applied.c.account_id == account_id,
         applied.c.session_no == incoming.c.session_no,
         applied.c.phone_key == incoming.c.phone_key,
     )

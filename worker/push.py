@@ -143,7 +143,7 @@ def record_push(
     by_no: dict[str, list[Receipt]] = defaultdict(list)
     for receipt in receipts:
         by_no[receipt.session_no].append(receipt)
-    tracked = _tracked(session, sorted(by_no), account_id)
+    tracked, locked = _lock_tracked(session, sorted(by_no), account_id)
     parked: list[tuple[Receipt, str]] = []
     # Each SessionNo matched in exactly one account: distinct SessionNos, which one call
     # records whatever their accounts (a push spans accounts; one pass, not one per account).
@@ -155,12 +155,41 @@ def record_push(
     names = {t.session_no for t in targets}
     mine = [r for r in receipts if r.session_no in names]
     outcome = store.record_receipts(
-        session, targets=targets, receipts=mine, now=now, source=ReceiptSource.PUSH
+        session,
+        targets=targets,
+        receipts=mine,
+        now=now,
+        source=ReceiptSource.PUSH,
+        already_locked=locked,
     )
     park(session, parked, account_id=account_id or NO_ACCOUNT, now=now)
     return PushOutcome(
         applied=len(mine), parked=len(parked), resolved=outcome.resolved, matched=frozenset(names)
     )
+
+
+def _lock_tracked(
+    session: Session, session_nos: Sequence[str], account_id: int | None
+) -> tuple[dict[str, list[PollTarget]], dict[int, store.Locked]]:
+    """:func:`_tracked`, the sessions locked and read as :func:`worker.store.lock_sessions`
+    does, in the same (account_id, session_no) order, in the same statement: a push pays one
+    round trip to match and lock. A SessionNo tracked in several accounts is locked too, and
+    parked: a lock held a moment longer costs nothing."""
+    query = sa.select(S.c.account_id, S.c.session_no, S.c.sent_at, *store.LOCKED_COLUMNS).where(
+        S.c.session_no.in_(list(session_nos))
+    )
+    if account_id is not None:
+        query = query.where(S.c.account_id == account_id)
+    query = query.order_by(S.c.account_id, S.c.session_no)
+    if session.get_bind().dialect.name == "postgresql":
+        # SQLite has no row locks: its units of work begin with the write lock (worker.db).
+        query = query.with_for_update()
+    found: dict[str, list[PollTarget]] = defaultdict(list)
+    locked: dict[int, store.Locked] = {}
+    for row in session.execute(query):
+        found[row.session_no].append(PollTarget.from_row(row, row.sent_at))
+        locked[row.id] = store.locked_row(row)
+    return found, locked
 
 
 def _tracked(

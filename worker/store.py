@@ -405,11 +405,11 @@ def _upsert_statement(dialect: str) -> Any:
 
     On PostgreSQL it reads every row from one JSON document (:func:`worker.db.json_rows`): one
     round trip for a whole answer instead of one per receipt (see README "Performance"). The
-    account and time, the same for every row of an answer, travel once, as parameters.
+    time, the same for every row, travels once, as a parameter, and so does the account of an
+    answer's rows (:func:`_incoming`).
     """
     if dialect == "postgresql":
-        source = json_rows({name: R.c[name].type for name in RECEIPT_COLUMNS}).subquery()
-        return _on_conflict(_insert_from(source))
+        return _on_conflict(_insert_from(_incoming().subquery()))
     from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
     # SQLite >= 3.35 returns the rows an upsert inserted or updated, and only those: a row
@@ -424,7 +424,7 @@ def _recorded_upsert_statement() -> Any:
         WITH incoming AS (SELECT … FROM json_to_recordset(:json_rows)),
              applied AS (INSERT INTO sms_receipts … SELECT … FROM incoming
                          ON CONFLICT … DO UPDATE … WHERE <guard> AND NOT <repeat>
-                         RETURNING session_no, phone, phone_key, result, …)
+                         RETURNING account_id, session_no, phone, phone_key, result, …)
         INSERT INTO sms_receipt_events …
             SELECT …, true FROM applied
             UNION ALL
@@ -432,28 +432,39 @@ def _recorded_upsert_statement() -> Any:
 
     The upsert reports the rows it wrote (RETURNING), so which receipts were applied is the
     guard's own verdict, never worked out again; worker.event_log says which of the others
-    are kept. Still one round trip per answer.
+    are kept. Still one round trip per answer, and per group of pushes whatever their accounts.
     """
-    incoming = json_rows({name: R.c[name].type for name in RECEIPT_COLUMNS}).cte("incoming")
+    incoming = _incoming().cte("incoming")
     upsert = _on_conflict(_insert_from(incoming)).returning(
-        *(R.c[name] for name in event_log.EVENT_COLUMNS)
+        R.c.account_id, *(R.c[name] for name in event_log.EVENT_COLUMNS)
     )
-    return event_log.receipt_history_statement(
-        incoming, upsert.cte("applied"), _ACCOUNT_PARAM, _NOW_PARAM
-    )
+    return event_log.receipt_history_statement(incoming, upsert.cte("applied"), _NOW_PARAM)
 
 
 _ACCOUNT_PARAM = sa.bindparam("account_id", type_=R.c.account_id.type)
 _NOW_PARAM = sa.bindparam("now", type_=R.c.updated_at.type)
 
 
+def _incoming() -> sa.Select[Any]:
+    """PostgreSQL: the rows to upsert, from the JSON document, with their account: a row's own
+    ``account_id`` (rows of several accounts: pushes recorded together), else the one bound for
+    all (an answer's rows, of one account, which then need not repeat it)."""
+    rows = json_rows(
+        {"account_id": R.c.account_id.type, **{name: R.c[name].type for name in RECEIPT_COLUMNS}}
+    ).subquery()
+    return sa.select(
+        sa.func.coalesce(rows.c.account_id, _ACCOUNT_PARAM).label("account_id"),
+        *(rows.c[name] for name in RECEIPT_COLUMNS),
+    )
+
+
 def _insert_from(source: Any) -> Any:
-    """PostgreSQL: INSERT INTO sms_receipts the rows of ``source``, of one account, at one
-    time (the bound ``account_id`` and ``now``)."""
+    """PostgreSQL: INSERT INTO sms_receipts the rows of ``source`` (:func:`_incoming`), at one
+    time (the bound ``now``)."""
     from sqlalchemy.dialects.postgresql import insert as pg_insert
 
     select = sa.select(
-        _ACCOUNT_PARAM, *(source.c[name] for name in RECEIPT_COLUMNS), _NOW_PARAM, _NOW_PARAM
+        source.c.account_id, *(source.c[name] for name in RECEIPT_COLUMNS), _NOW_PARAM, _NOW_PARAM
     )
     columns = ["account_id", *RECEIPT_COLUMNS, "first_seen_at", "updated_at"]
     return pg_insert(R).from_select(columns, select)
@@ -484,18 +495,19 @@ def _on_conflict(statement: Any) -> Any:
 
 
 def upsert_receipts(
-    session: Session, rows: Sequence[Mapping[str, Any]], *, account_id: int, now: datetime
+    session: Session, rows: Sequence[Mapping[str, Any]], *, account_id: int | None, now: datetime
 ) -> int:
-    """Write the receipts of one account, seen at ``now``, in one ``INSERT … ON CONFLICT DO
-    UPDATE`` statement, and each observed change in ``sms_receipt_events`` (worker.event_log):
-    every receipt that differs from the stored one, applied or not.
+    """Write receipts seen at ``now`` in one ``INSERT … ON CONFLICT DO UPDATE`` statement, and
+    each observed change in ``sms_receipt_events`` (worker.event_log): every receipt that
+    differs from the stored one, applied or not. The rows are of ``account_id``; without it
+    (PostgreSQL only) each row names its own ``account_id``.
 
-    Rows (see :func:`receipt_rows`) must be unique per (session, phone_key): PostgreSQL refuses
-    to update one row twice in one statement. The conflict update only applies when the
-    incoming receipt wins under the domain rule, so two pollers racing on the same phone (or a
-    backfill) can never put a stale or non-final receipt over a final one. Callers lock the
-    rows' sessions first (:func:`lock_sessions`), which the history's reading of the stored
-    receipts relies on.
+    Rows (see :func:`receipt_rows`) must be unique per (account, session, phone_key):
+    PostgreSQL refuses to update one row twice in one statement. The conflict update only
+    applies when the incoming receipt wins under the domain rule, so two pollers racing on the
+    same phone (or a backfill) can never put a stale or non-final receipt over a final one.
+    Callers lock the rows' sessions first (:func:`lock_sessions`), which the history's reading
+    of the stored receipts relies on.
     """
     if not rows:
         return 0
@@ -505,6 +517,8 @@ def upsert_receipts(
             {"account_id": account_id, "now": now, **json_document(rows)},
         )
         return len(rows)
+    if account_id is None:
+        raise ValueError("SQLite upserts the receipts of one account at a time")
     common = {"account_id": account_id, "first_seen_at": now, "updated_at": now}
     written = session.connection().execute(
         _upsert_statement("sqlite"), [{**row, **common} for row in rows]
@@ -571,7 +585,7 @@ def _update_many(
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class _Locked:
+class Locked:
     """A session as it stands when an answer is recorded, its row locked until the commit."""
 
     phones: tuple[str, ...]
@@ -590,7 +604,7 @@ class _Locked:
         return self.claim_token == target.token
 
 
-def lock_sessions(session: Session, ids: Sequence[int]) -> dict[int, _Locked]:
+def lock_sessions(session: Session, ids: Sequence[int]) -> dict[int, Locked]:
     """The sessions ``ids`` as they stand now, their rows locked until the commit, in
     (account_id, session_no) order: the order every path that locks several sessions uses, so
     that a bulk track and a recorded answer never deadlock. Deleted sessions are absent."""
@@ -598,37 +612,41 @@ def lock_sessions(session: Session, ids: Sequence[int]) -> dict[int, _Locked]:
         return {}
     dialect = session.get_bind().dialect.name
     rows = session.execute(_lock_statement(dialect), {"ids": list(ids)})
-    return {
-        row.id: _Locked(
-            phones=tuple(row.phones or ()),
-            state=row.state,
-            claim_token=row.claim_token,
-            held_by=row.held_by,
-            next_poll_at=row.next_poll_at,
-            last_polled_at=row.last_polled_at,
-            resolved_at=row.resolved_at,
-            last_error=row.last_error,
-        )
-        for row in rows
-    }
+    return {row.id: locked_row(row) for row in rows}
+
+
+# What :func:`locked_row` reads of a session (with its id).
+LOCKED_COLUMNS = (
+    S.c.id,
+    S.c.phones,
+    S.c.state,
+    S.c.claim_token,
+    S.c.held_by,
+    S.c.next_poll_at,
+    S.c.last_polled_at,
+    S.c.resolved_at,
+    S.c.last_error,
+)
+
+
+def locked_row(row: Any) -> Locked:
+    """A session's row (:data:`LOCKED_COLUMNS`), read under its lock."""
+    return Locked(
+        phones=tuple(row.phones or ()),
+        state=row.state,
+        claim_token=row.claim_token,
+        held_by=row.held_by,
+        next_poll_at=row.next_poll_at,
+        last_polled_at=row.last_polled_at,
+        resolved_at=row.resolved_at,
+        last_error=row.last_error,
+    )
 
 
 @functools.cache
 def _lock_statement(dialect: str) -> Any:
     query = (
-        sa.select(
-            S.c.id,
-            S.c.phones,
-            S.c.state,
-            S.c.claim_token,
-            S.c.held_by,
-            S.c.next_poll_at,
-            S.c.last_polled_at,
-            S.c.resolved_at,
-            S.c.last_error,
-        )
-        .where(_in_ids(dialect))
-        .order_by(S.c.account_id, S.c.session_no)
+        sa.select(*LOCKED_COLUMNS).where(_in_ids(dialect)).order_by(S.c.account_id, S.c.session_no)
     )
     # SQLite has no row locks: its units of work begin with the write lock (worker.db).
     return query.with_for_update() if dialect == "postgresql" else query
@@ -707,6 +725,7 @@ def record_receipts(
     now: datetime,
     source: ReceiptSource,
     schedule: _Schedule | None = None,
+    already_locked: Mapping[int, Locked] | None = None,
 ) -> PollOutcome:
     """Store receipts of sessions seen at ``now`` and resolve the sessions they settle; with
     ``schedule`` (a poll's answer), also reschedule the sessions that poll still holds.
@@ -719,23 +738,23 @@ def record_receipts(
 
     Both the poll and the push go through here, so the same rules hold for both: the upsert's
     guard (final never downgraded, older never wins), phones matched on digits, and the phones
-    each session has now (read under its row lock, in the global lock order).
+    each session has now (read under its row lock, in the global lock order). A caller that
+    locked the sessions already, in that order (a push, matching and locking in one statement:
+    worker.push), passes what it read as ``already_locked``.
     """
     if not targets:
         return PollOutcome(receipts_written=0, resolved=(), rescheduled=0)
-    current = lock_sessions(session, [t.id for t in targets])
+    current = (
+        lock_sessions(session, [t.id for t in targets])
+        if already_locked is None
+        else already_locked
+    )
     live = [replace(t, phones=current[t.id].phones) for t in targets if t.id in current]
     rows = receipt_rows(live, receipts, source=source)
     account_of = {t.session_no: t.account_id for t in live}
     if len(account_of) != len(live):
         raise ValueError("targets of several accounts must have distinct SessionNos")
-    by_account: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        by_account[account_of[row["session_no"]]].append(row)
-    written = sum(
-        upsert_receipts(session, its, account_id=account_id, now=now)
-        for account_id, its in sorted(by_account.items())
-    )
+    written = _upsert_accounts(session, rows, account_of, now)
     answered = answered_results(rows)
     # Sessions the answer alone settles need no read-back (most of them, on a first poll).
     unsettled: dict[int, list[str]] = defaultdict(list)
@@ -801,7 +820,26 @@ def record_receipts(
     )
 
 
-def _held_after(locked: _Locked, target: PollTarget) -> str | None:
+def _upsert_accounts(
+    session: Session, rows: list[dict[str, Any]], account_of: Mapping[str, int], now: datetime
+) -> int:
+    """Upsert receipt rows of sessions of several accounts (``account_of`` by SessionNo)."""
+    if _is_pg(session):
+        # One statement for every account (a group of pushes spans several): each row names
+        # its own.
+        for row in rows:
+            row["account_id"] = account_of[row["session_no"]]
+        return upsert_receipts(session, rows, account_id=None, now=now)
+    by_account: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_account[account_of[row["session_no"]]].append(row)
+    return sum(
+        upsert_receipts(session, its, account_id=account_id, now=now)
+        for account_id, its in sorted(by_account.items())
+    )
+
+
+def _held_after(locked: Locked, target: PollTarget) -> str | None:
     """Who holds a session after ``target``'s poll, which no longer decides its schedule,
     ended: nobody if it was this poll's process (its answer is in), else the holder."""
     return None if locked.held_by == target.held_by else locked.held_by
