@@ -749,7 +749,13 @@ def record_receipts(
         if already_locked is None
         else already_locked
     )
-    live = [replace(t, phones=current[t.id].phones) for t in targets if t.id in current]
+    live = [
+        # The phones as they are now (a phone may have been tracked since the target was read).
+        t if t.phones == current[t.id].phones else replace(t, phones=current[t.id].phones)
+        for t in targets
+        if t.id in current
+    ]
+    keys = {t.id: [phone_key(p) for p in t.phones] for t in live}
     rows = receipt_rows(live, receipts, source=source)
     account_of = {t.session_no: t.account_id for t in live}
     if len(account_of) != len(live):
@@ -759,7 +765,7 @@ def record_receipts(
     # Sessions the answer alone settles need no read-back (most of them, on a first poll).
     unsettled: dict[int, list[str]] = defaultdict(list)
     for t in live:
-        if not settled_by_answer((phone_key(p) for p in t.phones), answered.get(t.session_no, {})):
+        if not settled_by_answer(keys[t.id], answered.get(t.session_no, {})):
             unsettled[t.account_id].append(t.session_no)
     settled = {t.session_no for t in live} - {no for nos in unsettled.values() for no in nos}
     stored: dict[str, dict[str, str]] = {}
@@ -772,10 +778,9 @@ def record_receipts(
     for target in live:
         locked = current[target.id]
         results = (answered if target.session_no in settled else stored).get(target.session_no, {})
-        resolved = locked.state != RESOLVED and is_resolved(
-            (phone_key(p) for p in target.phones), results
-        )
-        if is_resolved((phone_key(p) for p in target.phones), results):
+        settles = is_resolved(keys[target.id], results)
+        resolved = locked.state != RESOLVED and settles
+        if settles:
             resolved_nos.append(target.session_no)
         if resolved:
             events.append(
