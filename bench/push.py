@@ -4,7 +4,9 @@ size would run it) on the benchmark database:
 - ingestion: receipts committed per second with concurrent pushers each sending batches of 50
   reports, for sessions already tracked (each push resolves ten sessions of five phones), and
   the push-to-commit latency of every push at that load, measured by the pusher from sending to
-  the receiver's 200 (which comes only after the commit);
+  the receiver's 200 (which comes only after the commit); at several numbers of pushers, since
+  the receiver commits the pushes that arrive together in one transaction
+  (worker/push_writer.py);
 - API calls saved: real worker and beat processes with the simulator pushing every report to
   the receiver before the first poll is due; the share of sessions never polled.
 """
@@ -43,7 +45,12 @@ from worker.simulator.pusher import push_body
 
 TOKEN = "bench-push-token-0123456789abcdef"  # noqa: S105 - a loopback benchmark's own token
 BATCH = 50
-PUSHERS = 4
+# Concurrent pushers, each pushing its next batch as soon as the last was answered. How many
+# connections Uspeedo pushes over at once is not published: the run measures a few levels, and
+# the headline figure is taken at PUSHERS (a sender of some volume, whose reports Uspeedo
+# forwards as they come from many operators at once).
+PUSHER_LEVELS = (4, 16, 32)
+PUSHERS = 16
 RECEIVER_WORKERS = 2
 # The saved-calls run: every report shows one simulator step (1 s) after sending and is pushed
 # then; the first poll is due well after (a push that took longer would not count as saved).
@@ -101,10 +108,10 @@ def _bodies(sessions: list[SessionSpec], receipt_time: int) -> list[tuple[bytes,
 
 
 def _push_all(
-    port: int, bodies: list[tuple[bytes, int]]
+    port: int, bodies: list[tuple[bytes, int]], pushers: int
 ) -> tuple[list[float], Counter[int], float]:
-    """Send every body with :data:`PUSHERS` concurrent pushers (a kept-alive connection each);
-    the latency of each push (seconds), the answers by status, and the wall time."""
+    """Send every body with ``pushers`` concurrent pushers (a kept-alive connection each); the
+    latency of each push (seconds), the answers by status, and the wall time."""
     path = f"/uspeedo/callback/{TOKEN}"
     headers = {"Content-Type": "application/json; charset=utf-8"}
     latencies: list[float] = []
@@ -135,7 +142,7 @@ def _push_all(
                 latencies.extend(mine)
                 statuses.update(answers)
 
-    threads = [threading.Thread(target=pusher, name=f"pusher-{n}") for n in range(PUSHERS)]
+    threads = [threading.Thread(target=pusher, name=f"pusher-{n}") for n in range(pushers)]
     started = time.perf_counter()
     for thread in threads:
         thread.start()
@@ -158,27 +165,59 @@ def ingestion(
     phones: int,
     folder: Path,
 ) -> dict[str, Any]:
+    """:func:`ingestion_at` each of :data:`PUSHER_LEVELS`, on one receiver; the headline
+    figures are those at :data:`PUSHERS`."""
     database.reset()
-    specs = make_sessions(sessions, phones=phones, accounts=4, prefix="push-")
     sent_at = datetime.now(UTC) - timedelta(minutes=1)
-    # Due in an hour: no poll competes (no worker runs anyway); the push resolves them.
-    copy_sessions(database, specs, sent_at=sent_at, first_delay=timedelta(hours=1))
     # A few pushes first, not measured: each receiver process's first requests compile its
     # statements and fill its connection pool.
-    warm = make_sessions(PUSHERS * RECEIVER_WORKERS * 20, phones=phones, accounts=4, prefix="w-")
+    warm = make_sessions(PUSHERS * RECEIVER_WORKERS * 4, phones=phones, accounts=4, prefix="w-")
     copy_sessions(database, warm, sent_at=sent_at, first_delay=timedelta(hours=1))
+    levels: list[dict[str, Any]] = []
+    with _receiver(database, sim, broker_url, folder) as (_group, port):
+        _push_all(port, _bodies(warm, int(sent_at.timestamp()) + 1), PUSHERS)
+        for level, pushers in enumerate(PUSHER_LEVELS):
+            levels.append(
+                _ingestion_at(
+                    database,
+                    port,
+                    pushers=pushers,
+                    sessions=sessions,
+                    phones=phones,
+                    prefix=f"push{level}-",
+                    sent_at=sent_at,
+                )
+            )
+    headline = next(result for result in levels if result["pushers"] == PUSHERS)
+    return {**headline, "receiver_workers": RECEIVER_WORKERS, "levels": levels}
+
+
+def _ingestion_at(
+    database: BenchDatabase,
+    port: int,
+    *,
+    pushers: int,
+    sessions: int,
+    phones: int,
+    prefix: str,
+    sent_at: datetime,
+) -> dict[str, Any]:
+    """Every final receipt of ``sessions`` tracked sessions pushed in batches of :data:`BATCH`
+    by ``pushers`` concurrent pushers; checked stored and resolved afterwards."""
+    specs = make_sessions(sessions, phones=phones, accounts=4, prefix=prefix)
+    # Due in an hour: no poll competes (no worker runs anyway); the push resolves them.
+    copy_sessions(database, specs, sent_at=sent_at, first_delay=timedelta(hours=1))
     bodies = _bodies(specs, int(sent_at.timestamp()) + 1)
     receipts = sum(count for _, count in bodies)
-    with _receiver(database, sim, broker_url, folder) as (_group, port):
-        _push_all(port, _bodies(warm, int(sent_at.timestamp()) + 1))
-        log(f"push: {len(bodies):,} pushes of {BATCH} ({receipts:,} receipts), {PUSHERS} pushers")
-        latencies, statuses, seconds = _push_all(port, bodies)
+    log(f"push: {len(bodies):,} pushes of {BATCH} ({receipts:,} receipts), {pushers} pushers")
+    latencies, statuses, seconds = _push_all(port, bodies, pushers)
     with database.connect() as conn:
         row = conn.execute(
-            "SELECT (SELECT count(*) FROM sms_receipts WHERE session_no LIKE 'push-%%'"
+            "SELECT (SELECT count(*) FROM sms_receipts WHERE session_no LIKE %(p)s"
             "        AND source = 'push'),"
-            "       (SELECT count(*) FROM sms_sessions WHERE session_no LIKE 'push-%%'"
-            "        AND state = 'resolved')"
+            "       (SELECT count(*) FROM sms_sessions WHERE session_no LIKE %(p)s"
+            "        AND state = 'resolved')",
+            {"p": f"{prefix}%"},
         ).fetchone()
     stored, resolved = (int(row[0]), int(row[1])) if row else (0, 0)
     if statuses.get(200, 0) != len(bodies) or stored != receipts or resolved != sessions:
@@ -192,8 +231,7 @@ def ingestion(
         "receipts": receipts,
         "pushes": len(bodies),
         "batch": BATCH,
-        "pushers": PUSHERS,
-        "receiver_workers": RECEIVER_WORKERS,
+        "pushers": pushers,
         "seconds": round(seconds, 3),
         "receipts_per_s": round(receipts / seconds),
         "latency_p50_ms": round(statistics.median(latencies) * 1000, 1),
@@ -201,7 +239,7 @@ def ingestion(
         "latency_max_ms": round(max(latencies) * 1000, 1),
     }
     log(
-        f"push: {result['receipts_per_s']:,} receipts/s, latency p50 "
+        f"push: {pushers} pushers: {result['receipts_per_s']:,} receipts/s, latency p50 "
         f"{result['latency_p50_ms']} ms, p99 {result['latency_p99_ms']} ms"
     )
     return result

@@ -182,6 +182,18 @@ def _push_figures(r: dict[str, Any]) -> list[Figure]:
         f"< {PUSH_P99_TARGET_MS}",
         lambda value: value < PUSH_P99_TARGET_MS,
     )
+    raw = _get(r, "raw.executemany.insert_rows_per_s")
+    for level in _get(r, f"{p}.levels") or []:
+        rate, p50, p99 = level["receipts_per_s"], level["latency_p50_ms"], level["latency_p99_ms"]
+        out.append(
+            Figure(
+                key=f"push_receipts_per_s_{level['pushers']}",
+                label=f"8. … with {level['pushers']} pushers",
+                value=rate,
+                unit="receipts/s",
+                note=f"{_ratio(rate, raw)}x raw; latency p50 {p50} ms, p99 {p99} ms",
+            )
+        )
     saved = _get(r, "push_saved.sessions")
     add(
         "push_never_polled",
