@@ -89,11 +89,12 @@ SessionFactory = Callable[[], AbstractContextManager[Session]]
 
 def masked_phone(phone: str) -> str:
     """A phone as masking leaves it: its last four digits, a ``*`` for each other digit
-    (the form the logs show, worker/logs.py). A masked form is kept as it is."""
+    (the form the logs show, worker/logs.py), and always at least one, so that a masked form
+    is recognisable as one and kept as it is."""
     if phone.startswith("*"):
         return phone
     digits = phone_key(phone)
-    return "*" * max(len(digits) - 4, 0) + digits[-4:]
+    return "*" * max(len(digits) - 4, 1) + digits[-4:]
 
 
 def is_hashed(key: str) -> bool:
