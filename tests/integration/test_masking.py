@@ -461,3 +461,50 @@ def test_the_daily_task_masks_with_the_setting(configure: Any) -> None:
         RECEIPTS_MASK_PHONES_AFTER="30d", RECEIPTS_PHONE_HASH_KEY=KEY, RECEIPTS_RETENTION="90d"
     )
     assert tasks.purge_finished() == {"sessions": 1, "masked": 0}
+
+
+def test_a_masking_racing_late_pushes_leaves_one_row_per_phone_and_no_phone_in_clear(
+    pg: str, configure: Any
+) -> None:
+    """Late receipts pushed while the masking runs: whichever commits first, each phone keeps
+    one row (a push keys by the hash once its session is masked, read under the session's
+    lock), no final receipt is downgraded, and once a last run took the sessions the pushes
+    held, no phone is left in clear."""
+    configure(RECEIPTS_PHONE_HASH_KEY=KEY)
+    names = [f"S{i:02d}" for i in range(40)]
+    resolved(*names)
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def masker() -> None:
+        try:
+            start.wait(timeout=10)
+            run(batch_size=3)
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+
+    def pusher() -> None:
+        try:
+            start.wait(timeout=10)
+            for name in names:
+                pushed(
+                    receipt(name, P1, Result.UNKNOW, NOW), receipt(name, P3, Result.SUCCESS, NOW)
+                )
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=masker), threading.Thread(target=pusher)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors
+    run()  # the sessions a push held when the masking passed them
+    assert CLEAR not in dump()
+    for name in names:
+        rows = {r["phone_key"]: r["result"] for r in receipts_of(name)}
+        assert rows == {
+            masked_key(P1): "Success",
+            masked_key(P2): "Success",
+            masked_key(P3): "Success",
+        }, name
