@@ -56,7 +56,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker.db import upsert_insert
+from worker.db import json_document, json_rows, upsert_insert
 from worker.domain import SessionState, phone_key
 from worker.models import (
     outbox_table,
@@ -206,15 +206,35 @@ def _of(table: sa.Table, keys: Sequence[tuple[int, str]]) -> sa.ColumnElement[bo
     return sa.tuple_(table.c.account_id, table.c.session_no).in_(list(keys))
 
 
+def _bound(column: sa.Column[Any]) -> Any:
+    """The type a value of ``column`` is bound with: a JSON column's None is SQL NULL (no
+    escalation detail), not the JSON ``null`` SQLAlchemy's JSON type writes by default."""
+    if isinstance(column.type, sa.JSON):
+        return sa.JSON(none_as_null=True)
+    return column.type
+
+
 def _update_by_id(session: Session, table: sa.Table, rows: Sequence[Mapping[str, Any]]) -> int:
-    """``UPDATE table SET <columns> WHERE id = :id`` for each of ``rows``, one executemany."""
+    """Set each row's columns (the same in every row) to its values, matched on ``id``: on
+    PostgreSQL one ``UPDATE … FROM json_to_recordset(…)`` (one round trip for a batch's
+    thousands of rows, as every bulk write here), elsewhere an executemany."""
     if not rows:
         return 0
     columns = [name for name in rows[0] if name != "id"]
+    if session.get_bind().dialect.name == "postgresql":
+        types = {"id": sa.BigInteger(), **{name: table.c[name].type for name in columns}}
+        source = json_rows(types).subquery("rows")
+        session.execute(
+            sa.update(table)
+            .where(table.c.id == source.c.id)
+            .values({name: source.c[name] for name in columns}),
+            json_document(rows),
+        )
+        return len(rows)
     statement = (
         sa.update(table)
         .where(table.c.id == sa.bindparam("b_id"))
-        .values({name: sa.bindparam(f"b_{name}", type_=table.c[name].type) for name in columns})
+        .values({name: sa.bindparam(f"b_{name}", type_=_bound(table.c[name])) for name in columns})
     )
     session.connection().execute(
         statement, [{f"b_{name}": value for name, value in row.items()} for row in rows]

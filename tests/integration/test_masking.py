@@ -160,6 +160,15 @@ class TestWhatIsMasked:
         assert "*******1111 (Unknow)" in payload["text"]
         # Reporting still works: results, costs, times are kept.
         assert [r["result"] for r in receipts_of("R")] == ["Success", "Success"]
+        # What had no escalation detail still has none (not a JSON null).
+        assert session_row("R")["escalation_detail"] is None
+        with db.session_scope() as session:
+            assert session.scalar(
+                sa.select(sa.func.count()).where(
+                    sessions_table.c.session_no == "R",
+                    sessions_table.c.escalation_detail.is_(None),
+                )
+            )
         # The pending session is not masked.
         assert session_row("P")["phones"] == [OTHER]
         assert session_row("P")["phones_masked_at"] is None
