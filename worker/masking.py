@@ -322,15 +322,12 @@ def mask_batch(
         return out
 
     receipt_rows, history_rows = rekeyed(R), rekeyed(E)
-    outbox_rows = [
-        {
-            "id": row.id,
-            "payload": masked_detail(row.payload, spelled[row.account_id, row.session_no]),
-        }
-        for row in session.execute(
-            _rows_of(OUTBOX, ids, "id", "account_id", "session_no", "payload")
-        )
-    ]
+    # Only the webhooks whose payload named a phone are rewritten (and counted).
+    outbox_rows = []
+    for row in session.execute(_rows_of(OUTBOX, ids, "id", "account_id", "session_no", "payload")):
+        payload = masked_detail(row.payload, spelled[row.account_id, row.session_no])
+        if payload != row.payload:
+            outbox_rows.append({"id": row.id, "payload": payload})
     session_rows = []
     for row in sessions:
         phones = list(row.phones or ())

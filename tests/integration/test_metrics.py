@@ -307,6 +307,31 @@ def test_purged_rows_are_counted_by_table() -> None:
 
 
 @pytest.mark.usefixtures("database")
+def test_masked_rows_are_counted_by_table() -> None:
+    from worker import masking
+
+    _populate()
+    # r1, r2 (resolved, 3 days old) and e1..e3 (escalated, 2 days old) with their 4 receipts;
+    # pending sessions stay in clear.
+    report = masking.mask(
+        db.session_scope,
+        now=NOW,
+        older_than=timedelta(days=1),
+        phone_hash=masking.PhoneHash.of("k" * 32),
+    )
+    assert (report.sessions, report.receipts) == (5, 4)
+    samples = scrape()
+    masked = {
+        table: samples["receipts_masked_rows_total", (("table", table),)] for table in MASKED_TABLES
+    }
+    assert masked == {**dict.fromkeys(MASKED_TABLES, 0), "sms_sessions": 5, "sms_receipts": 4}
+    # The purge's counts are apart.
+    assert all(
+        samples["receipts_purged_rows_total", (("table", table),)] == 0 for table in PURGED_TABLES
+    )
+
+
+@pytest.mark.usefixtures("database")
 def test_ages_follow_the_injected_clock() -> None:
     _populate()
     _heartbeat(beat_at=NOW - timedelta(seconds=30))
