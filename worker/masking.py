@@ -36,7 +36,8 @@ inbox's own expiry after ``RECEIPTS_CUTOFF`` (worker/push.py), before any maskin
 Work goes like the purge's (worker/purge.py): batches of at most ``batch_size`` sessions, each
 its own transaction, walked in ``(account_id, session_no)`` order, the writers' lock order; on
 PostgreSQL ``FOR UPDATE SKIP LOCKED``, so a session a push or a repoll holds is left for the
-next run and nothing ever waits for the masking. ``phones_masked_at IS NULL`` picks the
+next run and the masking never waits for them (a push for a session a batch holds waits for
+that batch, under a second: BATCH_SIZE). ``phones_masked_at IS NULL`` picks the
 sessions, so a rerun after a crash (which rolls back its batch whole) or a second run at once
 masks each session exactly once. Masking a masked form again changes nothing anyway
 (:func:`masked_phone`).
@@ -46,7 +47,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -65,8 +65,6 @@ from worker.models import (
     receipts_table,
     sessions_table,
 )
-
-log = logging.getLogger(__name__)
 
 S = sessions_table
 R = receipts_table
