@@ -11,8 +11,9 @@ is replaced by a masked form keeping the last four digits (``*******1111``):
 - ``escalation_outbox``: the phones of the webhook's payload and its ``text``.
 
 and every ``phone_key`` of it (receipts, history) becomes a keyed hash of the digits,
-``h:`` + hex HMAC-SHA256 under ``RECEIPTS_PHONE_HASH_KEY``. The session remembers the hashes
-of its tracked phones (``masked_phone_keys``) and when it was masked (``phones_masked_at``).
+``h:<key id>:`` + hex HMAC-SHA256 under ``RECEIPTS_PHONE_HASH_KEY`` (:class:`PhoneHash`).
+The session remembers the hashes of its tracked phones (``masked_phone_keys``) and when it
+was masked (``phones_masked_at``).
 A late receipt (a push, an operator's repoll) for a masked session is hashed the same way on
 the write path (worker/store.py, ``receipt_rows``), so it still matches its row: one row per
 phone, the guard (final never downgraded) unchanged, the session resolved when it settles.
@@ -20,8 +21,8 @@ phone, the guard (final never downgraded) unchanged, the session resolved when i
 Why a keyed hash and not a plain one: phone numbers are few enough (about 10^10 per country
 code) that anyone holding the database could hash them all and read the plain hashes back. The
 key lives only in the workers' environment, so the database alone tells nothing but the last
-four digits. Lose the key and late receipts of masked sessions cannot be matched any more: they
-are dropped (and logged) rather than stored in clear.
+four digits. Lose the key (or change it) and late receipts of masked sessions cannot be matched
+any more: they are dropped (and logged) rather than stored in clear, or under a second key.
 
 Why only finished sessions: a pending session is still being polled, and masking it would
 gain little (its cutoff is far shorter than any sensible masking age; the settings refuse an
@@ -45,6 +46,7 @@ masks each session exactly once. Masking a masked form again changes nothing any
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -104,18 +106,29 @@ def is_hashed(key: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class PhoneHash:
-    """The keyed hash of a phone's digits (its :func:`worker.domain.phone_key`)."""
+    """The keyed hash of a phone's digits (its :func:`worker.domain.phone_key`):
+    ``h:<key id>:<hex HMAC-SHA256>``. The key id (the first 8 hex digits of the key's HMAC of a
+    constant, which tells nothing of any phone) shows which key made a hash, so that a late
+    receipt hashed under another key is refused rather than stored as a second row."""
 
     key: bytes
+    prefix: str = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        key_id = hmac.new(self.key, b"uspeedo-receipts key id", hashlib.sha256).hexdigest()[:8]
+        object.__setattr__(self, "prefix", f"{HASH_PREFIX}{key_id}:")
 
     def __call__(self, digits: str) -> str:
         if is_hashed(digits):
             return digits
-        mac = hmac.new(self.key, digits.encode("ascii"), hashlib.sha256).hexdigest()
-        return HASH_PREFIX + mac
+        return self.prefix + hmac.new(self.key, digits.encode("ascii"), hashlib.sha256).hexdigest()
+
+    def made(self, key: str) -> bool:
+        """Whether ``key`` is a hash under this key."""
+        return key.startswith(self.prefix)
 
     def __repr__(self) -> str:  # never the key
-        return "PhoneHash(<key>)"
+        return f"PhoneHash({self.prefix!r})"
 
     @classmethod
     def of(cls, key: str) -> PhoneHash:

@@ -847,18 +847,30 @@ def _hashable(
 ) -> tuple[list[PollTarget], PhoneHash | None]:
     """The targets whose receipts can be keyed, and the hash that keys the masked ones: the
     one given, else the configured one, else none and the masked sessions are left out."""
-    if phone_hash is not None or not any(t.masked for t in live):
+    if not any(t.masked for t in live):
         return live, phone_hash
-    phone_hash = masking.configured_hash()
+    phone_hash = phone_hash or masking.configured_hash()
     if phone_hash is None:
-        dropped = sorted(t.session_no for t in live if t.masked)
+        why = "RECEIPTS_PHONE_HASH_KEY is not set"
+        unkeyable = [t for t in live if t.masked]
+    else:
+        # Hashed under another key (RECEIPTS_PHONE_HASH_KEY changed): a receipt hashed under
+        # this one would never match its row, and would add a second one. A session tracked
+        # without phones has no hash to tell by (README "Masking phone numbers").
+        why = "they were masked under another RECEIPTS_PHONE_HASH_KEY"
+        unkeyable = [
+            t for t in live if t.masked and not all(map(phone_hash.made, t.tracked_keys()))
+        ]
+    if unkeyable:
         log.warning(
-            "receipts of %d masked session(s) dropped (%s): RECEIPTS_PHONE_HASH_KEY is not "
-            "set, so they cannot be matched to their masked rows",
-            len(dropped),
-            ", ".join(dropped[:10]),
+            "receipts of %d masked session(s) dropped (%s): %s, so they cannot be matched to "
+            "their masked rows",
+            len(unkeyable),
+            ", ".join(sorted(t.session_no for t in unkeyable)[:10]),
+            why,
         )
-        live = [t for t in live if not t.masked]
+        dropped = {t.id for t in unkeyable}
+        live = [t for t in live if t.id not in dropped]
     return live, phone_hash
 
 

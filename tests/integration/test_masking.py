@@ -357,6 +357,29 @@ def test_without_the_key_late_receipts_of_masked_sessions_are_dropped_not_stored
     assert "RECEIPTS_PHONE_HASH_KEY is not set" in caplog.text
 
 
+@pytest.mark.usefixtures("database")
+def test_with_another_key_late_receipts_of_masked_sessions_are_dropped_not_added(
+    configure: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    resolved("R", phones=(P1,))
+    escalated("E")
+    run()
+    before = {s: receipts_of(s) for s in ("R", "E")}
+    configure(RECEIPTS_PHONE_HASH_KEY="another-phone-hash-key-0123456789ab")
+    with caplog.at_level(logging.WARNING, logger="worker.store"):
+        outcome = pushed(
+            receipt("R", P3, Result.SUCCESS, NOW),
+            receipt("E", P1, Result.SUCCESS, NOW),
+            receipt("E", P2, Result.SUCCESS, NOW),
+        )
+    # No second row under the other key, and the escalation is not resolved by it.
+    assert outcome.resolved == ()
+    assert {s: receipts_of(s) for s in ("R", "E")} == before
+    assert session_row("E")["state"] == "escalated"
+    assert "masked under another RECEIPTS_PHONE_HASH_KEY" in caplog.text
+    assert CLEAR not in dump()
+
+
 def test_two_maskings_at_once_mask_each_session_once(pg: str) -> None:
     names = [f"S{i:02d}" for i in range(30)]
     resolved(*names)

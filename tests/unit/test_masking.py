@@ -55,11 +55,14 @@ def test_masking_twice_changes_nothing(phone: str) -> None:
     assert sum(ch.isdigit() for ch in once) == min(len(digits), 4)
 
 
-def test_the_hash_is_hmac_sha256_of_the_digits_prefixed() -> None:
+def test_the_hash_is_hmac_sha256_of_the_digits_prefixed_with_the_key_id() -> None:
     expected = hmac.new(KEY.encode(), b"85255311111", hashlib.sha256).hexdigest()
-    assert HASH("85255311111") == HASH_PREFIX + expected
+    key_id = hmac.new(KEY.encode(), b"uspeedo-receipts key id", hashlib.sha256).hexdigest()[:8]
+    assert HASH("85255311111") == f"{HASH_PREFIX}{key_id}:{expected}"
     assert is_hashed(HASH("85255311111"))
     assert not is_hashed("85255311111")
+    assert HASH.made(HASH("85255311111"))
+    assert not PhoneHash.of("o" * 32).made(HASH("85255311111"))
 
 
 def test_the_hash_matches_every_spelling_of_a_phone_and_only_it() -> None:
@@ -74,6 +77,7 @@ def test_the_hash_depends_on_the_key_and_is_never_hashed_twice() -> None:
     hashed = HASH("85255311111")
     assert HASH(hashed) == hashed
     assert KEY not in repr(HASH)
+    assert KEY not in str(HASH)
 
 
 @given(st.text(alphabet="0123456789", min_size=5, max_size=20))
