@@ -767,7 +767,7 @@ def record_receipts(
         for t in targets
         if t.id in current
     ]
-    live, phone_hash = _hashable(live, phone_hash)
+    live, phone_hash = _hashable(session, live, phone_hash)
     rows = receipt_rows(live, receipts, source=source, phone_hash=phone_hash)
     account_of = {t.session_no: t.account_id for t in live}
     if len(account_of) != len(live):
@@ -842,8 +842,20 @@ def record_receipts(
     )
 
 
+def _stored_keys(session: Session, target: PollTarget) -> list[str]:
+    """The phone keys of a session's stored receipts (a masked session tracked without
+    phones: rare, and small)."""
+    return list(
+        session.scalars(
+            sa.select(R.c.phone_key).where(
+                R.c.account_id == target.account_id, R.c.session_no == target.session_no
+            )
+        )
+    )
+
+
 def _hashable(
-    live: list[PollTarget], phone_hash: PhoneHash | None
+    session: Session, live: list[PollTarget], phone_hash: PhoneHash | None
 ) -> tuple[list[PollTarget], PhoneHash | None]:
     """The targets whose receipts can be keyed, and the hash that keys the masked ones: the
     one given, else the configured one, else none and the masked sessions are left out."""
@@ -856,10 +868,13 @@ def _hashable(
     else:
         # Hashed under another key (RECEIPTS_PHONE_HASH_KEY changed): a receipt hashed under
         # this one would never match its row, and would add a second one. A session tracked
-        # without phones has no hash to tell by (README "Masking phone numbers").
+        # without phones tells by its stored receipts' keys.
         why = "they were masked under another RECEIPTS_PHONE_HASH_KEY"
         unkeyable = [
-            t for t in live if t.masked and not all(map(phone_hash.made, t.tracked_keys()))
+            t
+            for t in live
+            if t.masked
+            and not all(map(phone_hash.made, t.tracked_keys() or _stored_keys(session, t)))
         ]
     if unkeyable:
         log.warning(

@@ -363,18 +363,23 @@ def test_with_another_key_late_receipts_of_masked_sessions_are_dropped_not_added
 ) -> None:
     resolved("R", phones=(P1,))
     escalated("E")
+    # Tracked without phones: its receipts' keys tell.
+    track({"account_id": 4, "session_no": "N"})
+    poll(4, [receipt("N", p, Result.SUCCESS, FIRST) for p in (P1, P2)], FIRST)
     run()
-    before = {s: receipts_of(s) for s in ("R", "E")}
+    before = {s: receipts_of(s) for s in ("R", "E", "N")}
+    assert [r["phone"] for r in before["N"]] == ["*******1111", "*******1112"]
     configure(RECEIPTS_PHONE_HASH_KEY="another-phone-hash-key-0123456789ab")
     with caplog.at_level(logging.WARNING, logger="worker.store"):
         outcome = pushed(
             receipt("R", P3, Result.SUCCESS, NOW),
             receipt("E", P1, Result.SUCCESS, NOW),
             receipt("E", P2, Result.SUCCESS, NOW),
+            receipt("N", P1, Result.FAIL, NOW + timedelta(seconds=1)),
         )
     # No second row under the other key, and the escalation is not resolved by it.
     assert outcome.resolved == ()
-    assert {s: receipts_of(s) for s in ("R", "E")} == before
+    assert {s: receipts_of(s) for s in ("R", "E", "N")} == before
     assert session_row("E")["state"] == "escalated"
     assert "masked under another RECEIPTS_PHONE_HASH_KEY" in caplog.text
     assert CLEAR not in dump()
