@@ -7,6 +7,7 @@ caller's unit of work, and takes the current time as an argument.
 from __future__ import annotations
 
 import functools
+import logging
 import random
 import secrets
 from collections import defaultdict
@@ -18,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker import event_log
+from worker import event_log, masking
 from worker.db import json_document, json_rows, upsert_insert
 from worker.domain import (
     FINAL_RESULTS,
@@ -34,6 +35,7 @@ from worker.domain import (
     unresolved_phones,
 )
 from worker.errors import AckError
+from worker.masking import PhoneHash, masked_phone
 from worker.models import (
     UTCDateTime,
     api_calls_table,
@@ -43,6 +45,8 @@ from worker.models import (
 )
 from worker.receipts import Receipt
 from worker.schedule import PollPolicy
+
+log = logging.getLogger(__name__)
 
 S = sessions_table
 R = receipts_table
@@ -78,6 +82,20 @@ class PollTarget:
     # The worker process that holds the session while the poll is in flight (None: no
     # heartbeating process, e.g. a test or an operator's command).
     held_by: str | None = None
+    # Of a session whose phones were masked (worker/masking.py): the keyed hashes of its
+    # tracked phones, in the order of ``phones`` (which are masked forms). None: not masked.
+    phone_keys: tuple[str, ...] | None = None
+
+    @property
+    def masked(self) -> bool:
+        return self.phone_keys is not None
+
+    def tracked_keys(self) -> tuple[str, ...]:
+        """The phone keys of its tracked phones: their digits, or of a masked session their
+        keyed hashes (the masked forms' four digits identify nothing)."""
+        if self.phone_keys is not None:
+            return self.phone_keys
+        return tuple(phone_key(phone) for phone in self.phones)
 
     @classmethod
     def from_row(
@@ -354,27 +372,39 @@ def receipt_rows(
     receipts: Iterable[Receipt],
     *,
     source: ReceiptSource = ReceiptSource.POLL,
+    phone_hash: PhoneHash | None = None,
 ) -> list[dict[str, Any]]:
     """One row (:data:`RECEIPT_COLUMNS`) per (session, phone digits), the winning version when
     an answer repeats a phone, marked as coming from ``source``.
 
     The stored ``phone`` is the tracked spelling when the receipt matches a tracked phone.
+    Of a masked session (worker/masking.py) the key is the keyed hash of the digits
+    (``phone_hash``, which such targets need) and the phone is stored masked: a late receipt
+    matches the masked row and brings no phone number back.
     """
-    asked = {t.session_no for t in targets}
+    asked = {t.session_no: t for t in targets}
     tracked_spelling = {
-        (t.session_no, phone_key(phone)): phone for t in targets for phone in t.phones
+        (t.session_no, key): phone
+        for t in targets
+        for phone, key in zip(t.phones, t.tracked_keys(), strict=True)
     }
     candidates: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for receipt in receipts:
         key = phone_key(receipt.phone)
+        target = asked.get(receipt.session_no)
         # The parser refuses a phone without digits and names it in the session's last_error;
         # a Receipt built elsewhere without one has no key to be stored under.
-        if receipt.session_no not in asked or not key:
+        if target is None or not key:
             continue
+        phone = receipt.phone
+        if target.masked:
+            if phone_hash is None:
+                raise ValueError(f"session {target.session_no!r} is masked: a phone hash is needed")
+            key, phone = phone_hash(key), masked_phone(phone)
         candidates[(receipt.session_no, key)].append(
             {
                 "session_no": receipt.session_no,
-                "phone": tracked_spelling.get((receipt.session_no, key), receipt.phone),
+                "phone": tracked_spelling.get((receipt.session_no, key), phone),
                 "phone_key": key,
                 "result": receipt.result.value,
                 "receipt_code": receipt.receipt_code,
@@ -589,6 +619,7 @@ class Locked:
     """A session as it stands when an answer is recorded, its row locked until the commit."""
 
     phones: tuple[str, ...]
+    phone_keys: tuple[str, ...] | None  # of a masked session (PollTarget.phone_keys)
     state: str
     claim_token: str | None
     held_by: str | None
@@ -619,6 +650,7 @@ def lock_sessions(session: Session, ids: Sequence[int]) -> dict[int, Locked]:
 LOCKED_COLUMNS = (
     S.c.id,
     S.c.phones,
+    S.c.masked_phone_keys,
     S.c.state,
     S.c.claim_token,
     S.c.held_by,
@@ -633,6 +665,7 @@ def locked_row(row: Any) -> Locked:
     """A session's row (:data:`LOCKED_COLUMNS`), read under its lock."""
     return Locked(
         phones=tuple(row.phones or ()),
+        phone_keys=None if row.masked_phone_keys is None else tuple(row.masked_phone_keys),
         state=row.state,
         claim_token=row.claim_token,
         held_by=row.held_by,
@@ -726,6 +759,7 @@ def record_receipts(
     source: ReceiptSource,
     schedule: _Schedule | None = None,
     already_locked: Mapping[int, Locked] | None = None,
+    phone_hash: PhoneHash | None = None,
 ) -> PollOutcome:
     """Store receipts of sessions seen at ``now`` and resolve the sessions they settle; with
     ``schedule`` (a poll's answer), also reschedule the sessions that poll still holds.
@@ -741,6 +775,10 @@ def record_receipts(
     each session has now (read under its row lock, in the global lock order). A caller that
     locked the sessions already, in that order (a push, matching and locking in one statement:
     worker.push), passes what it read as ``already_locked``.
+
+    A session whose phones were masked meanwhile (worker/masking.py) has its receipts keyed
+    by ``phone_hash`` (else ``RECEIPTS_PHONE_HASH_KEY``'s); without either, its receipts are
+    dropped and logged, never stored in clear.
     """
     if not targets:
         return PollOutcome(receipts_written=0, resolved=(), rescheduled=0)
@@ -750,13 +788,17 @@ def record_receipts(
         else already_locked
     )
     live = [
-        # The phones as they are now (a phone may have been tracked since the target was read).
-        t if t.phones == current[t.id].phones else replace(t, phones=current[t.id].phones)
+        # The phones as they are now (a phone may have been tracked, or the session masked,
+        # since the target was read).
+        t
+        if (t.phones, t.phone_keys) == (current[t.id].phones, current[t.id].phone_keys)
+        else replace(t, phones=current[t.id].phones, phone_keys=current[t.id].phone_keys)
         for t in targets
         if t.id in current
     ]
-    keys = {t.id: [phone_key(p) for p in t.phones] for t in live}
-    rows = receipt_rows(live, receipts, source=source)
+    live, phone_hash = _hashable(session, live, phone_hash)
+    keys = {t.id: t.tracked_keys() for t in live}
+    rows = receipt_rows(live, receipts, source=source, phone_hash=phone_hash)
     account_of = {t.session_no: t.account_id for t in live}
     if len(account_of) != len(live):
         raise ValueError("targets of several accounts must have distinct SessionNos")
@@ -842,6 +884,53 @@ def _upsert_accounts(
         upsert_receipts(session, its, account_id=account_id, now=now)
         for account_id, its in sorted(by_account.items())
     )
+
+
+def _stored_keys(session: Session, target: PollTarget) -> list[str]:
+    """The phone keys of a session's stored receipts (a masked session tracked without
+    phones: rare, and small)."""
+    return list(
+        session.scalars(
+            sa.select(R.c.phone_key).where(
+                R.c.account_id == target.account_id, R.c.session_no == target.session_no
+            )
+        )
+    )
+
+
+def _hashable(
+    session: Session, live: list[PollTarget], phone_hash: PhoneHash | None
+) -> tuple[list[PollTarget], PhoneHash | None]:
+    """The targets whose receipts can be keyed, and the hash that keys the masked ones: the
+    one given, else the configured one, else none and the masked sessions are left out."""
+    if not any(t.masked for t in live):
+        return live, phone_hash
+    phone_hash = phone_hash or masking.configured_hash()
+    if phone_hash is None:
+        why = "RECEIPTS_PHONE_HASH_KEY is not set"
+        unkeyable = [t for t in live if t.masked]
+    else:
+        # Hashed under another key (RECEIPTS_PHONE_HASH_KEY changed): a receipt hashed under
+        # this one would never match its row, and would add a second one. A session tracked
+        # without phones tells by its stored receipts' keys.
+        why = "they were masked under another RECEIPTS_PHONE_HASH_KEY"
+        unkeyable = [
+            t
+            for t in live
+            if t.masked
+            and not all(map(phone_hash.made, t.tracked_keys() or _stored_keys(session, t)))
+        ]
+    if unkeyable:
+        log.warning(
+            "receipts of %d masked session(s) dropped (%s): %s, so they cannot be matched to "
+            "their masked rows",
+            len(unkeyable),
+            ", ".join(sorted(t.session_no for t in unkeyable)[:10]),
+            why,
+        )
+        dropped = {t.id for t in unkeyable}
+        live = [t for t in live if t.id not in dropped]
+    return live, phone_hash
 
 
 def _held_after(locked: Locked, target: PollTarget) -> str | None:
