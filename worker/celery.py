@@ -210,12 +210,14 @@ def _scrub_logs(logger: logging.Logger, **_: Any) -> None:
 @worker_process_init.connect
 def _after_fork(**_: Any) -> None:
     """Each pool child builds its own engine and HTTP session (pooled connections must never
-    be shared across fork), and starts heartbeating as a worker process."""
+    be shared across fork), starts heartbeating as a worker process, and nudges event
+    delivery when it commits history."""
     from worker import db, runtime
 
     db.reset_engine()
     runtime.reset()
     runtime.start_heartbeat(get_settings())
+    runtime.start_event_nudge(get_settings())
 
 
 @worker_process_shutdown.connect
@@ -223,6 +225,7 @@ def _before_exit(**_: Any) -> None:
     from worker import runtime
 
     runtime.stop_heartbeat()
+    runtime.stop_event_nudge()
 
 
 @worker_init.connect

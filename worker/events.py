@@ -108,6 +108,9 @@ class DeliveryReport:
     failed: int = 0
     parked: int = 0  # batches parked
     lost: int = 0  # outcomes not recorded: the lease had been taken over
+    # The round moved the cursor and stopped with events still after it that it could not
+    # wait for (``max_batches`` reached, or committed while it ran): run another at once.
+    more: bool = False
 
 
 # --- destinations and their cursors -------------------------------------------------------
@@ -507,7 +510,8 @@ def deliver(
     """Deliver the destination's events, batch after batch, until it is caught up, a batch
     fails, another deliverer holds it, or ``max_batches`` were sent."""
     delivered = batches = failed = parked = lost = 0
-    waited = False
+    waited = moved = caught_up = False
+    cursor = 0
     while batches < max_batches:
         token = secrets.token_hex(16)
         claimed_at = now()
@@ -557,9 +561,12 @@ def deliver(
         if error is None:
             delivered += len(batch.events)
             batches += 1 if batch.events else 0
+            moved = moved or batch.through_id > claimed.delivered_id
+            cursor = batch.through_id
             if batch.through_id >= claimed.safe_id:
                 if claimed.waiting and not waited:
                     continue
+                caught_up = True
                 break
             continue
         if outcome:
@@ -585,9 +592,24 @@ def deliver(
             error,
         )
         break
-    return DeliveryReport(
-        delivered=delivered, batches=batches, failed=failed, parked=parked, lost=lost
+    more = (
+        moved
+        and not (failed or lost)
+        and (batches >= max_batches or (caught_up and _committed_after(session_factory, cursor)))
     )
+    return DeliveryReport(
+        delivered=delivered, batches=batches, failed=failed, parked=parked, lost=lost, more=more
+    )
+
+
+def _committed_after(session_factory: SessionFactory, cursor: int) -> bool:
+    """Whether events after ``cursor`` are visible now that the round released the cursor:
+    committed while the round held it, their writers' nudges found it held
+    (worker/event_nudge.py), so the round answers for them. Asked only by a round that moved
+    the cursor: one that moved nothing waits for a transaction still running, which the tick
+    comes back for, rather than asking again and again."""
+    with session_factory() as session:
+        return last_event_id(session) > cursor
 
 
 def _wait_for_horizon(session_factory: SessionFactory, claimed: Claimed, within: float) -> Claimed:

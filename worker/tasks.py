@@ -50,8 +50,7 @@ def tick() -> dict[str, int]:
         deliver_webhooks.apply_async()
     for destination in report.events_due:
         # One task per destination: a slow webhook never holds the Celery destination back.
-        # It expires with the tick: the next tick queues another if events still wait.
-        deliver_events.apply_async(args=[destination], expires=settings.tick.total_seconds() * 4)
+        queue_delivery(destination, settings)
     if report.escalated or report.claims:
         log.info(
             "tick: escalated %d, dispatched %d poll(s) for %d session(s)",
@@ -107,6 +106,13 @@ def deliver_webhooks() -> dict[str, int]:
     return {"delivered": report.delivered, "failed": report.failed}
 
 
+def queue_delivery(destination: str, settings: Settings) -> None:
+    """Queue a delivery round for ``destination`` (from the tick, a round that found more, or
+    a commit of history: worker/event_nudge.py). It expires with a few ticks: by then the
+    tick has queued another if events still wait."""
+    deliver_events.apply_async(args=[destination], expires=settings.tick.total_seconds() * 4)
+
+
 @app.task(name="receipts.deliver_events", ignore_result=True)
 def deliver_events(destination: Any) -> dict[str, int]:
     settings = get_settings()
@@ -137,6 +143,9 @@ def deliver_events(destination: Any) -> dict[str, int]:
         retry_cap=max(settings.tick, timedelta(minutes=15)),
         window=settings.events_retry_window,
     )
+    if report.more:
+        # A full round, or events committed while it ran: go on now, not at the next tick.
+        queue_delivery(destination, settings)
     return {"delivered": report.delivered, "failed": report.failed, "parked": report.parked}
 
 
