@@ -356,9 +356,9 @@ def process_app() -> ASGIApp:
     attach filters to that program's handlers."""
     settings = get_settings()
     configure_logging(settings)
-    from worker import runtime
+    from worker.celery import start_event_nudge
 
-    runtime.start_event_nudge(settings)  # pushes' history nudges event delivery
+    start_event_nudge(settings)  # pushes' history nudges event delivery
     return create_app(settings)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import requests
 
-from worker import bounded_http, event_nudge
+from worker import bounded_http
 from worker.client import UspeedoClient
 from worker.clock import database_now
 from worker.config import Settings, get_settings
@@ -81,28 +81,6 @@ def start_heartbeat(settings: Settings) -> None:
         worker_id=new_worker_id(), session_factory=session_scope, clock=utcnow, tick=settings.tick
     )
     _heartbeat.start()
-
-
-def start_event_nudge(settings: Settings) -> None:
-    """Make this process's commits of history queue event deliveries at once (at most one task
-    per destination per ``event_nudge.NUDGE_EVERY``; see worker/event_nudge.py), when events
-    have a destination."""
-    destinations = settings.event_destinations
-    if not destinations:
-        event_nudge.install(None)
-        return
-
-    def send() -> None:
-        from worker import tasks  # the tasks module imports this one
-
-        for destination in destinations:
-            tasks.queue_delivery(destination, settings)
-
-    event_nudge.install(event_nudge.Nudger(send))
-
-
-def stop_event_nudge() -> None:
-    event_nudge.install(None)
 
 
 def stop_heartbeat() -> None:

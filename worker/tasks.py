@@ -12,7 +12,12 @@ import sqlalchemy as sa
 from celery.exceptions import Reject
 
 from worker import events, intake, poller, purge, runtime, store, webhooks
-from worker.celery import EMBEDDED_POLLS_PER_SECOND, app, embedded_claim_bound
+from worker.celery import (
+    EMBEDDED_POLLS_PER_SECOND,
+    app,
+    embedded_claim_bound,
+    queue_event_delivery,
+)
 from worker.config import Settings, get_settings
 from worker.db import error_text, read_scope, session_scope
 from worker.domain import EventDestination, ReceiptSource
@@ -50,7 +55,7 @@ def tick() -> dict[str, int]:
         deliver_webhooks.apply_async()
     for destination in report.events_due:
         # One task per destination: a slow webhook never holds the Celery destination back.
-        queue_delivery(destination, settings)
+        queue_event_delivery(destination, settings)
     if report.escalated or report.claims:
         log.info(
             "tick: escalated %d, dispatched %d poll(s) for %d session(s)",
@@ -106,13 +111,6 @@ def deliver_webhooks() -> dict[str, int]:
     return {"delivered": report.delivered, "failed": report.failed}
 
 
-def queue_delivery(destination: str, settings: Settings) -> None:
-    """Queue a delivery round for ``destination`` (from the tick, a round that found more, or
-    a commit of history: worker/event_nudge.py). It expires with a few ticks: by then the
-    tick has queued another if events still wait."""
-    deliver_events.apply_async(args=[destination], expires=settings.tick.total_seconds() * 4)
-
-
 @app.task(name="receipts.deliver_events", ignore_result=True)
 def deliver_events(destination: Any) -> dict[str, int]:
     settings = get_settings()
@@ -145,7 +143,7 @@ def deliver_events(destination: Any) -> dict[str, int]:
     )
     if report.more:
         # A full round, or events committed while it ran: go on now, not at the next tick.
-        queue_delivery(destination, settings)
+        queue_event_delivery(destination, settings)
     return {"delivered": report.delivered, "failed": report.failed, "parked": report.parked}
 
 
