@@ -355,14 +355,19 @@ def run(scale: Scale, *, profile: bool, mode: str, only: set[str] | None = None)
             results,
             "events_load",
             lambda: {
-                mode: events.under_load(
+                name: events.under_load(
                     database,
                     sim,
                     sessions=scale.events_load_sessions,
                     phones=scale.phones,
                     mode=mode,
+                    batch_size=size,
                 )
-                for mode in ("nudged", "tick")
+                for name, mode, size in (
+                    ("nudged", "nudged", None),
+                    ("tick", "tick", None),
+                    ("nudged_1000", "nudged", 1000),
+                )
             },
         )
 

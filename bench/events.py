@@ -294,15 +294,24 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def under_load(
-    database: BenchDatabase, sim: Simulator, *, sessions: int, phones: int, mode: str
+    database: BenchDatabase,
+    sim: Simulator,
+    *,
+    sessions: int,
+    phones: int,
+    mode: str,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
-    """One run of ``sessions`` (``mode``: ``nudged`` or ``tick``, see the module docstring).
+    """One run of ``sessions`` (``mode``: ``nudged`` or ``tick``, see the module docstring),
+    the deliverer sending batches of ``batch_size`` (RECEIPTS_EVENTS_BATCH_SIZE, default 100).
     Needs :func:`bench.env.configure_process` done with the simulator's URL."""
     nudged = mode == "nudged"
     top, claims = _prepare(database, sim, sessions=sessions, phones=phones, prefix=f"el{mode}-")
     context = multiprocessing.get_context("spawn")
     inbox, outbox = context.Queue(), context.Queue()
     env = {k: v for k, v in os.environ.items() if k.startswith("RECEIPTS_")}
+    if batch_size is not None:
+        env["RECEIPTS_EVENTS_BATCH_SIZE"] = str(batch_size)
     child = context.Process(target=_deliverer, args=(env, inbox, outbox, LOAD_TICK))
     child.start()
     # The nudge's message goes on the deliverer's queue, as apply_async would to the broker.
@@ -326,6 +335,7 @@ def under_load(
     off = timed["off_receipts"] / timed["off_s"]
     out: dict[str, Any] = {
         "mode": mode,
+        "batch_size": int(env.get("RECEIPTS_EVENTS_BATCH_SIZE", "100")),
         "tick_s": LOAD_TICK,
         "sessions": sessions,
         "events": len(lags),
@@ -340,7 +350,8 @@ def under_load(
         "ratio": round(on / off, 3),
     }
     log(
-        f"events under load ({mode}): on {out['on_receipts_per_s']:,} vs off "
+        f"events under load ({mode}, batches of {out['batch_size']}): "
+        f"on {out['on_receipts_per_s']:,} vs off "
         f"{out['off_receipts_per_s']:,} receipts/s ({out['ratio']}x); {out['events']:,} events, "
         f"lag p50 {out['lag_p50_s']} s, p99 {out['lag_p99_s']} s, max {out['lag_max_s']} s; "
         f"rounds {out['rounds']}"

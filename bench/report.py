@@ -151,16 +151,28 @@ def _events_load_figures(r: dict[str, Any]) -> list[Figure]:
             "history, no events (history cannot be turned off: the upsert alone)",
         )
     ]
+    big = _get(r, "events_load.nudged_1000.ratio")
+    out.append(
+        Figure(
+            key="events_load_ratio_1000",
+            label="10. … the same, RECEIPTS_EVENTS_BATCH_SIZE=1000",
+            value=big,
+            unit="x",
+            note=f"{_get(r, 'events_load.nudged_1000.on_receipts_per_s')} vs "
+            f"{_get(r, 'events_load.nudged_1000.off_receipts_per_s')} receipts/s",
+        )
+    )
     for mode, label in (
         ("nudged", "10. event lag under ingestion load, nudged by commits"),
         ("tick", "10. … the same with the tick alone (before the nudge)"),
+        ("nudged_1000", "10. … nudged, RECEIPTS_EVENTS_BATCH_SIZE=1000"),
     ):
         tick = _get(r, f"events_load.{mode}.tick_s")
         for q in ("p50", "p99"):
             out.append(
                 Figure(
                     key=f"events_lag_{q}_{mode}",
-                    label=f"{label}, {q}" if q == "p99" else f"{label}, p50",
+                    label=f"{label}, {q}",
                     value=_get(r, f"events_load.{mode}.lag_{q}_s"),
                     unit="s",
                     note=f"tick {tick} s; {_get(r, f'events_load.{mode}.events')} events, "

@@ -17,6 +17,7 @@ from tests.support.clock import POLICY, T0
 from tests.support.factories import P1, P2, escalate, poll, receipt, track
 from worker import db, event_log, event_nudge, events
 from worker.domain import DEFAULT_EVENT_TYPES, Result, SessionEventType
+from worker.push_writer import PushWriter
 
 pytestmark = pytest.mark.usefixtures("database")
 
@@ -66,6 +67,21 @@ def test_a_rolled_back_history_nudges_nothing(nudger: Counted) -> None:
     with pytest.raises(RuntimeError):
         fails_after_writing_history()
     assert nudger.nudges == 0
+
+
+def test_a_push_writers_commit_nudges_and_a_parked_push_does_not(nudger: Counted) -> None:
+    track({"account_id": 1, "session_no": "S1", "phones": [P1]})
+    writer = PushWriter(session_factory=db.session_scope, clock=Clock(FIRST))
+    try:
+        # Untracked: kept in the inbox, no history.
+        parked = writer.submit([receipt("UNTRACKED", P1, Result.SUCCESS, FIRST)], account_id=1)
+        assert parked.result(timeout=30)["parked"] == 1
+        assert nudger.nudges == 0
+        stored = writer.submit([receipt("S1", P1, Result.SUCCESS, FIRST)], account_id=1)
+        assert stored.result(timeout=30)["stored"] == 1
+    finally:
+        writer.stop()
+    assert nudger.nudges == 1
 
 
 def _round(send: Any, *, batch_size: int, max_batches: int = 50) -> events.DeliveryReport:
