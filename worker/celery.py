@@ -144,13 +144,15 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-# How often the beat queues a purge when RECEIPTS_RETENTION is set.
+# How often the beat queues a purge when RECEIPTS_RETENTION (or RECEIPTS_MASK_PHONES_AFTER,
+# whose masking runs in the same task) is set.
 PURGE_EVERY = 86400.0
 
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    """The clock's tick; and, with RECEIPTS_RETENTION set, a daily purge. The purge goes to
-    the polls' queue, not the clock's: a long purge must never delay a tick."""
+    """The clock's tick; and, with RECEIPTS_RETENTION or RECEIPTS_MASK_PHONES_AFTER set, a
+    daily purge (and masking). The purge goes to the polls' queue, not the clock's: a long
+    purge must never delay a tick."""
     tick = settings.tick.total_seconds()
     schedule: dict[str, dict[str, Any]] = {
         "receipts-tick": {
@@ -159,7 +161,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "options": {"queue": CLOCK_QUEUE, "expires": tick},
         }
     }
-    if settings.retention is not None:
+    if settings.retention is not None or settings.mask_phones_after is not None:
         schedule["receipts-purge"] = {
             "task": "receipts.purge",
             "schedule": PURGE_EVERY,

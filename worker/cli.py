@@ -756,14 +756,15 @@ def repoll(session_nos: tuple[str, ...], account_id: int | None) -> None:
 # --- retention -------------------------------------------------------------------------
 
 
-def _older_than(value: str | None, settings: Settings) -> Any:
-    """--older-than, else RECEIPTS_RETENTION; one line when neither is usable."""
+def _older_than(value: str | None, default: Any, name: str = "RECEIPTS_RETENTION") -> Any:
+    """--older-than, else the setting ``name`` (``default``); one line when neither is
+    usable."""
     from worker.config import MAX_RETENTION, parse_duration
 
     if value is None:
-        if settings.retention is None:
-            _fail("give --older-than (e.g. 90d) or set RECEIPTS_RETENTION")
-        return settings.retention
+        if default is None:
+            _fail(f"give --older-than (e.g. 90d) or set {name}")
+        return default
     try:
         duration = parse_duration(value)
     except ValueError as exc:
@@ -793,7 +794,7 @@ def purge(older_than: str | None, dry_run: bool) -> None:
     from worker.db import read_scope, session_scope
 
     settings = _settings()
-    duration = _older_than(older_than, settings)
+    duration = _older_than(older_than, settings.retention)
     now = runtime.utcnow()
     destinations = settings.event_destinations
     if dry_run:
@@ -810,6 +811,53 @@ def purge(older_than: str | None, dry_run: bool) -> None:
         f"purged {report.sessions} session(s): {report.receipts} receipt(s), "
         f"{report.history} history row(s), {report.inbox} inbox row(s), "
         f"{report.outbox} webhook row(s)"
+    )
+
+
+@main.command()
+@click.option(
+    "--older-than",
+    metavar="DURATION",
+    help="Mask finished sessions sent longer ago than this (e.g. 30d) [default: "
+    "RECEIPTS_MASK_PHONES_AFTER].",
+)
+@click.option("--dry-run", is_flag=True, help="Count what would be masked, by state and month.")
+def mask(older_than: str | None, dry_run: bool) -> None:
+    """Mask the phone numbers of finished sessions: IRREVERSIBLE.
+
+    Keeps the last four digits in receipts, history, tracked phones and escalation detail;
+    phone_key becomes a keyed hash (RECEIPTS_PHONE_HASH_KEY) so late receipts still match.
+    Runs in batches, each its own transaction: safe to interrupt and to run again.
+    """
+    from worker import masking, runtime
+    from worker.db import read_scope, session_scope
+
+    settings = _settings()
+    duration = _older_than(older_than, settings.mask_phones_after, "RECEIPTS_MASK_PHONES_AFTER")
+    if duration <= settings.cutoff:
+        _fail(
+            f"--older-than: must be longer than RECEIPTS_CUTOFF "
+            f"({settings.cutoff.total_seconds():g}s): a session "
+            "is masked only once it is past its cutoff"
+        )
+    now = runtime.utcnow()
+    if dry_run:
+        with read_scope() as session:
+            lines = masking.dry_run(session, now=now, older_than=duration)
+        for line in lines:
+            click.echo(f"{line.state:<10} {line.month}  {line.sessions} session(s)")
+        click.echo(f"total: {sum(line.sessions for line in lines)} session(s) would be masked")
+        return
+    if settings.phone_hash_key is None:
+        _fail(
+            "set RECEIPTS_PHONE_HASH_KEY (e.g. the output of `openssl rand -hex 32`): masked "
+            "sessions' phone_key is a hash under it, which late receipts need to match"
+        )
+    phone_hash = masking.PhoneHash.of(settings.phone_hash_key.get_secret_value())
+    report = masking.mask(session_scope, now=now, older_than=duration, phone_hash=phone_hash)
+    click.echo(
+        f"masked {report.sessions} session(s): {report.receipts} receipt(s), "
+        f"{report.history} history row(s), {report.outbox} webhook row(s)"
     )
 
 

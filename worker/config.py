@@ -129,6 +129,8 @@ TotalsDuration = Annotated[
 
 # RECEIPTS_WEBHOOK_SECRET: a key shorter than this is guessable from signed requests.
 MIN_WEBHOOK_SECRET = 16
+# RECEIPTS_PHONE_HASH_KEY: 32 characters, e.g. 16 random bytes in hex, or more.
+MIN_PHONE_HASH_KEY = 32
 # RECEIPTS_CALLBACK_TOKEN: the push is unsigned, so its URL's secret is all that keeps a
 # stranger from pushing receipts; 24 characters of a random token are not guessable.
 MIN_CALLBACK_TOKEN = 24
@@ -299,6 +301,11 @@ class Settings(BaseSettings):
     # Finished sessions sent longer ago than this are purged daily (worker/purge.py); None
     # keeps everything.
     retention: RetentionDuration | None = None
+    # Finished sessions sent longer ago than this have their phone numbers masked daily
+    # (worker/masking.py; irreversible); None masks nothing. Needs phone_hash_key.
+    mask_phones_after: RetentionDuration | None = None
+    # The HMAC key of masked sessions' phone_key, so that late receipts still match them.
+    phone_hash_key: SecretStr | None = None
 
     @field_validator("database_url")
     @classmethod
@@ -399,6 +406,18 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("phone_hash_key")
+    @classmethod
+    def _phone_hash_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # A short key would let whoever reads the database try every phone number against
+        # the hashes: phone numbers are few enough to enumerate, the key is the protection.
+        if value is not None and len(value.get_secret_value().strip()) < MIN_PHONE_HASH_KEY:
+            raise ValueError(
+                f"use at least {MIN_PHONE_HASH_KEY} characters (e.g. the output of "
+                "`openssl rand -hex 32`)"
+            )
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         """Rules between settings, all reported at once, one line each naming the variable."""
@@ -434,6 +453,19 @@ class Settings(BaseSettings):
                 "http:// would carry every receipt and the access key id unencrypted (on a "
                 "network you trust, e.g. a compose demo, set RECEIPTS_API_ALLOW_HTTP=true)"
             )
+        if self.mask_phones_after is not None:
+            if self.phone_hash_key is None:
+                problems.append(
+                    "RECEIPTS_MASK_PHONES_AFTER needs RECEIPTS_PHONE_HASH_KEY: the key of the "
+                    "hashed phone_key that lets late receipts match masked sessions (e.g. the "
+                    "output of `openssl rand -hex 32`; keep it for as long as masked rows exist)"
+                )
+            if self.mask_phones_after <= self.cutoff:
+                problems.append(
+                    f"RECEIPTS_MASK_PHONES_AFTER ({_shown(self.mask_phones_after)}) must be "
+                    f"longer than RECEIPTS_CUTOFF ({_shown(self.cutoff)}): a session is masked "
+                    "only once it is past its cutoff"
+                )
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -452,7 +484,12 @@ class Settings(BaseSettings):
         """Secrets that must never appear in a log line, were anything to print them."""
         return [
             secret.get_secret_value()
-            for secret in (self.access_key_secret, self.webhook_secret, self.callback_token)
+            for secret in (
+                self.access_key_secret,
+                self.webhook_secret,
+                self.callback_token,
+                self.phone_hash_key,
+            )
             if secret is not None and secret.get_secret_value()
         ]
 

@@ -49,6 +49,7 @@ from worker.clock import database_now
 from worker.db import error_text, read_scope
 from worker.domain import FINAL_RESULTS, ReceiptSource, Result, SessionState
 from worker.intake import RejectionState
+from worker.masking import MASKED_TABLES
 from worker.models import (
     api_calls_table,
     event_cursors_table,
@@ -123,6 +124,8 @@ class Snapshot:
     events: list[EventStream] = field(default_factory=list)
     # Rows the purge deleted, by table (worker/purge.py).
     purged: dict[str, int] = field(default_factory=dict)
+    # Rows whose phones the masking replaced, by table (worker/masking.py).
+    masked: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -228,12 +231,11 @@ def read_snapshot(session: Session, now: datetime) -> Snapshot:
     # One row at most, written by every worker's polls (worker/credentials.py).
     snap.credentials_failing = credentials.failing(session)
     snap.events = read_event_streams(session)
-    # One row per table the purge ever deleted from.
+    # One row per table the purge ever deleted from or the masking masked in.
     purged = purge_counts_table.c
-    snap.purged = {
-        str(name): int(count)
-        for name, count in session.execute(sa.select(purged.table_name, purged.purged))
-    }
+    tallies = session.execute(sa.select(purged.table_name, purged.purged, purged.masked)).all()
+    snap.purged = {str(row.table_name): int(row.purged) for row in tallies}
+    snap.masked = {str(row.table_name): int(row.masked) for row in tallies}
     return snap
 
 
@@ -629,6 +631,15 @@ def _purge_metrics(snap: Snapshot, totals: Totals | None) -> Iterator[Metric]:
     for table in PURGED_TABLES:
         purged.add_metric([table], snap.purged.get(table, 0))
     yield purged
+    masked = CounterMetricFamily(
+        "receipts_masked_rows",
+        "Rows whose phone numbers were masked (receipts mask, RECEIPTS_MASK_PHONES_AFTER), by "
+        "table.",
+        labels=["table"],
+    )
+    for table in MASKED_TABLES:
+        masked.add_metric([table], snap.masked.get(table, 0))
+    yield masked
     if totals is not None:
         oldest = _seconds_since(totals.oldest_sent_at, totals.computed_at)
         yield _gauge(

@@ -159,6 +159,12 @@ class SmsSession(Base):
     held_by: Mapped[str | None] = mapped_column(sa.Text)
     created_at: Mapped[timestamp_now]
     updated_at: Mapped[timestamp_now]
+    # When its phone numbers were masked (RECEIPTS_MASK_PHONES_AFTER, worker/masking.py): from
+    # then on ``phones`` holds masked forms and every phone_key of it is a keyed hash.
+    phones_masked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Of a masked session only: the keyed hashes of the tracked phones, in the order of
+    # ``phones``, which matching and resolution read instead of the masked forms' digits.
+    masked_phone_keys: Mapped[list[str] | None] = mapped_column(JSONType)
 
 
 class SmsReceipt(Base):
@@ -496,6 +502,9 @@ class PurgeCount(Base):
     table_name: Mapped[str] = mapped_column(sa.Text, primary_key=True)
     purged: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
     last_purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Rows whose phone numbers the masking replaced (worker/masking.py), by table.
+    masked: Mapped[int] = mapped_column(sa.BigInteger, server_default=sa.text("0"))
+    last_masked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class RejectedTrack(Base):

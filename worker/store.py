@@ -7,6 +7,7 @@ caller's unit of work, and takes the current time as an argument.
 from __future__ import annotations
 
 import functools
+import logging
 import random
 import secrets
 from collections import defaultdict
@@ -18,7 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker import event_log, event_nudge
+from worker import event_log, event_nudge, masking
 from worker.db import json_document, json_rows, upsert_insert
 from worker.domain import (
     FINAL_RESULTS,
@@ -34,6 +35,7 @@ from worker.domain import (
     unresolved_phones,
 )
 from worker.errors import AckError
+from worker.masking import PhoneHash, masked_phone
 from worker.models import (
     UTCDateTime,
     api_calls_table,
@@ -43,6 +45,8 @@ from worker.models import (
 )
 from worker.receipts import Receipt
 from worker.schedule import PollPolicy
+
+log = logging.getLogger(__name__)
 
 S = sessions_table
 R = receipts_table
@@ -78,6 +82,20 @@ class PollTarget:
     # The worker process that holds the session while the poll is in flight (None: no
     # heartbeating process, e.g. a test or an operator's command).
     held_by: str | None = None
+    # Of a session whose phones were masked (worker/masking.py): the keyed hashes of its
+    # tracked phones, in the order of ``phones`` (which are masked forms). None: not masked.
+    phone_keys: tuple[str, ...] | None = None
+
+    @property
+    def masked(self) -> bool:
+        return self.phone_keys is not None
+
+    def tracked_keys(self) -> tuple[str, ...]:
+        """The phone keys of its tracked phones: their digits, or of a masked session their
+        keyed hashes (the masked forms' four digits identify nothing)."""
+        if self.phone_keys is not None:
+            return self.phone_keys
+        return tuple(phone_key(phone) for phone in self.phones)
 
     @classmethod
     def from_row(
@@ -354,27 +372,39 @@ def receipt_rows(
     receipts: Iterable[Receipt],
     *,
     source: ReceiptSource = ReceiptSource.POLL,
+    phone_hash: PhoneHash | None = None,
 ) -> list[dict[str, Any]]:
     """One row (:data:`RECEIPT_COLUMNS`) per (session, phone digits), the winning version when
     an answer repeats a phone, marked as coming from ``source``.
 
     The stored ``phone`` is the tracked spelling when the receipt matches a tracked phone.
+    Of a masked session (worker/masking.py) the key is the keyed hash of the digits
+    (``phone_hash``, which such targets need) and the phone is stored masked: a late receipt
+    matches the masked row and brings no phone number back.
     """
-    asked = {t.session_no for t in targets}
+    asked = {t.session_no: t for t in targets}
     tracked_spelling = {
-        (t.session_no, phone_key(phone)): phone for t in targets for phone in t.phones
+        (t.session_no, key): phone
+        for t in targets
+        for phone, key in zip(t.phones, t.tracked_keys(), strict=True)
     }
     candidates: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for receipt in receipts:
         key = phone_key(receipt.phone)
+        target = asked.get(receipt.session_no)
         # The parser refuses a phone without digits and names it in the session's last_error;
         # a Receipt built elsewhere without one has no key to be stored under.
-        if receipt.session_no not in asked or not key:
+        if target is None or not key:
             continue
+        phone = receipt.phone
+        if target.masked:
+            if phone_hash is None:
+                raise ValueError(f"session {target.session_no!r} is masked: a phone hash is needed")
+            key, phone = phone_hash(key), masked_phone(phone)
         candidates[(receipt.session_no, key)].append(
             {
                 "session_no": receipt.session_no,
-                "phone": tracked_spelling.get((receipt.session_no, key), receipt.phone),
+                "phone": tracked_spelling.get((receipt.session_no, key), phone),
                 "phone_key": key,
                 "result": receipt.result.value,
                 "receipt_code": receipt.receipt_code,
@@ -578,6 +608,7 @@ class _Locked:
     """A session as it stands when an answer is recorded, its row locked until the commit."""
 
     phones: tuple[str, ...]
+    phone_keys: tuple[str, ...] | None  # of a masked session (PollTarget.phone_keys)
     state: str
     claim_token: str | None
     held_by: str | None
@@ -604,6 +635,7 @@ def lock_sessions(session: Session, ids: Sequence[int]) -> dict[int, _Locked]:
     return {
         row.id: _Locked(
             phones=tuple(row.phones or ()),
+            phone_keys=None if row.masked_phone_keys is None else tuple(row.masked_phone_keys),
             state=row.state,
             claim_token=row.claim_token,
             held_by=row.held_by,
@@ -622,6 +654,7 @@ def _lock_statement(dialect: str) -> Any:
         sa.select(
             S.c.id,
             S.c.phones,
+            S.c.masked_phone_keys,
             S.c.state,
             S.c.claim_token,
             S.c.held_by,
@@ -710,6 +743,7 @@ def record_receipts(
     now: datetime,
     source: ReceiptSource,
     schedule: _Schedule | None = None,
+    phone_hash: PhoneHash | None = None,
 ) -> PollOutcome:
     """Store receipts of sessions seen at ``now`` and resolve the sessions they settle; with
     ``schedule`` (a poll's answer), also reschedule the sessions that poll still holds.
@@ -723,12 +757,21 @@ def record_receipts(
     Both the poll and the push go through here, so the same rules hold for both: the upsert's
     guard (final never downgraded, older never wins), phones matched on digits, and the phones
     each session has now (read under its row lock, in the global lock order).
+
+    A session whose phones were masked meanwhile (worker/masking.py) has its receipts keyed
+    by ``phone_hash`` (else ``RECEIPTS_PHONE_HASH_KEY``'s); without either, its receipts are
+    dropped and logged, never stored in clear.
     """
     if not targets:
         return PollOutcome(receipts_written=0, resolved=(), rescheduled=0)
     current = lock_sessions(session, [t.id for t in targets])
-    live = [replace(t, phones=current[t.id].phones) for t in targets if t.id in current]
-    rows = receipt_rows(live, receipts, source=source)
+    live = [
+        replace(t, phones=current[t.id].phones, phone_keys=current[t.id].phone_keys)
+        for t in targets
+        if t.id in current
+    ]
+    live, phone_hash = _hashable(session, live, phone_hash)
+    rows = receipt_rows(live, receipts, source=source, phone_hash=phone_hash)
     account_of = {t.session_no: t.account_id for t in live}
     if len(account_of) != len(live):
         raise ValueError("targets of several accounts must have distinct SessionNos")
@@ -743,7 +786,7 @@ def record_receipts(
     # Sessions the answer alone settles need no read-back (most of them, on a first poll).
     unsettled: dict[int, list[str]] = defaultdict(list)
     for t in live:
-        if not settled_by_answer((phone_key(p) for p in t.phones), answered.get(t.session_no, {})):
+        if not settled_by_answer(t.tracked_keys(), answered.get(t.session_no, {})):
             unsettled[t.account_id].append(t.session_no)
     settled = {t.session_no for t in live} - {no for nos in unsettled.values() for no in nos}
     stored: dict[str, dict[str, str]] = {}
@@ -756,10 +799,8 @@ def record_receipts(
     for target in live:
         locked = current[target.id]
         results = (answered if target.session_no in settled else stored).get(target.session_no, {})
-        resolved = locked.state != RESOLVED and is_resolved(
-            (phone_key(p) for p in target.phones), results
-        )
-        if is_resolved((phone_key(p) for p in target.phones), results):
+        resolved = locked.state != RESOLVED and is_resolved(target.tracked_keys(), results)
+        if is_resolved(target.tracked_keys(), results):
             resolved_nos.append(target.session_no)
         if resolved:
             events.append(
@@ -802,6 +843,53 @@ def record_receipts(
         resolved=tuple(resolved_nos),
         rescheduled=rescheduled,
     )
+
+
+def _stored_keys(session: Session, target: PollTarget) -> list[str]:
+    """The phone keys of a session's stored receipts (a masked session tracked without
+    phones: rare, and small)."""
+    return list(
+        session.scalars(
+            sa.select(R.c.phone_key).where(
+                R.c.account_id == target.account_id, R.c.session_no == target.session_no
+            )
+        )
+    )
+
+
+def _hashable(
+    session: Session, live: list[PollTarget], phone_hash: PhoneHash | None
+) -> tuple[list[PollTarget], PhoneHash | None]:
+    """The targets whose receipts can be keyed, and the hash that keys the masked ones: the
+    one given, else the configured one, else none and the masked sessions are left out."""
+    if not any(t.masked for t in live):
+        return live, phone_hash
+    phone_hash = phone_hash or masking.configured_hash()
+    if phone_hash is None:
+        why = "RECEIPTS_PHONE_HASH_KEY is not set"
+        unkeyable = [t for t in live if t.masked]
+    else:
+        # Hashed under another key (RECEIPTS_PHONE_HASH_KEY changed): a receipt hashed under
+        # this one would never match its row, and would add a second one. A session tracked
+        # without phones tells by its stored receipts' keys.
+        why = "they were masked under another RECEIPTS_PHONE_HASH_KEY"
+        unkeyable = [
+            t
+            for t in live
+            if t.masked
+            and not all(map(phone_hash.made, t.tracked_keys() or _stored_keys(session, t)))
+        ]
+    if unkeyable:
+        log.warning(
+            "receipts of %d masked session(s) dropped (%s): %s, so they cannot be matched to "
+            "their masked rows",
+            len(unkeyable),
+            ", ".join(sorted(t.session_no for t in unkeyable)[:10]),
+            why,
+        )
+        dropped = {t.id for t in unkeyable}
+        live = [t for t in live if t.id not in dropped]
+    return live, phone_hash
 
 
 def _held_after(locked: _Locked, target: PollTarget) -> str | None:

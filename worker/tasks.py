@@ -11,7 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from celery.exceptions import Reject
 
-from worker import events, intake, poller, purge, runtime, store, webhooks
+from worker import events, intake, masking, poller, purge, runtime, store, webhooks
 from worker.celery import (
     EMBEDDED_POLLS_PER_SECOND,
     app,
@@ -68,10 +68,18 @@ def tick() -> dict[str, int]:
 
 @app.task(name="receipts.purge", ignore_result=True)
 def purge_finished() -> dict[str, int]:
-    """The daily purge (queued by the beat when RECEIPTS_RETENTION is set), bounded per run."""
+    """The daily purge (queued by the beat when RECEIPTS_RETENTION or
+    RECEIPTS_MASK_PHONES_AFTER is set), bounded per run; then the masking of phones, after the
+    purge so that it never masks what is about to go."""
     settings = get_settings()
+    sessions = purge_old(settings)
+    return {"sessions": sessions, "masked": mask_phones(settings)}
+
+
+def purge_old(settings: Settings) -> int:
+    """The daily purge (worker/purge.py), bounded per run; the sessions deleted."""
     if settings.retention is None:
-        return {"sessions": 0}
+        return 0
     report = purge.purge(
         session_scope,
         now=runtime.utcnow(),
@@ -88,7 +96,31 @@ def purge_finished() -> dict[str, int]:
             report.history,
             " (bounded: the rest goes next run)" if report.bounded else "",
         )
-    return {"sessions": report.sessions}
+    return report.sessions
+
+
+def mask_phones(settings: Settings) -> int:
+    """The daily masking (worker/masking.py), bounded per run; the sessions masked."""
+    if settings.mask_phones_after is None or settings.phone_hash_key is None:
+        return 0
+    report = masking.mask(
+        session_scope,
+        now=runtime.utcnow(),
+        older_than=settings.mask_phones_after,
+        phone_hash=masking.PhoneHash.of(settings.phone_hash_key.get_secret_value()),
+        max_sessions=masking.MAX_PER_RUN,
+    )
+    if report.sessions or report.bounded:
+        log.info(
+            "mask: phones of %d session(s) older than %s masked, %d receipt(s), %d history "
+            "row(s)%s",
+            report.sessions,
+            settings.mask_phones_after,
+            report.receipts,
+            report.history,
+            " (bounded: the rest goes next run)" if report.bounded else "",
+        )
+    return report.sessions
 
 
 @app.task(name="receipts.deliver_webhooks", ignore_result=True)

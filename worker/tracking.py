@@ -4,6 +4,7 @@ Celery task, CLI, CSV) and the idempotent bulk write."""
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from worker.errors import TrackError
 from worker.models import sessions_table
 from worker.push import apply_inbox
 from worker.schedule import PollPolicy
+
+log = logging.getLogger(__name__)
 
 MAX_USER_REF_LENGTH = 256
 MAX_ACCOUNT_ID = 2**63 - 1
@@ -436,6 +439,7 @@ def _merge_existing(
             table.c.sent_at,
             table.c.user_ref,
             table.c.state,
+            table.c.phones_masked_at,
         )
         .where(sa.tuple_(table.c.account_id, table.c.session_no).in_(list(wanted)))
         # The global lock order (see worker.store.lock_sessions): a bulk re-track and a
@@ -446,6 +450,17 @@ def _merge_existing(
     updates: list[dict[str, Any]] = []
     for row in session.execute(query):
         request = wanted[(row.account_id, row.session_no)]
+        if row.phones_masked_at is not None:
+            # Its phones are masked (worker/masking.py): new phones cannot be told apart from
+            # the tracked ones, nor stored in clear beside them. It stays as it is.
+            log.warning(
+                "track of %s (account %d) ignored: its phones were masked at %s",
+                row.session_no,
+                row.account_id,
+                row.phones_masked_at.isoformat(),
+            )
+            result.unchanged += 1
+            continue
         stored = TrackRequest(
             account_id=row.account_id,
             session_no=row.session_no,

@@ -27,6 +27,7 @@ from tests.support.databases import Configure
 from tests.support.servers import free_port
 from worker import db
 from worker.cli import main
+from worker.masking import MASKED_TABLES
 from worker.metrics import LATENCY_BUCKETS, make_registry, render
 from worker.models import (
     api_calls_table,
@@ -66,6 +67,7 @@ def scrape(now: datetime = NOW) -> Samples:
         "receipts_push_requests": "counter",
         "receipts_events_delivered": "counter",
         "receipts_purged_rows": "counter",
+        "receipts_masked_rows": "counter",
         "receipts_push_receipts": "counter",
         "receipts_push_commit_seconds": "histogram",
         "receipts_receipt_latency_seconds": "histogram",
@@ -89,6 +91,7 @@ def expected(
     credentials_failing: int = 0,
     oldest_session: float = 0.0,
     purged: dict[str, int] | None = None,
+    masked: dict[str, int] | None = None,
 ) -> Samples:
     """The full exposition of a successful scrape: every metric, nothing else."""
     pending, resolved, escalated = sessions
@@ -111,6 +114,8 @@ def expected(
     }
     for table in PURGED_TABLES:
         samples["receipts_purged_rows_total", (("table", table),)] = (purged or {}).get(table, 0)
+    for table in MASKED_TABLES:
+        samples["receipts_masked_rows_total", (("table", table),)] = (masked or {}).get(table, 0)
     for result, count in counts.items():
         samples["receipts_receipts", (("result", result),)] = count
     refused = {"open": 0, "resubmitted": 0, "dismissed": 0, **(rejected or {})}
@@ -299,6 +304,31 @@ def test_purged_rows_are_counted_by_table() -> None:
     assert purged == {**dict.fromkeys(PURGED_TABLES, 0), "sms_sessions": 3, "sms_receipts": 4}
     # The oldest left is escalated, sent 2 days ago.
     assert samples["receipts_oldest_session_age_seconds", ()] == 2 * 86400.0
+
+
+@pytest.mark.usefixtures("database")
+def test_masked_rows_are_counted_by_table() -> None:
+    from worker import masking
+
+    _populate()
+    # r1, r2 (resolved, 3 days old) and e1..e3 (escalated, 2 days old) with their 4 receipts;
+    # pending sessions stay in clear.
+    report = masking.mask(
+        db.session_scope,
+        now=NOW,
+        older_than=timedelta(days=1),
+        phone_hash=masking.PhoneHash.of("k" * 32),
+    )
+    assert (report.sessions, report.receipts) == (5, 4)
+    samples = scrape()
+    masked = {
+        table: samples["receipts_masked_rows_total", (("table", table),)] for table in MASKED_TABLES
+    }
+    assert masked == {**dict.fromkeys(MASKED_TABLES, 0), "sms_sessions": 5, "sms_receipts": 4}
+    # The purge's counts are apart.
+    assert all(
+        samples["receipts_purged_rows_total", (("table", table),)] == 0 for table in PURGED_TABLES
+    )
 
 
 @pytest.mark.usefixtures("database")
