@@ -140,6 +140,8 @@ def _deliverer(env: Mapping[str, str], inbox: Any, outbox: Any, tick: float) -> 
     settings = get_settings()
     http = bounded_http.new_session()
     rounds = {"tick": 0, "nudge": 0, "more": 0}
+    started = os.times()
+    started_cpu = started.user + started.system
     with Receiver() as receiver:
         send = events.webhook_sender(http, receiver.url, SECRET, timeout=10)
         outbox.put("ready")
@@ -176,7 +178,9 @@ def _deliverer(env: Mapping[str, str], inbox: Any, outbox: Any, tick: float) -> 
             for event in hit.payload["events"]
         ]
     http.close()
-    outbox.put({"arrivals": arrivals, "rounds": rounds})
+    used = os.times()  # the deliverer's and the receiver's CPU, not PostgreSQL's side
+    cpu = used.user + used.system - started_cpu
+    outbox.put({"arrivals": arrivals, "rounds": rounds, "cpu_s": cpu})
 
 
 def _wait_caught_up(timeout: float) -> None:
@@ -345,6 +349,7 @@ def under_load(
         "lag_p99_s": _percentile(lags, 0.99),
         "lag_max_s": _percentile(lags, 1.0),
         "rounds": delivered["rounds"],
+        "deliverer_cpu_s": round(delivered["cpu_s"], 2),
         "nudges_sent": nudger.sent if nudger is not None else 0,
         "on_receipts_per_s": round(on),
         "off_receipts_per_s": round(off),
@@ -355,6 +360,6 @@ def under_load(
         f"on {out['on_receipts_per_s']:,} vs off "
         f"{out['off_receipts_per_s']:,} receipts/s ({out['ratio']}x); {out['events']:,} events, "
         f"lag p50 {out['lag_p50_s']} s, p99 {out['lag_p99_s']} s, max {out['lag_max_s']} s; "
-        f"rounds {out['rounds']}"
+        f"rounds {out['rounds']}, deliverer CPU {out['deliverer_cpu_s']} s"
     )
     return out
