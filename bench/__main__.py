@@ -70,6 +70,7 @@ class Scale:
     push_saved_sessions: int
     history_sessions: int
     events_count: int
+    events_load_sessions: int
 
 
 FULL = Scale(
@@ -97,6 +98,7 @@ FULL = Scale(
     push_saved_sessions=1_000,
     history_sessions=4_000,
     events_count=50_000,
+    events_load_sessions=8_000,
 )
 QUICK = Scale(
     raw_rows=20_000,
@@ -121,6 +123,7 @@ QUICK = Scale(
     push_saved_sessions=400,
     history_sessions=1_000,
     events_count=10_000,
+    events_load_sessions=2_000,
 )
 PHASES = (
     "raw",
@@ -136,6 +139,7 @@ PHASES = (
     "push",
     "push_saved",
     "events",
+    "events_load",
 )
 
 
@@ -346,6 +350,25 @@ def run(scale: Scale, *, profile: bool, mode: str, only: set[str] | None = None)
             results,
             "events",
             lambda: events.run(database, count=scale.events_count, batch_sizes=(100, 1000)),
+        )
+        _phase(
+            results,
+            "events_load",
+            lambda: {
+                name: events.under_load(
+                    database,
+                    sim,
+                    sessions=scale.events_load_sessions,
+                    phones=scale.phones,
+                    mode=mode,
+                    batch_size=size,
+                )
+                for name, mode, size in (
+                    ("nudged", "nudged", None),
+                    ("tick", "tick", None),
+                    ("nudged_1000", "nudged", 1000),
+                )
+            },
         )
 
     results["machine"]["cpu_busy_after"] = cpu_busy()

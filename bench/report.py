@@ -134,6 +134,54 @@ def _history_figures(r: dict[str, Any]) -> list[Figure]:
     return out
 
 
+def _events_load_figures(r: dict[str, Any]) -> list[Figure]:
+    """Ingestion with history and events on against off, and the events' lag, while the
+    deliverer runs (bench/events.py: under_load)."""
+    ratio = _get(r, "events_load.nudged.ratio")
+    out = [
+        Figure(
+            key="events_load_ratio",
+            label="10. ingestion, history + events on (delivering) vs off, whole polls",
+            value=ratio,
+            unit="x",
+            target=f">= {HISTORY_COST_TARGET}",
+            ok=ratio >= HISTORY_COST_TARGET if ratio is not None else None,
+            note=f"{_get(r, 'events_load.nudged.on_receipts_per_s')} vs "
+            f"{_get(r, 'events_load.nudged.off_receipts_per_s')} receipts/s; off = no "
+            "history, no events (history cannot be turned off: the upsert alone)",
+        )
+    ]
+    big = _get(r, "events_load.nudged_1000.ratio")
+    out.append(
+        Figure(
+            key="events_load_ratio_1000",
+            label="10. … the same, RECEIPTS_EVENTS_BATCH_SIZE=1000",
+            value=big,
+            unit="x",
+            note=f"{_get(r, 'events_load.nudged_1000.on_receipts_per_s')} vs "
+            f"{_get(r, 'events_load.nudged_1000.off_receipts_per_s')} receipts/s",
+        )
+    )
+    for mode, label in (
+        ("nudged", "10. event lag under ingestion load, nudged by commits"),
+        ("tick", "10. … the same with the tick alone (before the nudge)"),
+        ("nudged_1000", "10. … nudged, RECEIPTS_EVENTS_BATCH_SIZE=1000"),
+    ):
+        tick = _get(r, f"events_load.{mode}.tick_s")
+        for q in ("p50", "p99"):
+            out.append(
+                Figure(
+                    key=f"events_lag_{q}_{mode}",
+                    label=f"{label}, {q}",
+                    value=_get(r, f"events_load.{mode}.lag_{q}_s"),
+                    unit="s",
+                    note=f"tick {tick} s; {_get(r, f'events_load.{mode}.events')} events, "
+                    "observed_at -> body read by the receiver",
+                )
+            )
+    return out
+
+
 def _push_figures(r: dict[str, Any]) -> list[Figure]:
     """Uspeedo's push through the receiver (bench/push.py)."""
     out: list[Figure] = []
@@ -396,6 +444,8 @@ def figures(results: dict[str, Any]) -> list[Figure]:
                 unit="events/s",
             )
         )
+
+    out.extend(_events_load_figures(r))
 
     add(
         "inproc_ms_per_poll",

@@ -10,7 +10,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from worker import intake, records, store
+from worker import events, intake, records, store
 from worker.clock import database_now
 from worker.config import get_settings
 from worker.db import error_text, get_engine, read_scope, session_scope
@@ -273,3 +273,28 @@ def dismiss_rejected(ids: Sequence[int], *, note: str | None = None) -> list[int
             session, closed, state=intake.RejectionState.DISMISSED, now=database_now(), note=note
         )
     return closed
+
+
+# --- parked event batches (worker/events.py) -------------------------------------------------
+
+
+def parked_event_batches(*, include_closed: bool = False) -> list[events.ParkedBatch]:
+    """The event batches parked after failing for ``RECEIPTS_EVENTS_RETRY_WINDOW`` and still
+    open (or all of them), oldest first."""
+    with read_scope() as session:
+        return events.parked_batches(session, include_closed=include_closed)
+
+
+def replay_parked(ids: Sequence[int]) -> list[int]:
+    """Have parked batches sent again by their destination's next delivery round (the tick
+    queues one within a tick). All or none: :class:`worker.ParkedBatchError` names each
+    unknown or closed batch."""
+    with session_scope() as session:
+        return events.mark_for_replay(session, ids)
+
+
+def dismiss_parked(ids: Sequence[int]) -> list[int]:
+    """Close parked batches without sending them. All or none: :class:`worker.ParkedBatchError`
+    names each unknown or closed batch."""
+    with session_scope() as session:
+        return events.dismiss(session, ids, now=database_now())

@@ -209,15 +209,50 @@ def _scrub_logs(logger: logging.Logger, **_: Any) -> None:
     logs.quiet_routine_tasks(ROUTINE_TASKS)
 
 
+def queue_event_delivery(destination: str, settings: Settings) -> None:
+    """Queue a delivery round of events for ``destination`` (``receipts.deliver_events``):
+    from the tick, a round that found more, or a commit of history (worker/event_nudge.py).
+    It expires with a few ticks: by then the tick has queued another if events still wait."""
+    app.send_task(
+        "receipts.deliver_events", args=[destination], expires=settings.tick.total_seconds() * 4
+    )
+
+
+def start_event_nudge(settings: Settings) -> None:
+    """Make this process's commits of history queue event deliveries at once (at most one task
+    per destination per ``event_nudge.NUDGE_EVERY``; worker/event_nudge.py), when events have
+    a destination: in each worker pool process, and in each ``receipts receiver`` process."""
+    from worker import event_nudge
+
+    destinations = settings.event_destinations
+    if not destinations:
+        event_nudge.install(None)
+        return
+
+    def send() -> None:
+        for destination in destinations:
+            queue_event_delivery(destination, settings)
+
+    event_nudge.install(event_nudge.Nudger(send))
+
+
+def stop_event_nudge() -> None:
+    from worker import event_nudge
+
+    event_nudge.install(None)
+
+
 @worker_process_init.connect
 def _after_fork(**_: Any) -> None:
     """Each pool child builds its own engine and HTTP session (pooled connections must never
-    be shared across fork), and starts heartbeating as a worker process."""
+    be shared across fork), starts heartbeating as a worker process, and nudges event
+    delivery when it commits history."""
     from worker import db, runtime
 
     db.reset_engine()
     runtime.reset()
     runtime.start_heartbeat(get_settings())
+    start_event_nudge(get_settings())
 
 
 @worker_process_shutdown.connect
@@ -225,6 +260,7 @@ def _before_exit(**_: Any) -> None:
     from worker import runtime
 
     runtime.stop_heartbeat()
+    stop_event_nudge()
 
 
 @worker_init.connect

@@ -947,6 +947,64 @@ def dismiss(ids: tuple[int, ...], note: str | None) -> None:
     click.echo(f"dismissed {len(closed)} rejected track(s)")
 
 
+@main.group("events")
+def events_group() -> None:
+    """Event batches parked after failing for RECEIPTS_EVENTS_RETRY_WINDOW: list them, have
+    them sent again, or let them go."""
+
+
+@events_group.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("--all", "show_all", is_flag=True, help="Replayed and dismissed ones too.")
+def parked(as_json: bool, show_all: bool) -> None:
+    """List the open parked batches (parked, or waiting to be replayed)."""
+    import dataclasses
+
+    from worker import reports
+    from worker.api import parked_event_batches
+
+    _settings()
+    rows = [dataclasses.asdict(b) for b in parked_event_batches(include_closed=show_all)]
+    if as_json:
+        click.echo(json.dumps(rows, default=_json_default, indent=2))
+    else:
+        reports.print_parked(rows, closed_too=show_all)
+
+
+@events_group.command()
+@click.argument("ids", nargs=-1, required=True, type=int)
+def replay(ids: tuple[int, ...]) -> None:
+    """Send parked batches again: their destination's next delivery round (within a tick)
+    sends them before the stream (all or none)."""
+    from worker.api import replay_parked
+    from worker.errors import ParkedBatchError
+
+    _settings()
+    try:
+        marked = replay_parked(ids)
+    except ParkedBatchError as exc:
+        _fail(str(exc), code=EXIT_NO)
+    click.echo(
+        f"{len(marked)} parked batch(es) to be replayed by the next delivery round; "
+        "`receipts events parked --all` shows when each is"
+    )
+
+
+@events_group.command("dismiss")
+@click.argument("ids", nargs=-1, required=True, type=int)
+def dismiss_parked_batches(ids: tuple[int, ...]) -> None:
+    """Close parked batches without sending them (all or none)."""
+    from worker.api import dismiss_parked
+    from worker.errors import ParkedBatchError
+
+    _settings()
+    try:
+        closed = dismiss_parked(ids)
+    except ParkedBatchError as exc:
+        _fail(str(exc), code=EXIT_NO)
+    click.echo(f"dismissed {len(closed)} parked batch(es)")
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         return _iso(value)

@@ -13,6 +13,8 @@
     ├── SessionNotFound (LookupError)   ``receipts status`` of a SessionNo that is not tracked
     ├── RejectedTrackError              refused receipts.track tasks that cannot be resubmitted
     │   (LookupError)                   or dismissed (unknown, or closed already); all or none
+    ├── ParkedBatchError                parked event batches that cannot be replayed or
+    │   (LookupError)                   dismissed (unknown, or closed already); all or none
     └── UspeedoError                    a call to the Uspeedo API failed; ``retryable`` says
         │                               whether polling again later may succeed
         ├── TransportError              no usable HTTP answer (connection, timeout, HTTP error)
@@ -109,6 +111,12 @@ class RejectedTrackError(ReceiptsError, LookupError):
     """Rejected ``receipts.track`` tasks (``rejected_tracks`` rows) that cannot be resubmitted
     or dismissed: unknown ids, or rows already resubmitted or dismissed. The message names each;
     nothing was changed."""
+
+
+class ParkedBatchError(ReceiptsError, LookupError):
+    """Parked event batches (``receipts_parked_event_batches`` rows) that cannot be replayed
+    or dismissed: unknown ids, or batches already replayed or dismissed. The message names
+    each; nothing was changed."""
 
 
 class UspeedoError(ReceiptsError):

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from worker.db import json_document, json_rows
 from worker.domain import RECEIPT_FACTS, ReceiptSource, SessionEventType, is_repeat
+from worker.event_nudge import mark_written
 from worker.models import (
     event_ids_table,
     receipt_events_table,
@@ -166,6 +167,7 @@ def record_observed(
         observed = [row for row in rows if _key(row) not in dropped]
     if not observed:
         return 0
+    mark_written(session)
     # In the order the PostgreSQL statement gives them ids: the applied ones, then the others.
     observed.sort(key=lambda row: _key(row) not in applied)
     first = take_ids(session, len(observed))
@@ -276,6 +278,7 @@ def record_session_events(
     one statement (PostgreSQL) or one executemany (SQLite)."""
     if not events:
         return
+    mark_written(session)
     if session.get_bind().dialect.name == "postgresql":
         session.execute(_session_events_statement(), {"now": now, **json_document(events)})
         return

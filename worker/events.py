@@ -40,6 +40,7 @@ from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 import requests
@@ -47,6 +48,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from worker.domain import FINAL_RESULTS, EventType
+from worker.errors import ParkedBatchError
 from worker.models import (
     event_cursors_table,
     parked_batches_table,
@@ -79,6 +81,18 @@ SessionFactory = Callable[[], AbstractContextManager[Session]]
 Sender = Callable[[dict[str, Any], datetime], str | None]
 
 
+class ParkedState(StrEnum):
+    """``receipts_parked_event_batches.state``."""
+
+    PARKED = "parked"  # open: waits for an operator
+    REPLAY = "replay"  # open: to be sent again by the destination's next delivery round
+    REPLAYED = "replayed"  # closed: the destination acknowledged it
+    DISMISSED = "dismissed"  # closed: an operator let it go
+
+
+OPEN_STATES = (ParkedState.PARKED.value, ParkedState.REPLAY.value)
+
+
 @dataclass(frozen=True, slots=True)
 class Claimed:
     """A destination's cursor, held by one deliverer under ``token``."""
@@ -108,6 +122,10 @@ class DeliveryReport:
     failed: int = 0
     parked: int = 0  # batches parked
     lost: int = 0  # outcomes not recorded: the lease had been taken over
+    # The round moved the cursor and stopped with events still after it that it could not
+    # wait for (``max_batches`` reached, or committed while it ran): run another at once.
+    more: bool = False
+    replayed: int = 0  # parked batches sent again at an operator's request, acknowledged
 
 
 # --- destinations and their cursors -------------------------------------------------------
@@ -140,15 +158,19 @@ def last_event_id(session: Session) -> int:
 
 
 def waiting(session: Session, destinations: Collection[str], *, now: datetime) -> list[str]:
-    """The configured destinations with events after their cursor, not backing off and not
-    held by a deliverer: the clock queues a delivery task for each."""
+    """The configured destinations with events after their cursor or a parked batch to
+    replay, not backing off and not held by a deliverer: the clock queues a delivery task for
+    each."""
     if not destinations:
         return []
     top = last_event_id(session)
+    to_replay = sa.exists().where(
+        P.c.destination == C.c.destination, P.c.state == ParkedState.REPLAY.value
+    )
     rows = session.execute(
         sa.select(C.c.destination).where(
             C.c.destination.in_(sorted(destinations)),
-            C.c.delivered_id < top,
+            sa.or_(C.c.delivered_id < top, to_replay),
             sa.or_(C.c.next_attempt_at.is_(None), C.c.next_attempt_at <= now),
             sa.or_(C.c.leased_until.is_(None), C.c.leased_until <= now),
         )
@@ -506,8 +528,18 @@ def deliver(
 ) -> DeliveryReport:
     """Deliver the destination's events, batch after batch, until it is caught up, a batch
     fails, another deliverer holds it, or ``max_batches`` were sent."""
+    replayed = _replay(
+        session_factory=session_factory,
+        destination=destination,
+        send=send,
+        now=now,
+        types=types,
+        lease=lease,
+        max_batches=max_batches,
+    )
     delivered = batches = failed = parked = lost = 0
-    waited = False
+    waited = moved = caught_up = False
+    cursor = 0
     while batches < max_batches:
         token = secrets.token_hex(16)
         claimed_at = now()
@@ -557,9 +589,12 @@ def deliver(
         if error is None:
             delivered += len(batch.events)
             batches += 1 if batch.events else 0
+            moved = moved or batch.through_id > claimed.delivered_id
+            cursor = batch.through_id
             if batch.through_id >= claimed.safe_id:
                 if claimed.waiting and not waited:
                     continue
+                caught_up = True
                 break
             continue
         if outcome:
@@ -585,9 +620,30 @@ def deliver(
             error,
         )
         break
-    return DeliveryReport(
-        delivered=delivered, batches=batches, failed=failed, parked=parked, lost=lost
+    more = (
+        moved
+        and not (failed or lost)
+        and (batches >= max_batches or (caught_up and _committed_after(session_factory, cursor)))
     )
+    return DeliveryReport(
+        delivered=delivered,
+        batches=batches,
+        failed=failed,
+        parked=parked,
+        lost=lost,
+        more=more,
+        replayed=replayed,
+    )
+
+
+def _committed_after(session_factory: SessionFactory, cursor: int) -> bool:
+    """Whether events after ``cursor`` are visible now that the round released the cursor:
+    committed while the round held it, their writers' nudges found it held
+    (worker/event_nudge.py), so the round answers for them. Asked only by a round that moved
+    the cursor: one that moved nothing waits for a transaction still running, which the tick
+    comes back for, rather than asking again and again."""
+    with session_factory() as session:
+        return last_event_id(session) > cursor
 
 
 def _wait_for_horizon(session_factory: SessionFactory, claimed: Claimed, within: float) -> Claimed:
@@ -607,6 +663,181 @@ def _wait_for_horizon(session_factory: SessionFactory, claimed: Claimed, within:
                 first_failed_at=claimed.first_failed_at,
             )
     return claimed
+
+
+# --- parked batches: an operator's replay or dismissal ------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ParkedBatch:
+    """One row of ``receipts_parked_event_batches`` (README "Tables")."""
+
+    id: int
+    destination: str
+    after_id: int  # the events with after_id < id <= through_id
+    through_id: int
+    events: int
+    attempts: int
+    first_failed_at: datetime
+    parked_at: datetime
+    last_error: str | None
+    state: ParkedState
+    closed_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: sa.RowMapping) -> ParkedBatch:
+        return cls(
+            id=int(row["id"]),
+            destination=row["destination"],
+            after_id=int(row["after_id"]),
+            through_id=int(row["through_id"]),
+            events=int(row["events"]),
+            attempts=int(row["attempts"]),
+            first_failed_at=row["first_failed_at"],
+            parked_at=row["parked_at"],
+            last_error=row["last_error"],
+            state=ParkedState(row["state"]),
+            closed_at=row["closed_at"],
+        )
+
+
+def parked_batches(session: Session, *, include_closed: bool = False) -> list[ParkedBatch]:
+    """The open batches (parked, or waiting to be replayed), or every one, oldest first."""
+    query = sa.select(P).order_by(P.c.id)
+    if not include_closed:
+        query = query.where(P.c.state.in_(OPEN_STATES))
+    return [ParkedBatch.from_row(row) for row in session.execute(query).mappings()]
+
+
+def _lock(session: Session, ids: Sequence[int], allowed: Collection[str]) -> list[int]:
+    """The batches ``ids``, locked, each in one of the ``allowed`` states; else raise naming
+    every one that is not."""
+    wanted = list(dict.fromkeys(ids))
+    rows = {
+        int(row.id): row
+        for row in session.execute(
+            sa.select(P.c.id, P.c.state, P.c.closed_at)
+            .where(P.c.id.in_(wanted))
+            .order_by(P.c.id)
+            .with_for_update()
+        )
+    }
+    problems = []
+    for batch_id in wanted:
+        row = rows.get(batch_id)
+        if row is None:
+            problems.append(f"parked batch {batch_id} does not exist")
+        elif row.state not in allowed:
+            when = f" at {row.closed_at.isoformat(timespec='seconds')}" if row.closed_at else ""
+            problems.append(f"parked batch {batch_id} is {row.state}{when}")
+    if problems:
+        raise ParkedBatchError("nothing was changed: " + "; ".join(problems))
+    return wanted
+
+
+def mark_for_replay(session: Session, ids: Sequence[int]) -> list[int]:
+    """Ask for parked batches to be sent again: the destination's next delivery round sends
+    them before the stream (all or none). A batch already marked may be marked again."""
+    wanted = _lock(session, ids, OPEN_STATES)
+    session.execute(
+        sa.update(P).where(P.c.id.in_(wanted)).values(state=ParkedState.REPLAY.value),
+        execution_options={"synchronize_session": False},
+    )
+    return wanted
+
+
+def dismiss(session: Session, ids: Sequence[int], *, now: datetime) -> list[int]:
+    """Let open batches go (all or none): no longer counted, alerted on or replayed, and their
+    sessions no longer kept from the purge for them."""
+    wanted = _lock(session, ids, OPEN_STATES)
+    session.execute(
+        sa.update(P)
+        .where(P.c.id.in_(wanted))
+        .values(state=ParkedState.DISMISSED.value, closed_at=now),
+        execution_options={"synchronize_session": False},
+    )
+    return wanted
+
+
+def _replay(
+    *,
+    session_factory: SessionFactory,
+    destination: str,
+    send: Sender,
+    now: Callable[[], datetime],
+    types: Collection[EventType],
+    lease: timedelta,
+    max_batches: int,
+) -> int:
+    """Send the destination's batches marked for replay, oldest first, under the cursor's
+    lease (so that two deliverers do not both send them): each acknowledged one is closed as
+    replayed; the first that fails keeps its mark and its error, and is tried again by the
+    next round. Returns how many were replayed. The events are read again from the history,
+    so their order is kept within each batch, but the batch arrives after the events that
+    followed it: receivers deduplicate on ``id`` and should not assume a replay is recent."""
+    with session_factory() as session:
+        todo = [
+            ParkedBatch.from_row(row)
+            for row in session.execute(
+                sa.select(P)
+                .where(P.c.destination == destination, P.c.state == ParkedState.REPLAY.value)
+                .order_by(P.c.id)
+                .limit(max_batches)
+            ).mappings()
+        ]
+    if not todo:
+        return 0
+    token = secrets.token_hex(16)
+    claimed_at = now()
+    with session_factory() as session:
+        if claim(session, destination, now=claimed_at, lease=lease, token=token) is None:
+            return 0
+    replayed = 0
+    try:
+        for parked_batch in todo:
+            with session_factory() as session:
+                batch = read_batch(
+                    session,
+                    after=parked_batch.after_id,
+                    upto=parked_batch.through_id,
+                    limit=max(1, parked_batch.through_id - parked_batch.after_id),
+                    types=types,
+                )
+            error = send({"events": batch.events}, claimed_at) if batch.events else None
+            ours = sa.exists().where(C.c.destination == destination, C.c.claim_token == token)
+            values: dict[str, Any] = {"attempts": P.c.attempts + 1, "last_error": error}
+            if error is None:
+                values = {"state": ParkedState.REPLAYED.value, "closed_at": now()}
+            with session_factory() as session:
+                session.execute(
+                    sa.update(P)
+                    .where(
+                        P.c.id == parked_batch.id,
+                        P.c.state == ParkedState.REPLAY.value,
+                        ours,
+                    )
+                    .values(**values),
+                    execution_options={"synchronize_session": False},
+                )
+            if error is not None:
+                log.warning(
+                    "events to %s: replay of parked batch %d failed: %s",
+                    destination,
+                    parked_batch.id,
+                    error,
+                )
+                break
+            replayed += 1
+            log.info(
+                "events to %s: parked batch %d replayed (%d event(s))",
+                destination,
+                parked_batch.id,
+                len(batch.events),
+            )
+    finally:
+        with session_factory() as session:
+            session.execute(_release(destination, token))
+    return replayed
 
 
 # --- senders ------------------------------------------------------------------------------

@@ -356,6 +356,9 @@ def process_app() -> ASGIApp:
     attach filters to that program's handlers."""
     settings = get_settings()
     configure_logging(settings)
+    from worker.celery import start_event_nudge
+
+    start_event_nudge(settings)  # pushes' history nudges event delivery
     return create_app(settings)
 
 

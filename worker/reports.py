@@ -277,3 +277,27 @@ def print_rejected(rows: list[dict[str, Any]], *, closed_too: bool) -> None:
                 + (f" with {fixes}" if fixes else "")
                 + (f": {row['note']}" if row["note"] else "")
             )
+
+
+def print_parked(rows: list[dict[str, Any]], *, closed_too: bool) -> None:
+    """One block of plain lines per parked event batch, never cut: its id range, why it
+    failed, and where it stands."""
+    import click
+
+    if not rows:
+        click.echo("no parked event batches" if closed_too else "no open parked event batches")
+        return
+    noun = "parked" if closed_too else "open parked"
+    click.echo(f"{len(rows)} {noun} event batch(es):")
+    for row in rows:
+        click.echo(
+            f"\n{row['id']}  {row['destination']}: {row['events']} event(s), ids "
+            f"{row['after_id'] + 1}..{row['through_id']}: {row['state']}"
+        )
+        click.echo(
+            f"    failed {_text(row['first_failed_at'])} .. parked {_text(row['parked_at'])}, "
+            f"{row['attempts']} attempt(s)"
+        )
+        click.echo(f"    last error: {row['last_error'] or '-'}")
+        if row["closed_at"] is not None:
+            click.echo(f"    {row['state']} {_text(row['closed_at'])}")

@@ -12,7 +12,12 @@ import sqlalchemy as sa
 from celery.exceptions import Reject
 
 from worker import events, intake, masking, poller, purge, runtime, store, webhooks
-from worker.celery import EMBEDDED_POLLS_PER_SECOND, app, embedded_claim_bound
+from worker.celery import (
+    EMBEDDED_POLLS_PER_SECOND,
+    app,
+    embedded_claim_bound,
+    queue_event_delivery,
+)
 from worker.config import Settings, get_settings
 from worker.db import error_text, read_scope, session_scope
 from worker.domain import EventDestination, ReceiptSource
@@ -50,8 +55,7 @@ def tick() -> dict[str, int]:
         deliver_webhooks.apply_async()
     for destination in report.events_due:
         # One task per destination: a slow webhook never holds the Celery destination back.
-        # It expires with the tick: the next tick queues another if events still wait.
-        deliver_events.apply_async(args=[destination], expires=settings.tick.total_seconds() * 4)
+        queue_event_delivery(destination, settings)
     if report.escalated or report.claims:
         log.info(
             "tick: escalated %d, dispatched %d poll(s) for %d session(s)",
@@ -169,6 +173,9 @@ def deliver_events(destination: Any) -> dict[str, int]:
         retry_cap=max(settings.tick, timedelta(minutes=15)),
         window=settings.events_retry_window,
     )
+    if report.more:
+        # A full round, or events committed while it ran: go on now, not at the next tick.
+        queue_event_delivery(destination, settings)
     return {"delivered": report.delivered, "failed": report.failed, "parked": report.parked}
 
 

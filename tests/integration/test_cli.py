@@ -21,7 +21,18 @@ from worker import db
 from worker.models import receipts_table, sessions_table
 from worker.reports import STALE_CSV_COLUMNS
 
-COMMANDS = ("migrate", "track", "run", "worker", "beat", "status", "stale", "simulate", "check")
+COMMANDS = (
+    "migrate",
+    "track",
+    "run",
+    "worker",
+    "beat",
+    "status",
+    "stale",
+    "simulate",
+    "check",
+    "events",
+)
 PHONES = "(852)55311111,(852)55311112"
 # Hours before the real time, whatever the date: `track` refuses a sent_at in its clock's future,
 # and `stale` (the view, on the database's clock) finds such a session's poll long overdue.

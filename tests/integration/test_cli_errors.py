@@ -31,6 +31,7 @@ NEED_TABLES = {
     ("status", "S1"): "sms_sessions",
     ("stale",): "stale_sessions",
     ("rejected",): "rejected_tracks",
+    ("events", "parked"): "receipts_parked_event_batches",
     ("ack", "S1"): "sms_sessions",
     ("track", "--account-id", "1", "S1"): "sms_sessions",
     ("purge", "--older-than", "90d"): "sms_sessions",

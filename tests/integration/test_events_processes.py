@@ -20,7 +20,12 @@ from tests.support.processes import processes, wait_for
 from tests.support.receiver import DIE, SECRET, Receiver
 from tests.support.views import tick_heartbeat
 from worker import db, track_many
-from worker.models import receipts_table, session_events_table, sessions_table
+from worker.models import (
+    event_cursors_table,
+    receipts_table,
+    session_events_table,
+    sessions_table,
+)
 from worker.simulator import Simulator
 
 SCENARIOS = ("quick_success", "slow_final", "late_failure", "never", "submit_fail", "stale_unknow")
@@ -31,6 +36,16 @@ def _pending() -> int:
     with db.session_scope() as session:
         query = sa.select(sa.func.count()).where(sessions_table.c.state == "pending")
         return session.scalar(query) or 0
+
+
+def _attempts() -> int:
+    """Failed attempts of the batch the webhook destination is retrying (0 when none)."""
+    with db.session_scope() as session:
+        return session.scalar(sa.select(event_cursors_table.c.attempts)) or 0
+
+
+def _answered(receiver: Receiver, status: int) -> bool:
+    return any(hit.status == status for hit in receiver.hits())
 
 
 def _truth() -> tuple[set[tuple[str, str]], set[tuple[int, str, str]]]:
@@ -119,19 +134,19 @@ def test_every_final_receipt_and_session_event_reaches_a_receiver_that_fails_and
                     for no in sessions
                 )
 
-                def at(offset: float) -> None:
-                    wait_for(
-                        lambda: time.time() >= sent + offset, timeout=offset + 5, interval=0.05
-                    )
-
-                at(2)
+                # Each failure is waited for, not timed: delivery starts when the first
+                # receipts commit (worker/event_nudge.py), and the attempts that follow are
+                # spaced by the backoff, so a failure mode held for a fixed while could fall
+                # between two attempts.
+                wait_for(lambda: _attempts() >= 1, timeout=20, describe=group.logs)
                 first.status = 500
                 first.listen()
-                at(4)
+                wait_for(lambda: _answered(first, 500), timeout=20, describe=group.logs)
                 first.status = DIE  # reads a batch, then dies without answering
-                at(6)
+                wait_for(lambda: _answered(first, DIE), timeout=20, describe=group.logs)
                 first.close()  # killed: connections refused again
-                at(8)
+                down = time.monotonic()
+                wait_for(lambda: time.monotonic() >= down + 1, timeout=5, interval=0.05)
                 second = Receiver(port=port)
                 receivers.append(second)
 
