@@ -29,6 +29,7 @@ import psycopg
 from sqlalchemy import exc as sa_exc
 
 from bench import claims, events, history, inproc, push, raw, report, track, worker_run
+from bench import purge as purging
 from bench.env import (
     bench_database,
     configure_process,
@@ -70,6 +71,9 @@ class Scale:
     push_saved_sessions: int
     history_sessions: int
     events_count: int
+    purge_sessions: int
+    purge_poll_history: int
+    purge_poll_cycles: int
 
 
 FULL = Scale(
@@ -97,6 +101,9 @@ FULL = Scale(
     push_saved_sessions=1_000,
     history_sessions=4_000,
     events_count=50_000,
+    purge_sessions=1_000_000,
+    purge_poll_history=300_000,
+    purge_poll_cycles=400,
 )
 QUICK = Scale(
     raw_rows=20_000,
@@ -121,6 +128,9 @@ QUICK = Scale(
     push_saved_sessions=400,
     history_sessions=1_000,
     events_count=10_000,
+    purge_sessions=100_000,
+    purge_poll_history=50_000,
+    purge_poll_cycles=150,
 )
 PHASES = (
     "raw",
@@ -136,6 +146,8 @@ PHASES = (
     "push",
     "push_saved",
     "events",
+    "purge",
+    "purge_polls",
 )
 
 
@@ -346,6 +358,18 @@ def run(scale: Scale, *, profile: bool, mode: str, only: set[str] | None = None)
             results,
             "events",
             lambda: events.run(database, count=scale.events_count, batch_sizes=(100, 1000)),
+        )
+        # Last: they empty the database, the seeded history of the phases above included.
+        _phase(results, "purge", lambda: purging.run(database, sessions=scale.purge_sessions))
+        _phase(
+            results,
+            "purge_polls",
+            lambda: purging.polls(
+                database,
+                history=scale.purge_poll_history,
+                baseline_cycles=scale.purge_poll_cycles,
+                folder=folder / "purge_polls",
+            ),
         )
 
     results["machine"]["cpu_busy_after"] = cpu_busy()
