@@ -123,6 +123,8 @@ class Snapshot:
     events: list[EventStream] = field(default_factory=list)
     # Rows the purge deleted, by table (worker/purge.py).
     purged: dict[str, int] = field(default_factory=dict)
+    # RECEIPTS_RETENTION as this process has it, in seconds; 0 when unset (keep everything).
+    retention_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -478,6 +480,7 @@ class ReceiptsCollector(Collector):
             now = self._now()
             with _read_scope_with_timeout(STATEMENT_TIMEOUT_MS) as session:
                 snap = read_snapshot(session, now)
+            snap.retention_seconds = _retention_seconds()
         except Exception as exc:  # any failure, settings included: report it, keep serving
             # One line, not a traceback: a broken database fails every scrape, every 15 s.
             # What to do about it when it is a known problem of the setup (worker/problems.py).
@@ -486,6 +489,13 @@ class ReceiptsCollector(Collector):
             return
         yield from _metrics(snap, self._totals.get(now), now)
         yield _scrape_error(0)
+
+
+def _retention_seconds() -> float:
+    from worker.config import get_settings
+
+    retention = get_settings().retention
+    return retention.total_seconds() if retention is not None else 0.0
 
 
 def _scrape_problem(exc: BaseException) -> str:
@@ -629,6 +639,15 @@ def _purge_metrics(snap: Snapshot, totals: Totals | None) -> Iterator[Metric]:
     for table in PURGED_TABLES:
         purged.add_metric([table], snap.purged.get(table, 0))
     yield purged
+    # So that an alert can compare the oldest session with the retention the purge keeps to
+    # (deploy/prometheus-alerts.yml, ReceiptsPurgeBehind): the exporter is given the same
+    # settings as the beat that queues the purge.
+    yield _gauge(
+        "receipts_retention_seconds",
+        "RECEIPTS_RETENTION in seconds, as the exporter was configured; 0 when unset (nothing "
+        "is purged).",
+        snap.retention_seconds,
+    )
     if totals is not None:
         oldest = _seconds_since(totals.oldest_sent_at, totals.computed_at)
         yield _gauge(
