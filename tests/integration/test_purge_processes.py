@@ -276,6 +276,7 @@ class PurgeLoop:
                     now=datetime.now(UTC),
                     older_than=OLDER_THAN,
                     destinations=self.destinations,
+                    # Small batches: many more transactions interleave with the workers'.
                     batch_size=50,
                 )
             except BaseException as exc:  # reported by the test
