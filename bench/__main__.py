@@ -29,6 +29,7 @@ import psycopg
 from sqlalchemy import exc as sa_exc
 
 from bench import claims, events, history, inproc, push, raw, report, track, worker_run
+from bench import purge as purging
 from bench.env import (
     bench_database,
     configure_process,
@@ -71,6 +72,9 @@ class Scale:
     history_sessions: int
     events_count: int
     events_load_sessions: int
+    purge_sessions: int
+    purge_poll_history: int
+    purge_poll_cycles: int
 
 
 FULL = Scale(
@@ -99,6 +103,9 @@ FULL = Scale(
     history_sessions=4_000,
     events_count=50_000,
     events_load_sessions=8_000,
+    purge_sessions=1_000_000,
+    purge_poll_history=300_000,
+    purge_poll_cycles=400,
 )
 QUICK = Scale(
     raw_rows=20_000,
@@ -124,6 +131,9 @@ QUICK = Scale(
     history_sessions=1_000,
     events_count=10_000,
     events_load_sessions=2_000,
+    purge_sessions=100_000,
+    purge_poll_history=50_000,
+    purge_poll_cycles=150,
 )
 PHASES = (
     "raw",
@@ -140,6 +150,8 @@ PHASES = (
     "push_saved",
     "events",
     "events_load",
+    "purge",
+    "purge_polls",
 )
 
 
@@ -369,6 +381,18 @@ def run(scale: Scale, *, profile: bool, mode: str, only: set[str] | None = None)
                     ("nudged_1000", "nudged", 1000),
                 )
             },
+        )
+        # Last: they empty the database, the seeded history of the phases above included.
+        _phase(results, "purge", lambda: purging.run(database, sessions=scale.purge_sessions))
+        _phase(
+            results,
+            "purge_polls",
+            lambda: purging.polls(
+                database,
+                history=scale.purge_poll_history,
+                baseline_cycles=scale.purge_poll_cycles,
+                folder=folder / "purge_polls",
+            ),
         )
 
     results["machine"]["cpu_busy_after"] = cpu_busy()

@@ -17,6 +17,7 @@ INGEST_RATIO_TARGET = 0.5  # of the raw executemany limit
 PUSH_RATIO_TARGET = 0.5  # push ingestion, of the raw executemany limit
 PUSH_P99_TARGET_MS = 250
 HISTORY_COST_TARGET = 0.8  # ingestion with the history, of the upsert alone
+PURGE_POLLS_RATIO_TARGET = 1.5  # claim and record p99 during a purge, of without
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -261,6 +262,52 @@ def _push_figures(r: dict[str, Any]) -> list[Figure]:
     return out
 
 
+def _purge_figures(r: dict[str, Any]) -> list[Figure]:
+    """Retention: the purge rate, and the polls beside a purge (bench/purge.py)."""
+    sessions = _get(r, "purge.sessions")
+    phones = _get(r, "purge.phones_per_session")
+    out = [
+        Figure(
+            key="purge_sessions_per_s",
+            label=f"11. purge of {sessions:,} finished sessions ({phones} phones, receipts, "
+            "history)"
+            if sessions
+            else "11. purge of finished sessions",
+            value=_get(r, "purge.sessions_per_s"),
+            unit="sessions/s",
+            note=f"{_get(r, 'purge.rows_per_s')} rows/s, {_get(r, 'purge.seconds')} s"
+            if sessions
+            else "",
+        )
+    ]
+    history = _get(r, "purge_polls.history_sessions")
+    during = f"during a purge of {history:,}" if history else "during a purge"
+    for step in ("claim", "record"):
+        base = _get(r, f"purge_polls.baseline.{step}_p99_ms")
+        busy = _get(r, f"purge_polls.during_purge.{step}_p99_ms")
+        ratio = _get(r, f"purge_polls.{step}_p99_ratio")
+        out.append(
+            Figure(
+                key=f"purge_polls_{step}_p99",
+                label=f"11. {step} p99 of 100 sessions, {during}",
+                value=busy,
+                unit="ms",
+                note=f"without: {base} ms" if base is not None else "",
+            )
+        )
+        out.append(
+            Figure(
+                key=f"purge_polls_{step}_ratio",
+                label=f"11. … {step} p99 ratio, during a purge vs without",
+                value=ratio,
+                unit="x",
+                target=f"<= {PURGE_POLLS_RATIO_TARGET}",
+                ok=ratio <= PURGE_POLLS_RATIO_TARGET if ratio is not None else None,
+            )
+        )
+    return out
+
+
 def figures(results: dict[str, Any]) -> list[Figure]:
     r = results
     out: list[Figure] = []
@@ -446,6 +493,7 @@ def figures(results: dict[str, Any]) -> list[Figure]:
         )
 
     out.extend(_events_load_figures(r))
+    out.extend(_purge_figures(r))
 
     add(
         "inproc_ms_per_poll",

@@ -126,6 +126,8 @@ class Snapshot:
     purged: dict[str, int] = field(default_factory=dict)
     # Rows whose phones the masking replaced, by table (worker/masking.py).
     masked: dict[str, int] = field(default_factory=dict)
+    # RECEIPTS_RETENTION as this process has it, in seconds; 0 when unset (keep everything).
+    retention_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -480,6 +482,7 @@ class ReceiptsCollector(Collector):
             now = self._now()
             with _read_scope_with_timeout(STATEMENT_TIMEOUT_MS) as session:
                 snap = read_snapshot(session, now)
+            snap.retention_seconds = _retention_seconds()
         except Exception as exc:  # any failure, settings included: report it, keep serving
             # One line, not a traceback: a broken database fails every scrape, every 15 s.
             # What to do about it when it is a known problem of the setup (worker/problems.py).
@@ -488,6 +491,13 @@ class ReceiptsCollector(Collector):
             return
         yield from _metrics(snap, self._totals.get(now), now)
         yield _scrape_error(0)
+
+
+def _retention_seconds() -> float:
+    from worker.config import get_settings
+
+    retention = get_settings().retention
+    return retention.total_seconds() if retention is not None else 0.0
 
 
 def _scrape_problem(exc: BaseException) -> str:
@@ -640,6 +650,15 @@ def _purge_metrics(snap: Snapshot, totals: Totals | None) -> Iterator[Metric]:
     for table in MASKED_TABLES:
         masked.add_metric([table], snap.masked.get(table, 0))
     yield masked
+    # So that an alert can compare the oldest session with the retention the purge keeps to
+    # (deploy/prometheus-alerts.yml, ReceiptsPurgeBehind): the exporter is given the same
+    # settings as the beat that queues the purge.
+    yield _gauge(
+        "receipts_retention_seconds",
+        "RECEIPTS_RETENTION in seconds, as the exporter was configured; 0 when unset (nothing "
+        "is purged).",
+        snap.retention_seconds,
+    )
     if totals is not None:
         oldest = _seconds_since(totals.oldest_sent_at, totals.computed_at)
         yield _gauge(

@@ -367,6 +367,9 @@ class EscalationOutbox(Base):
             postgresql_where=sa.text("delivered_at IS NULL"),
             sqlite_where=sa.text("delivered_at IS NULL"),
         ),
+        # The purge looks a session's webhooks up, to keep the session while one is
+        # undelivered and to delete them with it (worker/purge.py).
+        sa.Index("ix_escalation_outbox_session", "account_id", "session_no"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

@@ -26,3 +26,12 @@ def test_every_metric_the_alert_rules_name_is_served() -> None:
     # A counter with no sample yet (no API call made) still declares itself.
     served |= {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
     assert named <= served, f"not served: {sorted(named - served)}"
+
+
+def test_the_readme_lists_every_rule() -> None:
+    """README "Metrics" names every rule, so that an operator finds them all from there."""
+    readme = (RULES.parents[1] / "README.md").read_text()
+    section = readme.split("### Metrics", 1)[1].split("\n### ", 1)[0]
+    rules = re.findall(r"^\s+- alert: (\w+)$", RULES.read_text(), flags=re.MULTILINE)
+    assert "ReceiptsPurgeBehind" in rules
+    assert [rule for rule in rules if f"`{rule}`" not in section] == []

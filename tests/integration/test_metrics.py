@@ -111,6 +111,7 @@ def expected(
         ("receipts_totals_age_seconds", ()): 0,
         ("receipts_scrape_error", ()): 0,
         ("receipts_oldest_session_age_seconds", ()): oldest_session,
+        ("receipts_retention_seconds", ()): 0,
     }
     for table in PURGED_TABLES:
         samples["receipts_purged_rows_total", (("table", table),)] = (purged or {}).get(table, 0)
@@ -329,6 +330,15 @@ def test_masked_rows_are_counted_by_table() -> None:
     assert all(
         samples["receipts_purged_rows_total", (("table", table),)] == 0 for table in PURGED_TABLES
     )
+
+
+@pytest.mark.usefixtures("database")
+def test_the_retention_is_served_for_the_purge_alert(configure: Configure) -> None:
+    """0 while RECEIPTS_RETENTION is unset; else its seconds, which ReceiptsPurgeBehind
+    compares the oldest session's age with."""
+    assert scrape()["receipts_retention_seconds", ()] == 0
+    configure(RECEIPTS_RETENTION="90d")
+    assert scrape()["receipts_retention_seconds", ()] == 90 * 86400.0
 
 
 @pytest.mark.usefixtures("database")
