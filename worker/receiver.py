@@ -220,11 +220,16 @@ class Receiver:
     session_factory: SessionFactory
     clock: Clock
     counts: PushCounts = field(default_factory=PushCounts)
+    # Where the writer's transactions come from (None: session_factory).
+    writer_session_factory: SessionFactory | None = None
     # This process's one writer: concurrent pushes committed together (worker/push_writer.py).
     writer: PushWriter = field(init=False)
 
     def __post_init__(self) -> None:
-        self.writer = PushWriter(session_factory=self.session_factory, clock=self.clock)
+        self.writer = PushWriter(
+            session_factory=self.writer_session_factory or self.session_factory,
+            clock=self.clock,
+        )
 
     async def callback(self, request: Request) -> Response:
         started = time.monotonic()
@@ -304,9 +309,11 @@ def create_app(
     settings: Settings | None = None,
     *,
     session_factory: SessionFactory = db.session_scope,
+    writer_session_factory: SessionFactory | None = None,
     clock: Clock | None = None,
 ) -> ASGIApp:
-    """The receiver's ASGI application. Refuses settings it cannot serve safely."""
+    """The receiver's ASGI application. Refuses settings it cannot serve safely. The pushes
+    are written through ``writer_session_factory`` (by default ``session_factory``)."""
     from worker.clock import database_now
 
     settings = settings or get_settings()
@@ -317,6 +324,7 @@ def create_app(
         token=settings.callback_token.get_secret_value().encode(),
         max_body=settings.receiver_max_body,
         session_factory=session_factory,
+        writer_session_factory=writer_session_factory or session_factory,
         clock=clock or database_now,
     )
     flusher = Flusher(receiver.counts, session_factory)
@@ -359,7 +367,9 @@ def process_app() -> ASGIApp:
     from worker.celery import start_event_nudge
 
     start_event_nudge(settings)  # pushes' history nudges event delivery
-    return create_app(settings)
+    # A push whose transaction fails is answered 503 and sent again by Uspeedo: the writer's
+    # connection need not be pinged before each one.
+    return create_app(settings, writer_session_factory=db.retried_scope)
 
 
 def configure_logging(settings: Settings) -> None:

@@ -58,3 +58,20 @@ def test_rows_round_trip_through_one_json_document() -> None:
 def test_no_rows_select_nothing() -> None:
     with db.session_scope() as session:
         assert session.execute(db.json_rows(TYPES), db.json_document([])).all() == []
+
+
+@pytest.mark.postgres
+@pytest.mark.usefixtures("pg")
+def test_a_unit_of_work_without_ping_fails_once_as_transient_on_a_lost_connection() -> None:
+    """The push writer's units of work (``retried_scope``) skip the ping: a connection the
+    server dropped fails the next transaction, as transient (answered 503, retried by
+    Uspeedo), and the one after runs on a new connection."""
+    with db.retried_scope() as session:
+        pid = session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+    with db.session_scope() as session:
+        session.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    with pytest.raises(sa.exc.DBAPIError) as failed, db.retried_scope() as session:
+        session.execute(sa.text("SELECT 1"))
+    assert db.is_transient(failed.value)
+    with db.retried_scope() as session:
+        assert session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one() != pid
