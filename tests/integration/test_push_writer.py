@@ -297,3 +297,37 @@ def test_over_http_a_failed_group_is_answered_503_to_each_push_and_the_others_20
     finally:
         gate.open.set()
         running.stop()
+
+
+def test_under_load_the_writer_waits_a_moment_for_the_pushes_on_their_way(
+    recorded: list[list[str]],
+) -> None:
+    """A push that arrives within the linger after a transaction ended joins the next group
+    instead of being written alone; an idle writer writes a push at once, whatever its
+    linger."""
+    track(*({"account_id": 1, "session_no": f"L{i}"} for i in range(4)))
+    gate = Gate()
+    # A long linger (the writer waits it out: the group is not full), so that the test's own
+    # submit lands within it however slow the machine.
+    pusher = PushWriter(session_factory=gate, clock=lambda: PUSHED, linger=3.0, busy_within=WAIT)
+    try:
+        first = _hold_first(pusher, gate, "L0")
+        second = pusher.submit(_receipts(("L1", "85255311111")), account_id=None)
+        wait_for(lambda: pusher.waiting() == 1, timeout=WAIT)
+        gate.open.set()
+        assert _results([first]) == [{"stored": 1}]
+        # The writer now lingers with L1 waiting: L2 joins it.
+        third = pusher.submit(_receipts(("L2", "85255311111")), account_id=None)
+        assert _results([second, third]) == [{"stored": 1}] * 2
+    finally:
+        gate.open.set()
+        pusher.stop()
+    assert recorded == [["L0"], ["L1", "L2"]]
+
+    idle = PushWriter(session_factory=gate, clock=lambda: PUSHED, linger=60.0, busy_within=0.0)
+    try:
+        # Settled well before the linger would have ended: written at once.
+        settled = idle.submit(_receipts(("L3", "85255311111")), account_id=None).result(WAIT)
+        assert settled["stored"] == 1
+    finally:
+        idle.stop()
