@@ -4,11 +4,11 @@ A push carries few receipts (Uspeedo's batches; 50 in the benchmark) where a pol
 and when each push paid its own transaction the receiver spent its time on commits (0.18x the
 raw upsert limit). So the pushes a process receives concurrently are handed to one writer thread,
 which takes whatever is waiting (up to :data:`MAX_GROUP_RECEIPTS` receipts) and records it in
-ONE transaction through :func:`worker.push.record_push`, the poll's own rules. An idle writer waits for nothing:
-a push arriving while the writer is idle is recorded at once, and only what piles up while a
-transaction is under way is grouped into the next one, so latency at low load stays that of a
-single push. Under load only, the writer waits a moment (:data:`LINGER`) for the pushes that
-are on their way before it begins a transaction.
+ONE transaction through :func:`worker.push.record_push`, the poll's own rules. A push arriving
+while the writer is idle is recorded at once, and what piles up while a transaction is under way
+is grouped into the next one, so latency at low load stays that of a single push. Under load
+only, the writer waits a moment (:data:`LINGER`) for the pushes on their way before it begins a
+transaction.
 
 Each push's future is settled only after the transaction holding its receipts committed (the
 receiver answers 200 then), or with the error that rolled it back: a transient database error
