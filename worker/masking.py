@@ -67,6 +67,7 @@ from worker.models import (
     receipts_table,
     sessions_table,
 )
+from worker.purge import in_batches
 
 S = sessions_table
 R = receipts_table
@@ -407,26 +408,21 @@ def mask(
 ) -> MaskReport:
     """Mask batch after batch, each in its own transaction, until nothing is left or
     ``max_sessions`` were masked."""
-    total = MaskReport()
-    after: tuple[int, str] | None = None
-    while True:
-        if max_sessions is not None and total.sessions >= max_sessions:
-            return total + MaskReport(bounded=True)
-        limit = batch_size
-        if max_sessions is not None:
-            limit = min(limit, max_sessions - total.sessions)
-        with session_factory() as session:
-            report, after = mask_batch(
-                session,
-                now=now,
-                older_than=older_than,
-                phone_hash=phone_hash,
-                after=after,
-                limit=limit,
-            )
-        total = total + report
-        if after is None:
-            return total
+    return in_batches(
+        session_factory,
+        lambda session, after, limit: mask_batch(
+            session,
+            now=now,
+            older_than=older_than,
+            phone_hash=phone_hash,
+            after=after,
+            limit=limit,
+        ),
+        empty=MaskReport(),
+        bounded=MaskReport(bounded=True),
+        batch_size=batch_size,
+        max_sessions=max_sessions,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,7 @@ from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol, Self, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -251,23 +252,59 @@ def purge(
 ) -> PurgeReport:
     """Purge batch after batch, each in its own transaction, until nothing is left or
     ``max_sessions`` were deleted."""
-    total = PurgeReport()
-    after: tuple[int, str] | None = None
+    return in_batches(
+        session_factory,
+        lambda session, after, limit: purge_batch(
+            session,
+            now=now,
+            older_than=older_than,
+            destinations=destinations,
+            after=after,
+            limit=limit,
+        ),
+        empty=PurgeReport(),
+        bounded=PurgeReport(bounded=True),
+        batch_size=batch_size,
+        max_sessions=max_sessions,
+    )
+
+
+class BatchReport(Protocol):
+    """What one batch of a purge or a masking (worker/masking.py) did; batches add up."""
+
+    @property
+    def sessions(self) -> int: ...
+
+    def __add__(self, other: Self) -> Self: ...
+
+
+Report = TypeVar("Report", bound=BatchReport)
+# Where a batch ended, (account_id, session_no): the next one starts after it.
+Position = tuple[int, str]
+
+
+def in_batches(
+    session_factory: SessionFactory,
+    batch: Callable[[Session, Position | None, int], tuple[Report, Position | None]],
+    *,
+    empty: Report,
+    bounded: Report,
+    batch_size: int,
+    max_sessions: int | None,
+) -> Report:
+    """Run ``batch`` (session, after, limit) in a transaction of its own after another, each
+    from where the last ended, until one says nothing is left (None) or ``max_sessions`` were
+    taken (the total then has ``bounded`` added: more may be left)."""
+    total = empty
+    after: Position | None = None
     while True:
         if max_sessions is not None and total.sessions >= max_sessions:
-            return total + PurgeReport(bounded=True)
+            return total + bounded
         limit = batch_size
         if max_sessions is not None:
             limit = min(limit, max_sessions - total.sessions)
         with session_factory() as session:
-            report, after = purge_batch(
-                session,
-                now=now,
-                older_than=older_than,
-                destinations=destinations,
-                after=after,
-                limit=limit,
-            )
+            report, after = batch(session, after, limit)
         total = total + report
         if after is None:
             return total
