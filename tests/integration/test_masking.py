@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from tests.support.cli import invoke, ok
 from tests.support.clock import POLICY, T0
 from tests.support.factories import P1, P2, P3, escalate, poll, receipt, track
+from tests.support.threads import at_once
 from worker import db, masking, push, store
 from worker.domain import ReceiptSource, Result, phone_key
 from worker.models import (
@@ -388,23 +389,7 @@ def test_with_another_key_late_receipts_of_masked_sessions_are_dropped_not_added
 def test_two_maskings_at_once_mask_each_session_once(pg: str) -> None:
     names = [f"S{i:02d}" for i in range(30)]
     resolved(*names)
-    reports: list[masking.MaskReport] = []
-    errors: list[BaseException] = []
-    start = threading.Barrier(2)
-
-    def one() -> None:
-        try:
-            start.wait(timeout=10)
-            reports.append(run(batch_size=3))
-        except BaseException as exc:  # reported by the test
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not errors
+    reports = at_once(lambda: run(batch_size=3), lambda: run(batch_size=3))
     assert sum(r.sessions for r in reports) == 30
     assert sum(r.receipts for r in reports) == 60
     assert masked_counts()["sms_receipts"] == 60

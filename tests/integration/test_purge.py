@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from tests.support.cli import invoke, ok
 from tests.support.clock import POLICY, T0
 from tests.support.factories import P1, escalate, poll, receipt, track
+from tests.support.threads import at_once
 from worker import db, events, purge, store
 from worker.domain import Result
 from worker.models import (
@@ -301,23 +302,7 @@ def test_two_purges_at_once_delete_each_session_once(pg: str) -> None:
     resolved(*names)
     track({"account_id": 1, "session_no": "P", "phones": [P1]})
     escalated("U", acknowledged=False)
-    reports: list[purge.PurgeReport] = []
-    errors: list[BaseException] = []
-    start = threading.Barrier(2)
-
-    def one() -> None:
-        try:
-            start.wait(timeout=10)
-            reports.append(run(batch_size=3))
-        except BaseException as exc:  # reported by the test
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not errors
+    reports = at_once(lambda: run(batch_size=3), lambda: run(batch_size=3))
     assert sum(r.sessions for r in reports) == 40
     assert sum(r.receipts for r in reports) == 40
     assert remaining() == {"P", "U"}
