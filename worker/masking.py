@@ -58,16 +58,15 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from worker.db import json_document, json_rows, upsert_insert
+from worker.db import json_document, json_rows
 from worker.domain import SessionState, phone_key
 from worker.models import (
     outbox_table,
-    purge_counts_table,
     receipt_events_table,
     receipts_table,
     sessions_table,
 )
-from worker.purge import in_batches
+from worker.purge import add_counts, in_batches
 
 S = sessions_table
 R = receipts_table
@@ -364,7 +363,7 @@ def mask_batch(
         OUTBOX.name: _update_by_id(session, OUTBOX, outbox_rows),
         S.name: _update_by_id(session, S, session_rows),
     }
-    count_masked(session, counts, now=now)
+    add_counts(session, counts, now=now, kind="masked")
     report = MaskReport(
         sessions=counts[S.name],
         receipts=counts[R.name],
@@ -374,27 +373,6 @@ def mask_batch(
         skipped=skipped,
     )
     return report, last
-
-
-def count_masked(session: Session, counts: Mapping[str, int], *, now: datetime) -> None:
-    """Add to ``receipts_purge_counts.masked`` in the batch's own transaction (as the purge
-    counts what it deletes), so that the totals never count a batch that rolled back."""
-    table = purge_counts_table
-    statement = upsert_insert(session, table)
-    statement = statement.on_conflict_do_update(
-        index_elements=["table_name"],
-        set_={
-            "masked": table.c.masked + statement.excluded.masked,
-            "last_masked_at": statement.excluded.last_masked_at,
-        },
-    )
-    session.connection().execute(
-        statement,
-        [
-            {"table_name": name, "masked": masked, "last_masked_at": now}
-            for name, masked in sorted(counts.items())
-        ],
-    )
 
 
 def mask(

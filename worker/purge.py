@@ -32,7 +32,7 @@ is skipped by the other, and one deleted is no longer found, so each is deleted 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -205,7 +205,7 @@ def purge_batch(
         OUTBOX.name: delete(OUTBOX, _ids_of(OUTBOX, ids)),
         S.name: delete(S, S.c.id.in_(ids)),
     }
-    count_purged(session, counts, now=now)
+    add_counts(session, counts, now=now)
     history = counts[E.name] + counts[SE.name]
     receipts, inbox, outbox, sessions = (counts[t.name] for t in (R, INBOX, OUTBOX, S))
     report = PurgeReport(
@@ -219,25 +219,23 @@ def purge_batch(
     return report, last
 
 
-def count_purged(session: Session, counts: dict[str, int], *, now: datetime) -> None:
-    """Add to ``receipts_purge_counts`` in the batch's own transaction, so that the totals
-    never count a batch that rolled back. Two purges at once queue on these few rows until
-    commit, which slows only the purges."""
+def add_counts(
+    session: Session, counts: Mapping[str, int], *, now: datetime, kind: str = "purged"
+) -> None:
+    """Add a batch's rows by table to ``receipts_purge_counts``'s ``kind`` column (``purged``
+    by the purge, ``masked`` by worker/masking.py), and stamp ``last_<kind>_at``, in the
+    batch's own transaction, so that the totals never count a batch that rolled back. Two runs
+    at once queue on these few rows until commit, which slows only them."""
     table = purge_counts_table
+    stamp = f"last_{kind}_at"
     statement = upsert_insert(session, table)
     statement = statement.on_conflict_do_update(
         index_elements=["table_name"],
-        set_={
-            "purged": table.c.purged + statement.excluded.purged,
-            "last_purged_at": statement.excluded.last_purged_at,
-        },
+        set_={kind: table.c[kind] + statement.excluded[kind], stamp: statement.excluded[stamp]},
     )
     session.connection().execute(
         statement,
-        [
-            {"table_name": name, "purged": purged, "last_purged_at": now}
-            for name, purged in sorted(counts.items())
-        ],
+        [{"table_name": name, kind: count, stamp: now} for name, count in sorted(counts.items())],
     )
 
 
