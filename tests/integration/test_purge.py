@@ -30,6 +30,7 @@ from worker.models import (
 )
 
 FIRST = T0 + POLICY.first_delay
+MINUTE = timedelta(minutes=1)
 LATE = T0 + POLICY.cutoff + timedelta(minutes=1)
 RETENTION = timedelta(days=90)
 NOW = T0 + timedelta(days=91)
@@ -265,6 +266,30 @@ def test_bounded_run_leaves_the_rest_for_the_next() -> None:
     )
     assert (report.sessions, report.bounded) == (3, True)
     assert len(remaining()) == 2
+
+
+@pytest.mark.usefixtures("database")
+def test_the_oldest_sessions_go_first() -> None:
+    """A bounded run (the daily task's) leaves the newest for the next, whatever the order of
+    their SessionNos: the purge walks finished sessions by sent_at (migration 0014)."""
+    names = [f"S{i}" for i in range(5)]  # S0 sent last, S4 first
+    track(
+        *(
+            {"account_id": 1, "session_no": name, "phones": [P1], "sent_at": T0 - i * MINUTE}
+            for i, name in enumerate(names)
+        )
+    )
+    poll(1, [receipt(name, P1, Result.SUCCESS, FIRST) for name in names], FIRST)
+    report = purge.purge(
+        db.session_scope,
+        now=NOW,
+        older_than=RETENTION,
+        destinations=(),
+        batch_size=1,
+        max_sessions=3,
+    )
+    assert (report.sessions, report.batches) == (3, 3)
+    assert remaining() == {"S0", "S1"}
 
 
 @pytest.mark.usefixtures("database")
