@@ -168,19 +168,25 @@ def record_push(
     )
 
 
-def _lock_tracked(
-    session: Session, session_nos: Sequence[str], account_id: int | None
-) -> tuple[dict[str, list[PollTarget]], dict[int, store.Locked]]:
-    """:func:`_tracked`, the sessions locked and read as :func:`worker.store.lock_sessions`
-    does, in the same (account_id, session_no) order, in the same statement: a push pays one
-    round trip to match and lock. A SessionNo tracked in several accounts is locked too, and
-    parked: a lock held a moment longer costs nothing."""
-    query = sa.select(S.c.account_id, S.c.session_no, S.c.sent_at, *store.LOCKED_COLUMNS).where(
+def _matching(session_nos: Sequence[str], account_id: int | None, *columns: Any) -> sa.Select[Any]:
+    """The tracked sessions of ``session_nos`` (within ``account_id`` when given), in the
+    (account_id, session_no) order every path that locks several sessions uses."""
+    query = sa.select(S.c.account_id, S.c.session_no, S.c.sent_at, *columns).where(
         S.c.session_no.in_(list(session_nos))
     )
     if account_id is not None:
         query = query.where(S.c.account_id == account_id)
-    query = query.order_by(S.c.account_id, S.c.session_no)
+    return query.order_by(S.c.account_id, S.c.session_no)
+
+
+def _lock_tracked(
+    session: Session, session_nos: Sequence[str], account_id: int | None
+) -> tuple[dict[str, list[PollTarget]], dict[int, store.Locked]]:
+    """:func:`_tracked`, the sessions locked and read as :func:`worker.store.lock_sessions`
+    does, in the same statement: a push pays one round trip to match and lock. A SessionNo
+    tracked in several accounts is locked too, and parked: a lock held a moment longer costs
+    nothing."""
+    query = _matching(session_nos, account_id, *store.LOCKED_COLUMNS)
     if session.get_bind().dialect.name == "postgresql":
         # SQLite has no row locks: its units of work begin with the write lock (worker.db).
         query = query.with_for_update()
@@ -196,13 +202,8 @@ def _tracked(
     session: Session, session_nos: Sequence[str], account_id: int | None
 ) -> dict[str, list[PollTarget]]:
     """The tracked sessions of ``session_nos`` (within ``account_id`` when given)."""
-    query = sa.select(S.c.id, S.c.account_id, S.c.session_no, S.c.phones, S.c.sent_at).where(
-        S.c.session_no.in_(list(session_nos))
-    )
-    if account_id is not None:
-        query = query.where(S.c.account_id == account_id)
     found: dict[str, list[PollTarget]] = defaultdict(list)
-    for row in session.execute(query.order_by(S.c.account_id, S.c.session_no)):
+    for row in session.execute(_matching(session_nos, account_id, S.c.id, S.c.phones)):
         found[row.session_no].append(PollTarget.from_row(row, row.sent_at))
     return found
 
