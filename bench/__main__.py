@@ -102,7 +102,7 @@ FULL = Scale(
     push_saved_sessions=1_000,
     history_sessions=4_000,
     events_count=50_000,
-    events_load_sessions=8_000,
+    events_load_sessions=40_000,
     purge_sessions=1_000_000,
     # A million, as the purge rate's: at 8,000 sessions/s a purge of 300,000 lasted 30 s, about
     # 150 timed cycles, whose p99 was their second-worst.

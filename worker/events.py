@@ -32,6 +32,8 @@ before it was acknowledged (or parked), so a receiver sees each session's events
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 import secrets
@@ -43,6 +45,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+import orjson
 import requests
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -273,78 +276,90 @@ def advance_horizon(session: Session, destination: str, token: str) -> tuple[int
 # --- reading a batch ----------------------------------------------------------------------
 
 
-def _receipt_query(types: Collection[EventType]) -> sa.Select[Any]:
+def _first(table: sa.Table, *conditions: sa.ColumnElement[bool]) -> sa.Subquery:
+    """The next ``limit`` rows of a history table after ``after``, in id order, before
+    anything is joined to them; the caller keeps those up to the horizon (``upto``), a
+    prefix of them, so that they are still the first ``limit`` up to it. The scan then
+    follows the primary key from the cursor and stops at the limit, however far the horizon
+    reaches. With the horizon and the joins inside, a plan from the history's statistics
+    (stale while it grows) read, joined and sorted every event up to the horizon for each
+    batch: 20 ms for a batch of 100 behind 15,000 events (EXPLAIN ANALYZE)."""
+    return (
+        sa.select(table)
+        .where(table.c.id > sa.bindparam("after"), *conditions)
+        .order_by(table.c.id)
+        .limit(sa.bindparam("limit"))
+        .subquery("batch")
+    )
+
+
+@functools.cache
+def _receipt_query(types: frozenset[EventType]) -> sa.Select[Any]:
+    wanted = [E.c.applied.is_(True)]
+    if EventType.RECEIPT_UPDATED not in types:
+        wanted.append(E.c.result.in_(FINALS))
+    batch = _first(E, *wanted)
     earlier = E.alias("earlier")
     first_final = sa.and_(
-        E.c.result.in_(FINALS),
+        batch.c.result.in_(FINALS),
         ~sa.exists().where(
-            earlier.c.account_id == E.c.account_id,
-            earlier.c.session_no == E.c.session_no,
-            earlier.c.phone_key == E.c.phone_key,
+            earlier.c.account_id == batch.c.account_id,
+            earlier.c.session_no == batch.c.session_no,
+            earlier.c.phone_key == batch.c.phone_key,
             earlier.c.applied.is_(True),
             earlier.c.result.in_(FINALS),
-            earlier.c.id < E.c.id,
+            earlier.c.id < batch.c.id,
         ),
     )
-    query = (
+    return (
         sa.select(
-            E.c.id,
-            E.c.account_id,
-            E.c.session_no,
-            E.c.phone,
-            E.c.result,
-            E.c.receipt_code,
-            E.c.receipt_desc,
-            E.c.receipt_time,
-            E.c.cost_count,
-            E.c.user_id,
-            E.c.source,
-            E.c.observed_at,
+            batch.c.id,
+            batch.c.account_id,
+            batch.c.session_no,
+            batch.c.phone,
+            batch.c.result,
+            batch.c.receipt_code,
+            batch.c.receipt_desc,
+            batch.c.receipt_time,
+            batch.c.cost_count,
+            batch.c.user_id,
+            batch.c.source,
+            batch.c.observed_at,
             S.c.user_ref,
             first_final.label("first_final"),
         )
         .select_from(
-            E.outerjoin(
-                S, sa.and_(S.c.account_id == E.c.account_id, S.c.session_no == E.c.session_no)
+            batch.outerjoin(
+                S,
+                sa.and_(S.c.account_id == batch.c.account_id, S.c.session_no == batch.c.session_no),
             )
         )
-        .where(
-            E.c.id > sa.bindparam("after"),
-            E.c.id <= sa.bindparam("upto"),
-            E.c.applied.is_(True),
-        )
-        .order_by(E.c.id)
-        .limit(sa.bindparam("limit"))
+        .where(batch.c.id <= sa.bindparam("upto"))
+        .order_by(batch.c.id)
     )
-    if EventType.RECEIPT_UPDATED not in types:
-        query = query.where(E.c.result.in_(FINALS))
-    return query
 
 
-def _session_query(types: Collection[EventType]) -> sa.Select[Any]:
+@functools.cache
+def _session_query(types: frozenset[EventType]) -> sa.Select[Any]:
+    batch = _first(SE, SE.c.type.in_(sorted(t.value for t in types if t in SESSION_TYPES)))
     return (
         sa.select(
-            SE.c.id,
-            SE.c.account_id,
-            SE.c.session_no,
-            SE.c.type,
-            SE.c.source,
-            SE.c.occurred_at,
+            batch.c.id,
+            batch.c.account_id,
+            batch.c.session_no,
+            batch.c.type,
+            batch.c.source,
+            batch.c.occurred_at,
             S.c.user_ref,
         )
         .select_from(
-            SE.outerjoin(
+            batch.outerjoin(
                 S,
-                sa.and_(S.c.account_id == SE.c.account_id, S.c.session_no == SE.c.session_no),
+                sa.and_(S.c.account_id == batch.c.account_id, S.c.session_no == batch.c.session_no),
             )
         )
-        .where(
-            SE.c.id > sa.bindparam("after"),
-            SE.c.id <= sa.bindparam("upto"),
-            SE.c.type.in_(sorted(t.value for t in types if t in SESSION_TYPES)),
-        )
-        .order_by(SE.c.id)
-        .limit(sa.bindparam("limit"))
+        .where(batch.c.id <= sa.bindparam("upto"))
+        .order_by(batch.c.id)
     )
 
 
@@ -352,16 +367,21 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def _receipt_event(row: Any, types: Collection[EventType]) -> dict[str, Any] | None:
-    if row.first_final and EventType.RECEIPT_FINAL in types:
-        kind = EventType.RECEIPT_FINAL
-    elif EventType.RECEIPT_UPDATED in types:
-        kind = EventType.RECEIPT_UPDATED
+_FINAL = EventType.RECEIPT_FINAL.value
+_UPDATED = EventType.RECEIPT_UPDATED.value
+
+
+def _receipt_event(row: Any, types: Collection[str]) -> dict[str, Any] | None:
+    """``types``: the selected types' values (a set, built once a batch: this runs per event)."""
+    if row.first_final and _FINAL in types:
+        kind = _FINAL
+    elif _UPDATED in types:
+        kind = _UPDATED
     else:
         return None  # a later change of a final receipt, and receipt.updated not selected
     return {
         "id": int(row.id),
-        "type": kind.value,
+        "type": kind,
         "occurred_at": _iso(row.observed_at),
         "account_id": int(row.account_id),
         "session_no": row.session_no,
@@ -406,7 +426,7 @@ def read_batch(
     ):
         if not (wanted & set(types)):
             continue
-        rows = session.execute(query(types), params).all()
+        rows = session.execute(query(frozenset(types)), params).all()
         if len(rows) == limit:
             # More may follow: only ids up to this query's last are known from both.
             through = min(through, int(rows[-1].id))
@@ -416,8 +436,9 @@ def read_batch(
         fetched = fetched[:limit]
         through = fetched[-1][0]
     events = []
+    selected = {t.value for t in types}
     for _id, is_receipt, row in fetched:
-        event = _receipt_event(row, types) if is_receipt else _session_event(row)
+        event = _receipt_event(row, selected) if is_receipt else _session_event(row)
         if event is not None:
             events.append(event)
     return Batch(after_id=after, through_id=through, events=events)
@@ -434,9 +455,17 @@ def _release(destination: str, token: str) -> sa.Update:
     )
 
 
-def record_delivered(session: Session, claimed: Claimed, batch: Batch, *, now: datetime) -> bool:
+def record_delivered(
+    session: Session,
+    claimed: Claimed,
+    batch: Batch,
+    *,
+    now: datetime,
+    keep_until: datetime | None = None,
+) -> bool:
     """Move the cursor past an acknowledged batch (or one with no event to send); False when
-    the lease had been taken over (nothing recorded)."""
+    the lease had been taken over (nothing recorded). With ``keep_until`` the round keeps the
+    cursor, its lease renewed until then, for its next batch; else the cursor is released."""
     values: dict[str, Any] = {
         "delivered_id": batch.through_id,
         "attempts": 0,
@@ -449,9 +478,15 @@ def record_delivered(session: Session, claimed: Claimed, batch: Batch, *, now: d
             "delivered_events": C.c.delivered_events + len(batch.events),
             "delivered_at": now,
         }
-    done = session.connection().execute(
-        _release(claimed.destination, claimed.token).values(**values)
-    )
+    if keep_until is None:
+        statement = _release(claimed.destination, claimed.token)
+    else:
+        statement = (
+            sa.update(C)
+            .where(C.c.destination == claimed.destination, C.c.claim_token == claimed.token)
+            .values(leased_until=keep_until)
+        )
+    done = session.connection().execute(statement.values(**values))
     return bool(done.rowcount)
 
 
@@ -540,31 +575,44 @@ def deliver(
     delivered = batches = failed = parked = lost = 0
     waited = moved = caught_up = False
     cursor = 0
+    # The batch read while the round holds the cursor: read with the claim, or, while the
+    # horizon reaches past the batch just delivered, in the transaction that recorded it.
+    # A batch's cost is then one transaction, not a claim, a read and a release: the
+    # deliverer's cost is mostly per batch (README "Events").
+    held: tuple[Claimed, Batch, datetime] | None = None
     while batches < max_batches:
-        token = secrets.token_hex(16)
-        claimed_at = now()
-        with session_factory() as session:
-            claimed = claim(session, destination, now=claimed_at, lease=lease, token=token)
-        if claimed is None:
-            break
-        if claimed.safe_id <= claimed.delivered_id and claimed.waiting and not waited:
-            # Events wait behind transactions that are still running (they last
-            # milliseconds): give them a moment rather than a whole tick.
-            waited = True
-            claimed = _wait_for_horizon(session_factory, claimed, horizon_wait)
-        with session_factory() as session:
-            batch = read_batch(
-                session,
-                after=claimed.delivered_id,
-                upto=claimed.safe_id,
-                limit=batch_size,
+        if held is None:
+            taken = _take(
+                session_factory,
+                destination,
+                now=now,
+                lease=lease,
+                batch_size=batch_size,
                 types=types,
+                waited=waited,
+                horizon_wait=horizon_wait,
             )
+            if taken is None:
+                break
+            held, waited = taken[:3], waited or taken[3]
+        claimed, batch, claimed_at = held
+        held = None
         error = send({"events": batch.events}, claimed_at) if batch.events else None
         finished = now()
+        # The horizon reaches past this batch: keep the cursor and read the next one.
+        going_on = batches + 1 < max_batches and batch.through_id < claimed.safe_id
         with session_factory() as session:
             if error is None:
-                outcome: bool | None = record_delivered(session, claimed, batch, now=finished)
+                outcome: bool | None = record_delivered(
+                    session,
+                    claimed,
+                    batch,
+                    now=finished,
+                    keep_until=finished + lease if going_on else None,
+                )
+                if outcome and going_on:
+                    claimed = dataclasses.replace(claimed, delivered_id=batch.through_id)
+                    held = (claimed, _read(session, claimed, batch_size, types), finished)
             else:
                 outcome = record_failure(
                     session,
@@ -589,7 +637,7 @@ def deliver(
         if error is None:
             delivered += len(batch.events)
             batches += 1 if batch.events else 0
-            moved = moved or batch.through_id > claimed.delivered_id
+            moved = moved or batch.through_id > batch.after_id
             cursor = batch.through_id
             if batch.through_id >= claimed.safe_id:
                 if claimed.waiting and not waited:
@@ -633,6 +681,42 @@ def deliver(
         lost=lost,
         more=more,
         replayed=replayed,
+    )
+
+
+def _take(
+    session_factory: SessionFactory,
+    destination: str,
+    *,
+    now: Callable[[], datetime],
+    lease: timedelta,
+    batch_size: int,
+    types: Collection[EventType],
+    waited: bool,
+    horizon_wait: float,
+) -> tuple[Claimed, Batch, datetime, bool] | None:
+    """Claim the cursor and read its next batch, in one transaction unless the horizon waits
+    for transactions still running: (the claim, its batch, when it was claimed, whether it
+    waited), or None when another deliverer holds the cursor or it backs off."""
+    token = secrets.token_hex(16)
+    claimed_at = now()
+    with session_factory() as session:
+        claimed = claim(session, destination, now=claimed_at, lease=lease, token=token)
+        if claimed is None:
+            return None
+        wait = claimed.safe_id <= claimed.delivered_id and claimed.waiting and not waited
+        if not wait:
+            return claimed, _read(session, claimed, batch_size, types), claimed_at, False
+    # Events wait behind transactions that are still running (they last milliseconds): give
+    # them a moment rather than a whole tick.
+    claimed = _wait_for_horizon(session_factory, claimed, horizon_wait)
+    with session_factory() as session:
+        return claimed, _read(session, claimed, batch_size, types), claimed_at, True
+
+
+def _read(session: Session, claimed: Claimed, limit: int, types: Collection[EventType]) -> Batch:
+    return read_batch(
+        session, after=claimed.delivered_id, upto=claimed.safe_id, limit=limit, types=types
     )
 
 
@@ -850,7 +934,10 @@ def webhook_sender(
     whole, following no redirect (worker/webhooks.py: post_once)."""
 
     def send(payload: dict[str, Any], claimed_at: datetime) -> str | None:
-        body = json.dumps(payload, separators=(",", ":")).encode()
+        try:
+            body = orjson.dumps(payload)  # compact, as json.dumps with separators, in C
+        except orjson.JSONEncodeError:  # text orjson refuses (a lone surrogate): escaped
+            body = json.dumps(payload, separators=(",", ":")).encode()
         events: Sequence[dict[str, Any]] = payload["events"]
         headers = {
             "Content-Type": "application/json",
