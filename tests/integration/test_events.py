@@ -230,6 +230,45 @@ def test_a_held_cursor_is_not_taken_by_a_second_deliverer() -> None:
         assert not events.record_delivered(session, first, batch, now=T0)
 
 
+def test_a_round_keeps_the_cursor_between_its_batches_and_renews_its_lease() -> None:
+    """One claim for a round's batches: between them the cursor stays held (no second
+    deliverer takes it), its lease renewed at each batch; batches that each take 40 s of a
+    one-minute lease would otherwise lose it at the third."""
+    history()
+    with db.session_scope() as session:
+        events.sync_destinations(session, ["webhook"])
+    clock = Clock(T0 + POLICY.cutoff)
+    taken: list[bool] = []
+    tokens: set[str] = set()
+
+    def send(payload: dict[str, Any], _at: datetime) -> str | None:
+        tokens.add(cursor()["claim_token"])
+        with db.session_scope() as session:
+            other = events.claim(
+                session, "webhook", now=clock(), lease=timedelta(minutes=1), token="other"
+            )
+        taken.append(other is not None)
+        clock.at += timedelta(seconds=40)
+        return None
+
+    report = events.deliver(
+        session_factory=db.session_scope,
+        destination="webhook",
+        send=send,
+        now=clock,
+        types=DEFAULT_EVENT_TYPES,
+        lease=timedelta(minutes=1),
+        batch_size=1,
+        retry_base=BASE,
+        retry_cap=timedelta(minutes=15),
+        window=WINDOW,
+    )
+    assert (report.batches, report.lost) == (4, 0)
+    assert len(tokens) == 1  # one claim for the round
+    assert taken == [False] * 4
+    assert cursor()["claim_token"] is None  # released at the end of the round
+
+
 def test_the_clock_knows_which_destinations_wait() -> None:
     with db.session_scope() as session:
         events.sync_destinations(session, ["webhook", "task"])
