@@ -266,9 +266,9 @@ def advance_horizon(session: Session, destination: str, token: str) -> tuple[int
             else:
                 pending_id, snapshot = int(seen.top), seen.snapshot
     session.execute(
-        sa.update(C)
-        .where(C.c.destination == destination, C.c.claim_token == token)
-        .values(safe_id=safe, pending_id=pending_id, pending_snapshot=snapshot)
+        _held(destination, token).values(
+            safe_id=safe, pending_id=pending_id, pending_snapshot=snapshot
+        )
     )
     return safe, pending_id is not None
 
@@ -447,12 +447,13 @@ def read_batch(
 # --- recording the outcome ----------------------------------------------------------------
 
 
+def _held(destination: str, token: str) -> sa.Update:
+    """An update of the destination's cursor that applies only while ``token`` holds it."""
+    return sa.update(C).where(C.c.destination == destination, C.c.claim_token == token)
+
+
 def _release(destination: str, token: str) -> sa.Update:
-    return (
-        sa.update(C)
-        .where(C.c.destination == destination, C.c.claim_token == token)
-        .values(claim_token=None, leased_until=None)
-    )
+    return _held(destination, token).values(claim_token=None, leased_until=None)
 
 
 def record_delivered(
@@ -481,11 +482,7 @@ def record_delivered(
     if keep_until is None:
         statement = _release(claimed.destination, claimed.token)
     else:
-        statement = (
-            sa.update(C)
-            .where(C.c.destination == claimed.destination, C.c.claim_token == claimed.token)
-            .values(leased_until=keep_until)
-        )
+        statement = _held(claimed.destination, claimed.token).values(leased_until=keep_until)
     done = session.connection().execute(statement.values(**values))
     return bool(done.rowcount)
 
