@@ -8,8 +8,9 @@ deadline whatever the peer does, and reads no more of the answer than its cap:
 
 - its socket timeouts are never longer than the time the attempt has;
 - the answer is streamed and counted against the cap, the deadline checked between chunks;
-- a watchdog shuts the attempt's socket down when the deadline passes, which ends any read or
-  write blocked on it (a trickled status line or body included).
+- a watchdog (one thread per process) shuts the attempt's socket down when the deadline
+  passes, which ends any read or write blocked on it (a trickled status line or body
+  included).
 
 The watchdog needs the attempt's connection, which ``requests`` keeps to itself: sessions from
 :func:`new_session` (or mounting :class:`BoundedAdapter`) use connection classes that enrol
@@ -19,6 +20,9 @@ still bounded between reads, but a peer trickling its headers can outlast the de
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import os
 import socket
 import threading
 import time
@@ -91,10 +95,8 @@ def post(
         raise AttemptTimedOut("no time was left for the attempt")
     ends_at = monotonic() + within
     watch = _Watch()
-    watchdog = threading.Timer(within, watch.expire)
-    watchdog.daemon = True
     enrolled = _attempt.set(watch)
-    watchdog.start()
+    _watchdog().expire_at(time.monotonic() + within, watch)
     try:
         try:
             response = session.post(
@@ -120,8 +122,7 @@ def post(
             # closes it (no unread answer may be left on a connection that is used again).
             response.close()
     finally:
-        watchdog.cancel()
-        watch.close()
+        watch.close()  # the watchdog's later expire() of a closed watch does nothing
         _attempt.reset(enrolled)
 
 
@@ -218,6 +219,56 @@ class _Watch:
             self._open = False
             self._connections.clear()
             self._sockets.clear()
+
+
+class _Watchdog:
+    """One thread per process that expires each attempt's watch at its deadline: a thread per
+    attempt (a ``threading.Timer``) cost a thread's start and end on every POST, a good part
+    of an event batch's CPU. An attempt that ended closes its watch and leaves its entry to
+    pass its deadline unheeded: at most the attempts of the last longest bound are held."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: list[tuple[float, int, _Watch]] = []
+        self._order = itertools.count()  # ties of deadlines never compare the watches
+        threading.Thread(target=self._run, name="http-watchdog", daemon=True).start()
+
+    def expire_at(self, deadline: float, watch: _Watch) -> None:
+        with self._cond:
+            heapq.heappush(self._due, (deadline, next(self._order), watch))
+            if self._due[0][2] is watch:
+                self._cond.notify()  # sooner than what the thread waits for
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._due or self._due[0][0] > time.monotonic():
+                    self._cond.wait(self._due[0][0] - time.monotonic() if self._due else None)
+                _, _, watch = heapq.heappop(self._due)
+            watch.expire()
+
+
+class _ThisProcess:
+    watchdog: _Watchdog | None = None
+    lock = threading.Lock()
+
+
+def _watchdog() -> _Watchdog:
+    """This process's watchdog, started by its first attempt."""
+    if _ThisProcess.watchdog is None:
+        with _ThisProcess.lock:
+            if _ThisProcess.watchdog is None:
+                _ThisProcess.watchdog = _Watchdog()
+    return _ThisProcess.watchdog
+
+
+def _forget_watchdog() -> None:
+    # A forked child (a Celery pool process) has none of its parent's threads, and maybe a
+    # lock its parent held: it starts its own watchdog.
+    _ThisProcess.watchdog, _ThisProcess.lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_watchdog)
 
 
 _attempt: ContextVar[_Watch | None] = ContextVar("bounded_http_attempt", default=None)

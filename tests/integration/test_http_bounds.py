@@ -10,6 +10,7 @@ being delivered twice at once.
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from click.testing import CliRunner
 from tests.support.databases import Configure
 from tests.support.processes import wait_for
 from tests.support.slow_http import SlowServer
-from worker import db, poller, runtime, track_many, webhooks
+from worker import bounded_http, db, poller, runtime, track_many, webhooks
 from worker.cli import main
 from worker.client import UspeedoClient
 from worker.config import get_settings
@@ -92,6 +93,57 @@ def test_an_api_attempt_ends_at_the_polls_deadline() -> None:
     assert error is not None or elapsed > 1.0 + SLACK
     assert elapsed <= 1.0 + SLACK, f"the call ran {elapsed:.2f}s past a 1 s deadline"
     assert all(e.started - started < 1.0 for e in exchanges), "an attempt started too late"
+
+
+def _bounded_post(url: str, within: float) -> float:
+    """Seconds one bounded POST to ``url`` took (it must time out)."""
+    started = time.monotonic()
+    with bounded_http.new_session() as session, pytest.raises(bounded_http.AttemptTimedOut):
+        bounded_http.post(
+            session,
+            url,
+            data=b"{}",
+            headers={},
+            within=within,
+            connect_timeout=within,
+            read_timeout=within,
+            limit=1 << 20,
+        )
+    return time.monotonic() - started
+
+
+def test_a_shorter_attempt_started_later_ends_at_its_own_bound() -> None:
+    # One watchdog thread serves every attempt of the process: a new, nearer deadline must
+    # wake it from waiting for a farther one.
+    with SlowServer(trickle="body", over=8.0) as api:
+        long_one: list[float] = []
+        first = threading.Thread(target=lambda: long_one.append(_bounded_post(api.url, 3.0)))
+        first.start()
+        wait_for(lambda: len(api.exchanges()) == 1, timeout=5, interval=0.02)
+        short = _bounded_post(api.url, 1.0)
+        first.join(timeout=10)
+    assert short <= 1.0 + SLACK, f"the 1 s attempt ran {short:.2f}s"
+    assert long_one and 3.0 - SLACK <= long_one[0] <= 3.0 + SLACK, long_one
+
+
+def _post_in_child(url: str, answer: Any) -> None:
+    answer.put(_bounded_post(url, 1.0))
+
+
+def test_an_attempt_in_a_forked_process_is_bounded_too() -> None:
+    # A Celery pool process is forked from a parent whose watchdog thread it does not have.
+    with SlowServer(trickle="body", over=8.0) as api:
+        assert _bounded_post(api.url, 0.5) <= 0.5 + SLACK  # the parent's watchdog is running
+        context = multiprocessing.get_context("fork")
+        answer = context.Queue()
+        child = context.Process(target=_post_in_child, args=(api.url, answer))
+        child.start()
+        try:
+            took = answer.get(timeout=10)
+        finally:
+            child.join(timeout=10)
+    assert took <= 1.0 + SLACK, f"the forked process's attempt ran {took:.2f}s"
+    assert child.exitcode == 0
 
 
 @pytest.mark.usefixtures("database")
