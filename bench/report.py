@@ -149,8 +149,16 @@ def _events_load_figures(r: dict[str, Any]) -> list[Figure]:
             ok=ratio >= HISTORY_COST_TARGET if ratio is not None else None,
             note=f"{_get(r, 'events_load.nudged.on_receipts_per_s')} vs "
             f"{_get(r, 'events_load.nudged.off_receipts_per_s')} receipts/s; off = no "
-            "history, no events (history cannot be turned off: the upsert alone)",
-        )
+            "history, no events (history cannot be turned off: the upsert alone); on "
+            "includes the wait for the deliverer to catch up after each ON block "
+            f"({_get(r, 'events_load.nudged.catch_up_s')} s)",
+        ),
+        Figure(
+            key="events_load_ratio_catch_up_untimed",
+            label="10. … the same without the catch-up waits (delivery overlapping ON only)",
+            value=_get(r, "events_load.nudged.ratio_catch_up_untimed"),
+            unit="x",
+        ),
     ]
     big = _get(r, "events_load.nudged_1000.ratio")
     out.append(

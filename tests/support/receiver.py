@@ -73,7 +73,10 @@ class Receiver:
     ``delay`` seconds per request so that concurrent senders overlap. With ``location`` every
     answer carries that Location header (a redirect, with a 3xx ``status``); with ``tls`` it
     speaks HTTPS with that server context. ``port`` binds a given port (a receiver restarted
-    where the previous one listened).
+    where the previous one listened). With ``keep_alive`` it speaks HTTP/1.1 and keeps each
+    connection open for the next request, as a production server does (the benchmarks);
+    without, each request has its connection, closed once answered, so that a receiver
+    closed or killed is gone for its senders at once (the tests).
     """
 
     def __init__(
@@ -85,8 +88,10 @@ class Receiver:
         location: str | None = None,
         tls: ssl.SSLContext | None = None,
         port: int = 0,
+        keep_alive: bool = False,
     ) -> None:
         self.status = status
+        self._keep_alive = keep_alive
         # Sent as the Location header of every answer (with a 3xx status: a redirect).
         self.location = location
         self._scheme = "https" if tls is not None else "http"
@@ -174,6 +179,11 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1" if receiver._keep_alive else "HTTP/1.0"
+            # The headers and the body are two writes: on a kept-alive connection, Nagle's
+            # algorithm holds the body for the client's delayed ACK (40 ms an answer).
+            disable_nagle_algorithm = receiver._keep_alive
+
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 status = receiver._record(self.headers, body)
