@@ -168,15 +168,29 @@ def record_push(
     )
 
 
-def _matching(session_nos: Sequence[str], account_id: int | None, *columns: Any) -> sa.Select[Any]:
-    """The tracked sessions of ``session_nos`` (within ``account_id`` when given), in the
-    (account_id, session_no) order every path that locks several sessions uses."""
+@functools.cache
+def _matching(dialect: str, *, in_account: bool, lock: bool) -> sa.Select[Any]:
+    """The tracked sessions of the SessionNos bound as ``session_nos`` (within the bound
+    ``account_id`` when ``in_account``), in the (account_id, session_no) order every path that
+    locks several sessions uses; with ``lock``, read as :func:`worker.store.lock_sessions`
+    reads them, and locked (PostgreSQL). Built once: building it cost each push as much as
+    running it."""
+    columns = store.LOCKED_COLUMNS if lock else (S.c.id, S.c.phones)
     query = sa.select(S.c.account_id, S.c.session_no, S.c.sent_at, *columns).where(
-        S.c.session_no.in_(list(session_nos))
+        S.c.session_no.in_(sa.bindparam("session_nos", expanding=True))
     )
-    if account_id is not None:
-        query = query.where(S.c.account_id == account_id)
-    return query.order_by(S.c.account_id, S.c.session_no)
+    if in_account:
+        query = query.where(S.c.account_id == sa.bindparam("account_id", type_=sa.BigInteger()))
+    query = query.order_by(S.c.account_id, S.c.session_no)
+    # SQLite has no row locks: its units of work begin with the write lock (worker.db).
+    return query.with_for_update() if lock and dialect == "postgresql" else query
+
+
+def _execute_matching(
+    session: Session, session_nos: Sequence[str], account_id: int | None, *, lock: bool
+) -> Any:
+    query = _matching(session.get_bind().dialect.name, in_account=account_id is not None, lock=lock)
+    return session.execute(query, {"session_nos": list(session_nos), "account_id": account_id})
 
 
 def _lock_tracked(
@@ -186,13 +200,9 @@ def _lock_tracked(
     does, in the same statement: a push pays one round trip to match and lock. A SessionNo
     tracked in several accounts is locked too, and parked: a lock held a moment longer costs
     nothing."""
-    query = _matching(session_nos, account_id, *store.LOCKED_COLUMNS)
-    if session.get_bind().dialect.name == "postgresql":
-        # SQLite has no row locks: its units of work begin with the write lock (worker.db).
-        query = query.with_for_update()
     found: dict[str, list[PollTarget]] = defaultdict(list)
     locked: dict[int, store.Locked] = {}
-    for row in session.execute(query):
+    for row in _execute_matching(session, session_nos, account_id, lock=True):
         found[row.session_no].append(PollTarget.from_row(row, row.sent_at))
         locked[row.id] = store.locked_row(row)
     return found, locked
@@ -203,7 +213,7 @@ def _tracked(
 ) -> dict[str, list[PollTarget]]:
     """The tracked sessions of ``session_nos`` (within ``account_id`` when given)."""
     found: dict[str, list[PollTarget]] = defaultdict(list)
-    for row in session.execute(_matching(session_nos, account_id, S.c.id, S.c.phones)):
+    for row in _execute_matching(session, session_nos, account_id, lock=False):
         found[row.session_no].append(PollTarget.from_row(row, row.sent_at))
     return found
 

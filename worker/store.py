@@ -590,31 +590,37 @@ def answered_results(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, s
 
 
 def _update_many(
-    session: Session,
-    rows: Sequence[Mapping[str, Any]],
-    types: Mapping[str, Any],
-    values: Callable[[Mapping[str, Any]], dict[str, Any]],
+    session: Session, kind: str, rows: Sequence[Mapping[str, Any]], **common: Any
 ) -> None:
-    """``UPDATE sms_sessions`` row by row values, matched on ``id``.
+    """``UPDATE sms_sessions`` row by row values, matched on ``id``: the columns of
+    :data:`_UPDATES` ``[kind]``, and ``common`` values bound once for every row.
 
     On PostgreSQL one ``UPDATE … FROM json_to_recordset(…)`` statement; elsewhere an
-    executemany. ``values`` builds the SET clause from the per-row columns it is given.
+    executemany. The statements are built once: building one (its subquery's columns, its
+    cache key) cost a push's transaction about as much as PostgreSQL took to run it.
     """
     if not rows:
         return
-    if _is_pg(session):
-        source = json_rows(types).subquery("rows")
-        columns = {name: source.c[name] for name in types}
-        session.execute(
-            sa.update(S).where(S.c.id == columns["id"]).values(**values(columns)),
-            json_document(rows),
-        )
+    dialect = session.get_bind().dialect.name
+    statement = _update_statement(dialect, kind)
+    if dialect == "postgresql":
+        session.execute(statement, {**common, **json_document(rows)})
         return
-    params = {name: sa.bindparam(f"b_{name}", type_=type_) for name, type_ in types.items()}
-    statement = sa.update(S).where(S.c.id == params["id"]).values(**values(params))
     session.connection().execute(
-        statement, [{f"b_{name}": value for name, value in row.items()} for row in rows]
+        statement,
+        [{**common, **{f"b_{name}": value for name, value in row.items()}} for row in rows],
     )
+
+
+@functools.cache
+def _update_statement(dialect: str, kind: str) -> sa.Update:
+    types, values = _UPDATES[kind]
+    if dialect == "postgresql":
+        source = json_rows(types).subquery("rows")
+        columns: dict[str, Any] = {name: source.c[name] for name in types}
+    else:
+        columns = {name: sa.bindparam(f"b_{name}", type_=type_) for name, type_ in types.items()}
+    return sa.update(S).where(S.c.id == columns["id"]).values(**values(columns))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -700,17 +706,31 @@ _SESSION_UPDATE_TYPES: dict[str, Any] = {
 }
 
 
-def _write_sessions(session: Session, rows: Sequence[Mapping[str, Any]], now: datetime) -> None:
-    """Set each locked session's columns to the values computed for it."""
-    _update_many(
-        session,
-        rows,
+_ESCALATION_DETAIL_TYPES: dict[str, Any] = {
+    "id": sa.BigInteger(),
+    "detail": S.c.escalation_detail.type,
+}
+
+# What :func:`_update_many` sets, by kind: the per-row columns' types, and the SET clause from
+# those columns (PostgreSQL: the JSON rows'; SQLite: bound parameters).
+_UPDATES: dict[str, tuple[dict[str, Any], Callable[[Mapping[str, Any]], dict[str, Any]]]] = {
+    "sessions": (
         _SESSION_UPDATE_TYPES,
         lambda row: {
             **{name: row[name] for name in _SESSION_UPDATE_TYPES if name != "id"},
-            "updated_at": now,
+            "updated_at": sa.bindparam("now", type_=S.c.updated_at.type),
         },
-    )
+    ),
+    "escalation_detail": (
+        _ESCALATION_DETAIL_TYPES,
+        lambda row: {"escalation_detail": row["detail"]},
+    ),
+}
+
+
+def _write_sessions(session: Session, rows: Sequence[Mapping[str, Any]], now: datetime) -> None:
+    """Set each locked session's columns to the values computed for it."""
+    _update_many(session, "sessions", rows, now=now)
 
 
 def record_answer(
@@ -1080,10 +1100,7 @@ def escalate_due(
                 )
             )
     _update_many(
-        session,
-        [{"id": e.id, "detail": e.detail()} for e in escalations],
-        {"id": sa.BigInteger(), "detail": S.c.escalation_detail.type},
-        lambda row: {"escalation_detail": row["detail"]},
+        session, "escalation_detail", [{"id": e.id, "detail": e.detail()} for e in escalations]
     )
     event_log.record_session_events(
         session,
