@@ -372,40 +372,59 @@ _UPDATED = EventType.RECEIPT_UPDATED.value
 
 
 def _receipt_event(row: Any, types: Collection[str]) -> dict[str, Any] | None:
-    """``types``: the selected types' values (a set, built once a batch: this runs per event)."""
-    if row.first_final and _FINAL in types:
+    """``types``: the selected types' values (a set, built once a batch: this runs per event).
+    ``row``: :func:`_receipt_query`'s columns, unpacked by position (by name, a Row's
+    attribute lookups were a tenth of a batch's CPU)."""
+    (
+        event_id,
+        account_id,
+        session_no,
+        phone,
+        result,
+        receipt_code,
+        receipt_desc,
+        receipt_time,
+        cost_count,
+        user_id,
+        source,
+        observed_at,
+        user_ref,
+        first_final,
+    ) = row
+    if first_final and _FINAL in types:
         kind = _FINAL
     elif _UPDATED in types:
         kind = _UPDATED
     else:
         return None  # a later change of a final receipt, and receipt.updated not selected
     return {
-        "id": int(row.id),
+        "id": int(event_id),
         "type": kind,
-        "occurred_at": _iso(row.observed_at),
-        "account_id": int(row.account_id),
-        "session_no": row.session_no,
-        "phone": row.phone,
-        "result": row.result,
-        "receipt_code": row.receipt_code,
-        "receipt_desc": row.receipt_desc,
-        "receipt_time": _iso(row.receipt_time),
-        "cost_count": row.cost_count,
-        "user_id": row.user_id,
-        "user_ref": row.user_ref,
-        "source": row.source,
+        "occurred_at": observed_at.isoformat() if observed_at is not None else None,
+        "account_id": int(account_id),
+        "session_no": session_no,
+        "phone": phone,
+        "result": result,
+        "receipt_code": receipt_code,
+        "receipt_desc": receipt_desc,
+        "receipt_time": receipt_time.isoformat() if receipt_time is not None else None,
+        "cost_count": cost_count,
+        "user_id": user_id,
+        "user_ref": user_ref,
+        "source": source,
     }
 
 
 def _session_event(row: Any) -> dict[str, Any]:
+    event_id, account_id, session_no, kind, source, occurred_at, user_ref = row
     return {
-        "id": int(row.id),
-        "type": row.type,
-        "occurred_at": _iso(row.occurred_at),
-        "account_id": int(row.account_id),
-        "session_no": row.session_no,
-        "user_ref": row.user_ref,
-        "source": row.source,
+        "id": int(event_id),
+        "type": kind,
+        "occurred_at": _iso(occurred_at),
+        "account_id": int(account_id),
+        "session_no": session_no,
+        "user_ref": user_ref,
+        "source": source,
     }
 
 
@@ -467,24 +486,47 @@ def record_delivered(
     """Move the cursor past an acknowledged batch (or one with no event to send); False when
     the lease had been taken over (nothing recorded). With ``keep_until`` the round keeps the
     cursor, its lease renewed until then, for its next batch; else the cursor is released."""
-    values: dict[str, Any] = {
-        "delivered_id": batch.through_id,
-        "attempts": 0,
-        "first_failed_at": None,
-        "next_attempt_at": None,
-        "last_error": None,
-    }
-    if batch.events:
-        values |= {
-            "delivered_events": C.c.delivered_events + len(batch.events),
-            "delivered_at": now,
-        }
-    if keep_until is None:
-        statement = _release(claimed.destination, claimed.token)
-    else:
-        statement = _held(claimed.destination, claimed.token).values(leased_until=keep_until)
-    done = session.connection().execute(statement.values(**values))
+    done = session.connection().execute(
+        _delivered_statement(keep=keep_until is not None, sent=bool(batch.events)),
+        {
+            "b_destination": claimed.destination,
+            "b_token": claimed.token,
+            "b_through_id": batch.through_id,
+            "b_events": len(batch.events),
+            "b_now": now,
+            "b_keep_until": keep_until,
+        },
+    )
     return bool(done.rowcount)
+
+
+@functools.cache
+def _delivered_statement(*, keep: bool, sent: bool) -> sa.Update:
+    """:func:`record_delivered`'s statement, built once (a batch's cost is mostly per batch:
+    building it was a fifth of a batch of 100's CPU)."""
+    timestamp = C.c.delivered_at.type
+    statement = (
+        sa.update(C)
+        .where(
+            C.c.destination == sa.bindparam("b_destination", type_=sa.Text()),
+            C.c.claim_token == sa.bindparam("b_token", type_=sa.Text()),
+        )
+        .values(
+            delivered_id=sa.bindparam("b_through_id", type_=sa.BigInteger()),
+            attempts=0,
+            first_failed_at=None,
+            next_attempt_at=None,
+            last_error=None,
+        )
+    )
+    if sent:
+        statement = statement.values(
+            delivered_events=C.c.delivered_events + sa.bindparam("b_events", type_=sa.Integer()),
+            delivered_at=sa.bindparam("b_now", type_=timestamp),
+        )
+    if keep:
+        return statement.values(leased_until=sa.bindparam("b_keep_until", type_=timestamp))
+    return statement.values(claim_token=None, leased_until=None)
 
 
 def record_failure(
