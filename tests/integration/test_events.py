@@ -154,6 +154,24 @@ def test_batches_are_bounded_and_keep_the_order() -> None:
     assert report.batches == 4
 
 
+def test_a_run_of_rows_that_are_no_events_longer_than_a_batch_scans_is_passed_over() -> None:
+    # Twelve receipts not final (history rows, no events by default) before the first final
+    # one: a batch of 2 scans 4 rows (events.SCAN_FACTOR), so the first batches find none.
+    phones = [f"(852)553100{i:02d}" for i in range(12)]
+    track({"account_id": 1, "session_no": "S1", "phones": phones})
+    poll(1, [receipt("S1", p, Result.UNKNOW, FIRST) for p in phones], FIRST)
+    poll(1, [receipt("S1", p, Result.SUCCESS, SECOND) for p in phones[:3]], SECOND)
+    sent = Recorder()
+    report = deliver(sent, SECOND, batch_size=2)
+    assert [(e["type"], e["phone"]) for e in sent.events] == [
+        ("receipt.final", p) for p in phones[:3]
+    ]
+    assert [len(b) for b in sent.batches] == [2, 1]
+    assert report.delivered == 3
+    with db.session_scope() as session:
+        assert cursor()["delivered_id"] == events.last_event_id(session)
+
+
 def test_a_failed_batch_backs_off_then_is_retried_until_acknowledged() -> None:
     history()
     sent = Recorder()
