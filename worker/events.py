@@ -282,14 +282,8 @@ def advance_horizon(session: Session, destination: str, token: str) -> tuple[int
 SCAN_FACTOR: Final = 2
 
 
-def _windowed(
-    table: sa.Table, columns: Callable[[Any], list[Any]], wanted: Callable[[Any], Any]
-) -> sa.Select[Any]:
-    """The next events of a history table after ``after``, up to the horizon (``upto``), at
-    most ``limit`` of them, found among the next ``scan`` rows in key order; each row also says
-    how many rows were scanned and the last one's id (``scanned``, ``last_scanned``), which
-    tell where the cursor may move when fewer than ``limit`` are events. One row (of NULL
-    events) when none is.
+def _scanned(table: sa.Table) -> sa.Subquery:
+    """The next ``scan`` rows of a history table after the cursor (``after``), in key order.
 
     The scan is the primary key's walk from the cursor, with nothing inside it but the key and
     the limit, so that no statistics can turn it into something else:
@@ -302,17 +296,23 @@ def _windowed(
       than walk the key to find enough matches: 52 ms for a batch of 100 among 120,000 rows,
       growing with the table until its next ANALYZE.
     """
-    raw = (
+    return (
         sa.select(table)
         .where(table.c.id > sa.bindparam("after"))
         .order_by(table.c.id)
         .limit(sa.bindparam("scan"))
-        .cte("scanned_rows")
+        .subquery("scanned_rows")
     )
-    summary = sa.select(
-        sa.func.count().label("scanned"), sa.func.max(raw.c.id).label("last_scanned")
-    ).subquery("summary")
-    found = (
+
+
+def _windowed(
+    table: sa.Table, columns: Callable[[Any], list[Any]], wanted: Callable[[Any], Any]
+) -> sa.Select[Any]:
+    """The next events of a history table after ``after``, up to the horizon (``upto``), at
+    most ``limit`` of them, found among the next ``scan`` rows (:func:`_scanned`). The outer
+    limit stops the walk once ``limit`` events are found: a batch all events reads no more."""
+    raw = _scanned(table)
+    return (
         sa.select(*columns(raw))
         .select_from(
             raw.outerjoin(
@@ -322,13 +322,21 @@ def _windowed(
         .where(raw.c.id <= sa.bindparam("upto"), wanted(raw))
         .order_by(raw.c.id)
         .limit(sa.bindparam("limit"))
-        .subquery("found")
     )
-    return (
-        sa.select(summary.c.scanned, summary.c.last_scanned, *found.c)
-        .select_from(summary.outerjoin(found, sa.true()))
-        .order_by(found.c.id)
+
+
+@functools.cache
+def _scan_extent(table: sa.Table) -> sa.Select[int, Any]:
+    """How many rows :func:`_scanned` holds and the last one's id: where the cursor may move
+    when fewer than a batch of them were events (asked then only: once a round)."""
+    raw = (
+        sa.select(table.c.id)
+        .where(table.c.id > sa.bindparam("after"))
+        .order_by(table.c.id)
+        .limit(sa.bindparam("scan"))
+        .subquery("scanned_ids")
     )
+    return sa.select(sa.func.count(), sa.func.max(raw.c.id))
 
 
 @functools.cache
@@ -473,14 +481,16 @@ def read_batch(
         if not (wanted & set(types)):
             continue
         rows = session.execute(query(frozenset(types)), params).all()
-        scanned, last_scanned = rows[0][0], rows[0][1]
-        found = [(int(row[2]), is_receipt, row[2:]) for row in rows if row[2] is not None]
+        found = [(int(row[0]), is_receipt, row) for row in rows]
         # More may follow: only ids up to this query's last event, or its last row scanned,
         # are known from both queries.
         if len(found) == limit:
             through = min(through, found[-1][0])
-        elif scanned == params["scan"]:
-            through = min(through, int(last_scanned))
+        else:
+            table = E if is_receipt else SE
+            scanned, last = session.execute(_scan_extent(table), params).one()
+            if scanned == params["scan"]:
+                through = min(through, int(last))
         fetched += found
     fetched = sorted((f for f in fetched if f[0] <= through), key=lambda f: f[0])
     if len(fetched) > limit:
