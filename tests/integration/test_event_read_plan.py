@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from tests.support.plans import seq_scans
 from worker import db, events
 from worker.domain import DEFAULT_EVENT_TYPES, EventType
 
@@ -22,20 +23,6 @@ pytestmark = [pytest.mark.postgres, pytest.mark.usefixtures("pg")]
 
 ROWS = 20_000
 HISTORY = ("sms_receipt_events", "sms_session_events")
-
-
-def _scans(plan: Any) -> list[str]:
-    """Relations read by a Seq Scan anywhere in a JSON plan."""
-    found = []
-    if isinstance(plan, dict):
-        if plan.get("Node Type") == "Seq Scan":
-            found.append(plan.get("Relation Name", "?"))
-        for value in plan.values():
-            found += _scans(value)
-    elif isinstance(plan, list):
-        for item in plan:
-            found += _scans(item)
-    return found
 
 
 def _grown_behind_stale_statistics() -> None:
@@ -88,5 +75,5 @@ def test_a_batch_is_read_along_the_key_however_stale_the_statistics(
                 f"EXPLAIN (FORMAT JSON) {statement}", parameters
             ).scalar_one()
             plan = json.loads(plan) if isinstance(plan, str) else plan
-            scanned = {r for r in _scans(plan) if r in HISTORY}
+            scanned = {r for r in seq_scans(plan) if r in HISTORY}
             assert not scanned, f"a batch's read scans {scanned} whole"

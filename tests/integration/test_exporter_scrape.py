@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.databases import Configure
+from tests.support.plans import seq_scans
 from worker import db
 from worker.metrics import make_registry, render
 from worker.models import receipts_table, sessions_table
@@ -192,20 +193,6 @@ def _scrape_statements(registry: Any) -> list[tuple[str, Any]]:
     return sent
 
 
-def _scans(plan: Any) -> list[str]:
-    """Relations read by a Seq Scan anywhere in a JSON plan."""
-    found = []
-    if isinstance(plan, dict):
-        if plan.get("Node Type") == "Seq Scan":
-            found.append(plan.get("Relation Name", "?"))
-        for value in plan.values():
-            found += _scans(value)
-    elif isinstance(plan, list):
-        for item in plan:
-            found += _scans(item)
-    return found
-
-
 @pytest.mark.postgres
 @pytest.mark.usefixtures("pg")
 def test_a_scrape_reads_no_table_whole() -> None:
@@ -225,7 +212,7 @@ def test_a_scrape_reads_no_table_whole() -> None:
                 f"EXPLAIN (FORMAT JSON) {statement}", parameters
             ).scalar_one()
             plan = json.loads(plan) if isinstance(plan, str) else plan
-            scanned = {r for r in _scans(plan) if r in ("sms_sessions", "sms_receipts")}
+            scanned = {r for r in seq_scans(plan) if r in ("sms_sessions", "sms_receipts")}
             assert not scanned, f"{statement} scans {scanned}"
 
 
