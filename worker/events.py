@@ -329,13 +329,7 @@ def _windowed(
 def _scan_extent(table: sa.Table) -> sa.Select[int, Any]:
     """How many rows :func:`_scanned` holds and the last one's id: where the cursor may move
     when fewer than a batch of them were events (asked then only: once a round)."""
-    raw = (
-        sa.select(table.c.id)
-        .where(table.c.id > sa.bindparam("after"))
-        .order_by(table.c.id)
-        .limit(sa.bindparam("scan"))
-        .subquery("scanned_ids")
-    )
+    raw = _scanned(table)
     return sa.select(sa.func.count(), sa.func.max(raw.c.id))
 
 
@@ -435,14 +429,14 @@ def _receipt_event(row: Any, types: Collection[str]) -> dict[str, Any] | None:
     return {
         "id": int(event_id),
         "type": kind,
-        "occurred_at": observed_at.isoformat() if observed_at is not None else None,
+        "occurred_at": _iso(observed_at),
         "account_id": int(account_id),
         "session_no": session_no,
         "phone": phone,
         "result": result,
         "receipt_code": receipt_code,
         "receipt_desc": receipt_desc,
-        "receipt_time": receipt_time.isoformat() if receipt_time is not None else None,
+        "receipt_time": _iso(receipt_time),
         "cost_count": cost_count,
         "user_id": user_id,
         "user_ref": user_ref,

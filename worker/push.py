@@ -173,8 +173,8 @@ def _matching(dialect: str, *, in_account: bool, lock: bool) -> sa.Select[Any]:
     """The tracked sessions of the SessionNos bound as ``session_nos`` (within the bound
     ``account_id`` when ``in_account``), in the (account_id, session_no) order every path that
     locks several sessions uses; with ``lock``, read as :func:`worker.store.lock_sessions`
-    reads them, and locked (PostgreSQL). Built once: building it cost each push as much as
-    running it."""
+    reads them, and locked (PostgreSQL). Built once, the SessionNos an expanding parameter:
+    building it each time cost a push more than PostgreSQL took to run it."""
     columns = store.LOCKED_COLUMNS if lock else (S.c.id, S.c.phones)
     query = sa.select(S.c.account_id, S.c.session_no, S.c.sent_at, *columns).where(
         S.c.session_no.in_(sa.bindparam("session_nos", expanding=True))
