@@ -212,10 +212,6 @@ def purge_batch(
         pick = pick.where(sa.tuple_(S.c.sent_at, S.c.id) > position)
     if session.get_bind().dialect.name == "postgresql":
         pick = pick.with_for_update(of=S, skip_locked=True)
-        import os as _os
-
-        if _os.environ.get("EXP_ASYNC"):
-            session.execute(sa.text("SET LOCAL synchronous_commit = off"))
     picked = session.execute(pick).all()
     if not picked:
         return PurgeReport(), None
