@@ -54,6 +54,11 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+def _partial_index(name: str, *columns: str, where: str) -> sa.Index:
+    """An index of the rows matching ``where`` alone, on both backends (the same SQL)."""
+    return sa.Index(name, *columns, postgresql_where=sa.text(where), sqlite_where=sa.text(where))
+
+
 JSONType = sa.JSON().with_variant(JSONB(), "postgresql")
 # SQLite only auto-increments INTEGER PRIMARY KEY, PostgreSQL ids should be bigint.
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -93,27 +98,24 @@ class SmsSession(Base):
         sa.CheckConstraint("account_id > 0", name="account_id_positive"),
         # The claim's hot path: due pending sessions of one account, oldest first. Partial, so
         # its size follows the pending work and not the history of resolved sessions.
-        sa.Index(
+        _partial_index(
             "ix_sms_sessions_due",
             "account_id",
             "next_poll_at",
-            postgresql_where=sa.text("state = 'pending'"),
-            sqlite_where=sa.text("state = 'pending'"),
+            where="state = 'pending'",
         ),
         # Escalation looks for pending sessions sent before the cutoff.
-        sa.Index(
+        _partial_index(
             "ix_sms_sessions_pending_sent_at",
             "sent_at",
-            postgresql_where=sa.text("state = 'pending'"),
-            sqlite_where=sa.text("state = 'pending'"),
+            where="state = 'pending'",
         ),
         # Each tick looks for sessions held by a process that stopped heartbeating: only the
         # polls in flight are in this index.
-        sa.Index(
+        _partial_index(
             "ix_sms_sessions_held_by",
             "held_by",
-            postgresql_where=sa.text("held_by IS NOT NULL"),
-            sqlite_where=sa.text("held_by IS NOT NULL"),
+            where="held_by IS NOT NULL",
         ),
         # A push names no account: its SessionNos are matched across accounts
         # (worker/push.py), which the unique key, account first, cannot serve (a scan of every
@@ -121,20 +123,18 @@ class SmsSession(Base):
         sa.Index("ix_sms_sessions_session_no", "session_no"),
         # The purge (worker/purge.py) walks finished sessions oldest first. Partial: a pending
         # session's updates (claim, poll, answer) never touch it.
-        sa.Index(
+        _partial_index(
             "ix_sms_sessions_finished_sent_at",
             "sent_at",
             "id",
-            postgresql_where=sa.text("state IN ('resolved', 'escalated')"),
-            sqlite_where=sa.text("state IN ('resolved', 'escalated')"),
+            where="state IN ('resolved', 'escalated')",
         ),
         # The escalations still waiting for someone: counted by every metrics scrape and
         # listed by the stale_sessions view, whatever the size of the history.
-        sa.Index(
+        _partial_index(
             "ix_sms_sessions_unacknowledged",
             "escalated_at",
-            postgresql_where=sa.text("state = 'escalated' AND acknowledged_at IS NULL"),
-            sqlite_where=sa.text("state = 'escalated' AND acknowledged_at IS NULL"),
+            where="state = 'escalated' AND acknowledged_at IS NULL",
         ),
     )
 
@@ -370,11 +370,10 @@ class EscalationOutbox(Base):
 
     __tablename__ = "escalation_outbox"
     __table_args__ = (
-        sa.Index(
+        _partial_index(
             "ix_escalation_outbox_due",
             "next_attempt_at",
-            postgresql_where=sa.text("delivered_at IS NULL"),
-            sqlite_where=sa.text("delivered_at IS NULL"),
+            where="delivered_at IS NULL",
         ),
         # The purge looks a session's webhooks up, to keep the session while one is
         # undelivered and to delete them with it (worker/purge.py).
@@ -442,12 +441,11 @@ class ParkedEventBatch(Base):
         # dismissed (``receipts events dismiss``).
         sa.CheckConstraint("state IN ('parked', 'replay', 'replayed', 'dismissed')", name="state"),
         # What the exporter counts and the deliverer looks for: the batches still open.
-        sa.Index(
+        _partial_index(
             "ix_receipts_parked_event_batches_open",
             "destination",
             "state",
-            postgresql_where=sa.text("state IN ('parked', 'replay')"),
-            sqlite_where=sa.text("state IN ('parked', 'replay')"),
+            where="state IN ('parked', 'replay')",
         ),
     )
 
@@ -529,11 +527,10 @@ class RejectedTrack(Base):
         sa.CheckConstraint("state IN ('open', 'resubmitted', 'dismissed')", name="state"),
         # The ones still waiting for someone: counted by every metrics scrape and listed by
         # `receipts rejected`, whatever the history holds.
-        sa.Index(
+        _partial_index(
             "ix_rejected_tracks_open",
             "received_at",
-            postgresql_where=sa.text("state = 'open'"),
-            sqlite_where=sa.text("state = 'open'"),
+            where="state = 'open'",
         ),
     )
 
